@@ -1,0 +1,43 @@
+# One venv from the repo's own files, then every command runs inside it.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Run knobs (README: "Make variables").
+GPUS ?=
+MODE ?= ddp
+CONFIG ?= configs/default.yaml
+ARGS ?=
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?=
+PYTEST_ARGS ?=
+
+LAUNCH_FLAGS = --mode $(MODE) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
+	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
+
+.PHONY: venv train test bench-overhead lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --quiet -r requirements.txt
+	touch $@
+
+train: venv
+	$(PY) -m launch $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-overhead: venv
+	$(PY) -m train.bench.overhead $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The launcher: `python -m launch [--gpus N] [--cpu] ... CONFIG [key=value ...]`."""

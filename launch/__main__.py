@@ -1,0 +1,88 @@
+"""`python -m launch [--gpus N] [--cpu] [--nnodes N --node-rank R --master-addr H --master-port P]
+CONFIG [key=value ...]`: check the job, then run torchrun's agent in this process.
+
+parse -> plan (all checks) -> say what will run -> torchrun -> one line on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from launch.plan import make_plan, worker_environment
+from train.errors import EXIT_USER_ERROR, UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = make_plan(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"launch: {plan.note}; {plan.world_size} worker(s) in all, mode {plan.cfg.mode}",
+          flush=True)
+    os.environ.update(worker_environment(plan))
+    return run_torchrun(plan.torchrun_args, verbose=args.verbose)
+
+
+def run_torchrun(torchrun_args: list[str], verbose: bool = False) -> int:
+    """Run torchrun's elastic agent here; return 0, or the failed workers' exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if not verbose:
+        # The agent logs each worker failure with pid and binary; we print one line instead.
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(torchrun_args))
+    except ChildFailedError as exc:
+        return report_failures(exc.failures)
+    return 0
+
+
+def report_failures(failures: dict) -> int:
+    """One line about the first worker that failed (torchrun then stops the others).
+
+    Exit code 2 means that worker already explained the bad input: nothing to add.
+    """
+    rank, first = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    code = first.exitcode
+    if code == EXIT_USER_ERROR:
+        return EXIT_USER_ERROR
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    print(f"error: worker rank {rank} {how}; the other workers were stopped; its output is above",
+          file=sys.stderr)
+    return 128 - code if code < 0 else (code if 0 < code < 126 else 1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m launch",
+        description="Start one training worker per GPU (or CPU workers when there is none) "
+                    "through torchrun.")
+    p.add_argument("--gpus", "--nproc-per-node", type=int, default=None, metavar="N",
+                   help="worker processes on this node, one per GPU (default: every visible GPU, "
+                        "or 2 CPU workers when there is none)")
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU workers with gloo even when GPUs are visible")
+    p.add_argument("--mode", choices=["ddp"], default=None,
+                   help="gradient synchronization path (default: the config's `mode`)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    p.add_argument("--master-addr", default=None,
+                   help="address of node 0, reachable from every node (several nodes)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port on node 0 (default: a free one on a single node, "
+                        "29500 on several)")
+    p.add_argument("--verbose", action="store_true", help="show torchrun's own log lines")
+    p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.epochs=3 optim.lr=0.1")
+    return p.parse_intermixed_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Decide how many workers, on which devices, and build torchrun's arguments.
+
+Everything that can be checked before starting workers is checked here, once, in one process,
+so that bad input gets one clear line instead of a report from every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import Config, check_world_size, load_config
+from train.data import ensure_available
+from train.dist import backend_for, resolve_device_kind, usable_cores, visible_gpus
+from train.errors import UserError
+from train.runlog import check_run_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CPU_WORKERS = 2
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: Config
+    nproc: int  # workers on this node
+    nnodes: int
+    node_rank: int
+    device_kind: str  # "cuda" or "cpu"
+    backend: str
+    threads: int  # intra-op threads per CPU worker
+    torchrun_args: list[str]
+    note: str  # what the console says about the choice
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def worker_overrides(args: argparse.Namespace) -> list[str]:
+    """The user's overrides plus those the launcher's own flags imply."""
+    extra = []
+    if args.mode:
+        extra.append(f"mode={args.mode}")
+    if args.cpu:
+        extra.append("dist.device=cpu")
+    return [*args.overrides, *extra]
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    overrides = worker_overrides(args)
+    cfg = load_config(args.config, overrides)
+    if args.nnodes < 1:
+        raise UserError(f"--nnodes must be at least 1; got {args.nnodes}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--node-rank must be in 0..{args.nnodes - 1}; got {args.node_rank}")
+    kind = resolve_device_kind(cfg.dist.device)
+    nproc, note = _workers(args.gpus, kind)
+    backend = backend_for(kind, cfg.dist.backend)
+    threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
+    if kind == "cpu":
+        note += f", {threads} thread(s) each ({usable_cores()} usable cores)"
+    check_world_size(cfg, nproc * args.nnodes)
+    if args.node_rank == 0:
+        check_run_dir(cfg)
+    ensure_available(cfg)  # every node reads its own copy of the files
+    rdzv = _rendezvous(args, cfg)
+    torchrun_args = [
+        "--nnodes", str(args.nnodes),
+        "--nproc-per-node", str(nproc),
+        *rdzv,
+        "--max-restarts", "0",
+        "--monitor-interval", "0.5",
+        "-m", "train", str(args.config), *overrides,
+    ]
+    return Plan(cfg, nproc, args.nnodes, args.node_rank, kind, backend, threads, torchrun_args,
+                note)
+
+
+def _workers(requested: int | None, kind: str) -> tuple[int, str]:
+    gpus = visible_gpus()
+    if requested is not None and requested < 1:
+        raise UserError(f"--gpus must be at least 1; got {requested}")
+    if kind == "cuda":
+        if requested is not None and requested > gpus:
+            raise UserError(f"{requested} GPUs asked (--gpus/GPUS) but only {gpus} visible")
+        n = requested or gpus
+        return n, f"{n} GPU worker(s) with nccl, one per GPU ({gpus} visible)"
+    n = requested or DEFAULT_CPU_WORKERS
+    why = "no GPU visible" if gpus == 0 else "CPU asked (--cpu / dist.device=cpu)"
+    return n, f"{why}: {n} CPU worker(s) with gloo"
+
+
+def _rendezvous(args: argparse.Namespace, cfg: Config) -> list[str]:
+    if args.nnodes == 1:
+        # Standalone: a c10d store on 127.0.0.1, on a port the OS picks unless one is given.
+        port = args.master_port if args.master_port is not None else 0
+        if port:
+            require_free_port(port)
+        return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                "--rdzv-id", uuid.uuid4().hex, "--local-addr", "127.0.0.1"]
+    if not args.master_addr:
+        raise UserError("several nodes need --master-addr (MASTER_ADDR): the address of node 0, "
+                        "reachable from every node")
+    port = args.master_port or DEFAULT_MASTER_PORT
+    if args.node_rank == 0:
+        require_free_port(port)
+    # Node 0 hosts the c10d store; the others connect to it. Every node derives the same id.
+    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{args.master_addr}:{port}",
+            "--rdzv-id", f"{cfg.run.name}-{port}",
+            "--rdzv-conf", f"is_host={'true' if args.node_rank == 0 else 'false'}"]
+
+
+def require_free_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise UserError(f"--master-port must be in 1..65535; got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            raise UserError(f"port {port} is already in use (another job on this node?); choose "
+                            f"another --master-port / MASTER_PORT, or leave it unset on a single "
+                            f"node to get a free one") from None
+
+
+def worker_environment(plan: Plan) -> dict[str, str]:
+    """Variables the workers inherit: threads per worker, and the repo on the import path."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                        os.environ.get("PYTHONPATH")]))}
+    if plan.device_kind == "cpu":
+        env["OMP_NUM_THREADS"] = str(plan.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // plan.nproc))
+    return env

@@ -1,0 +1,1 @@
+"""Training workers: `python -m train CONFIG [key=value ...]` (see train/__main__.py)."""

@@ -1,0 +1,342 @@
+"""The one typed configuration schema: YAML (`yaml.safe_load`) first, then `a.b=value` overrides.
+
+Every key is declared once, here, with its type and a comment. Unknown keys, wrong types and
+values outside a key's choices are `UserError`s that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from train.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet"  # a name in models.MODELS: lenet | resnet18
+
+
+@dataclass
+class SyntheticConfig:
+    train_samples: int = 24_000  # generated in memory from `seed`
+    test_samples: int = 5_000
+    channels: int = 1  # 1x28x28 (Fashion-MNIST-shaped) or 3x32x32 (CIFAR-shaped)
+    image_size: int = 28
+    num_classes: int = 10
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | fashion_mnist | mnist | cifar10
+    root: str = "data"  # torchvision datasets are read from (and downloaded into) this folder
+    download: bool = True  # try to download torchvision datasets that are missing
+    on_device: bool = True  # hold the whole dataset on the worker's GPU when it fits
+    normalize: bool = True  # zero mean, unit variance per channel (training-set statistics)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 256  # GLOBAL batch per optimizer step, split evenly across workers
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    eval_batch_size: int = 1024  # per worker; evaluation does no gradient sync
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # peak learning rate (after warmup)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 0  # linear warmup from 0 to `lr` over this many optimizer steps
+    min_lr: float = 0.0  # where the cosine schedule ends
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # default: the config file's stem
+    dir: str = ""  # the run's output folder; default: runs/<name>
+    overwrite: bool = False  # replace a different run already in `dir`
+
+
+@dataclass
+class DistConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when visible, else cpu
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on cuda, gloo on cpu
+    timeout_s: float = 600.0  # a collective waiting longer than this fails the job
+    cpu_threads: int = 0  # threads per CPU worker; 0: usable cores / workers on this node
+    cpu_flush_denormal: bool = True  # flush denormal floats to zero on CPU (up to 3x faster)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled"] = "disabled"  # online/offline arrive with wandb logging
+    project: str = "dptrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: run.name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    mode: Literal["ddp"] = "ddp"  # how gradients are synchronized (see README "Paths")
+    seed: int = 0  # model init, synthetic data and shuffling
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# Keys that change how a run is looked at or launched, not what it computes.
+NON_IDENTITY_KEYS = frozenset({"run.overwrite", "dist.timeout_s", "dist.cpu_threads"})
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, fill derived defaults, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    cfg = _build(Config, raw, prefix="", source=str(path))
+    for item in overrides:
+        apply_override(cfg, item)
+    if not cfg.run.name:
+        cfg.run.name = path.stem
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / cfg.run.name)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Set one dotted key from `key=value`; the value is read as YAML, then type-checked."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+    *parents, leaf = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parents):
+        node = _child(node, part, ".".join(parents[: i + 1]))
+        if not dataclasses.is_dataclass(node):
+            raise UserError(f"config: {'.'.join(parents[: i + 1])} is a value, not a section")
+    _check_known(type(node), leaf, key)
+    tp = get_type_hints(type(node))[leaf]
+    if dataclasses.is_dataclass(tp):
+        raise UserError(f"config: {key} is a section; set one of its keys, e.g. {key}.<key>=...")
+    setattr(node, leaf, _coerce(_parse_value(text, tp), tp, key))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    from models import MODELS  # late: models imports torch
+
+    from train.data import DATASETS
+
+    _choice("model.name", cfg.model.name, MODELS)
+    _choice("data.name", cfg.data.name, DATASETS)
+    _positive("train.epochs", cfg.train.epochs)
+    _positive("train.batch_size", cfg.train.batch_size)
+    _positive("train.eval_batch_size", cfg.train.eval_batch_size)
+    if cfg.train.max_steps is not None:
+        _positive("train.max_steps", cfg.train.max_steps)
+    _positive("optim.lr", cfg.optim.lr)
+    for key in ("optim.momentum", "optim.weight_decay", "optim.warmup_steps", "optim.min_lr",
+                "dist.cpu_threads"):
+        _non_negative(key, _get(cfg, key))
+    _positive("dist.timeout_s", cfg.dist.timeout_s)
+    syn = cfg.data.synthetic
+    for key in ("train_samples", "test_samples", "channels", "num_classes"):
+        _positive(f"data.synthetic.{key}", getattr(syn, key))
+    if syn.num_classes < 2:
+        raise UserError("config: data.synthetic.num_classes must be at least 2")
+    if syn.image_size < 16:
+        raise UserError("config: data.synthetic.image_size must be at least 16 (LeNet needs it)")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The global batch must split evenly, or workers would train on different batch sizes."""
+    if cfg.train.batch_size % world_size:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible by "
+            f"{world_size} workers; choose a multiple of {world_size}"
+        )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(raw: dict[str, Any], source: str) -> Config:
+    """Rebuild a config from a resolved dict (e.g. a run folder's config.yaml)."""
+    cfg = _build(Config, raw, prefix="", source=source)
+    validate(cfg)
+    return cfg
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The flat keys that define what a run computes (what two runs must share to be one run)."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NON_IDENTITY_KEYS}
+
+
+def identity_hash(cfg: Config) -> str:
+    blob = json.dumps(identity(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """'train.epochs: 5 -> 3, optim.lr: 0.1 -> 0.2' for the keys whose values differ."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    parts = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return ", ".join(parts)
+
+
+# --- building and type checking -----------------------------------------------------------
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.')} must be a section (a mapping)")
+    hints = get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        _check_known(cls, str(key), full, source)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value or {}, full + ".", source)
+        else:
+            values[key] = _coerce(value, tp, full, source)
+    return cls(**values)
+
+
+def _check_known(cls: type, key: str, full: str, source: str = "config") -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key in names:
+        return
+    close = difflib.get_close_matches(key, names, n=1)
+    parent = full[: len(full) - len(key)]
+    hint = f" (did you mean {parent}{close[0]}?)" if close else ""
+    raise UserError(f"{source}: unknown key {full!r}{hint}")
+
+
+def _child(node: Any, part: str, full: str) -> Any:
+    if not dataclasses.is_dataclass(node):
+        raise UserError(f"config: {full.rsplit('.', 1)[0]} is a value, not a section")
+    _check_known(type(node), part, full)
+    return getattr(node, part)
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    # Strings stay verbatim (run.name=2024 is the string "2024"); everything else is YAML.
+    if _is_text(tp) and text.strip().lower() not in ("null", "~", "none"):
+        return text
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _is_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_text(a) for a in get_args(tp) if a is not type(None))
+    return False
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        raise UserError(f"{source}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        return _coerce(value, args[0], key, source)
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key} expects a list, e.g. [a, b]; got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise UserError(f"{source}: {key} expects {_type_name(tp)}; got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _choice(key: str, value: str, known: Iterable[str]) -> None:
+    if value not in known:
+        raise UserError(f"config: {key} {value!r} is unknown; choose one of {', '.join(sorted(known))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"config: {key} must be positive; got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise UserError(f"config: {key} must not be negative; got {value}")

@@ -1,0 +1,135 @@
+"""Everything a run leaves on disk, written by the main worker only.
+
+Other ranks get `NullRun`, whose methods do nothing, so the loop never asks "am I rank 0?".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from train import config as config_mod
+from train.config import Config
+from train.dist import DistContext
+from train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int) -> None:
+    """Main rank: info to stdout. Other ranks: only warnings and errors, prefixed with the rank."""
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def check_run_dir(cfg: Config) -> bool:
+    """Refuse a `run.dir` that holds a different run (unless run.overwrite); say if it must be
+    cleared first. Changes nothing on disk."""
+    folder = Path(cfg.run.dir)
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        old, new = _saved_identity(saved), config_mod.identity(cfg)
+        if old == new:
+            return False
+        if not cfg.run.overwrite:
+            raise UserError(
+                f"{folder} already holds a different run "
+                f"({config_mod.describe_differences(old, new)}); "
+                f"set run.overwrite=true to replace it, or choose another run.dir"
+            )
+        return True
+    if folder.is_dir() and any(folder.iterdir()):
+        if not cfg.run.overwrite:
+            raise UserError(f"{folder} is not empty and holds no run (no config.yaml); "
+                            f"choose another run.dir or set run.overwrite=true")
+        return True
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"run.dir {folder} exists and is not a folder")
+    return False
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create `run.dir` (clearing it first when the user asked to overwrite a different run)."""
+    folder = Path(cfg.run.dir)
+    if check_run_dir(cfg):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _saved_identity(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{path} is not valid YAML; move the folder away or set "
+                        f"run.overwrite=true") from None
+    flat = config_mod.flatten(raw)
+    return {k: v for k, v in flat.items() if k not in config_mod.NON_IDENTITY_KEYS}
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file and rename it over `path`: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """The main worker's view of `run.dir`: config.yaml, metrics.jsonl, summary.json, checkpoints/."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.metrics_path = folder / "metrics.jsonl"
+        self.checkpoint_dir = folder / "checkpoints"
+
+    def start(self, cfg: Config) -> None:
+        atomic_write(self.folder / "config.yaml", lambda p: p.write_text(config_mod.to_yaml(cfg)))
+        self.metrics_path.unlink(missing_ok=True)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.folder / "summary.json",
+                     lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        path = self.checkpoint_dir / "last.pt"
+        atomic_write(path, lambda p: torch.save(state, p))
+        return path
+
+
+class NullRun(RunFolder):
+    """What non-main ranks write: nothing."""
+
+    def __init__(self) -> None:
+        pass
+
+    def start(self, cfg: Config) -> None:
+        pass
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        pass
+
+
+def open_run(cfg: Config, ctx: DistContext) -> RunFolder:
+    return RunFolder(prepare_run_dir(cfg)) if ctx.is_main else NullRun()

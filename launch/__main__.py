@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from launch.plan import make_plan, worker_environment
@@ -48,7 +49,11 @@ def report_failures(failures: dict) -> int:
 
     Exit code 2 means that worker already explained the bad input: nothing to add.
     """
-    rank, first = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    # torchrun stops the others with SIGTERM once one fails, and stamps failures in whole
+    # seconds: the first failure is the earliest one that was not such a SIGTERM.
+    rank, first = min(failures.items(),
+                      key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp,
+                                        item[0]))
     code = first.exitcode
     if code == EXIT_USER_ERROR:
         return EXIT_USER_ERROR

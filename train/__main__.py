@@ -87,7 +87,8 @@ def describe(cfg: Config, ctx: DistContext, model: torch.nn.Module, train_set: T
         f"{cfg.mode}: {where}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
         f"{len(train_set):,} train / {len(test_set):,} test\n"
-        f"global batch {cfg.train.batch_size} ({cfg.train.batch_size // ctx.world_size} per worker), "
+        f"global batch {cfg.train.batch_size} "
+        f"({cfg.train.batch_size // ctx.world_size} per worker), "
         f"{steps_per_epoch} steps/epoch, {cfg.train.epochs} epochs"
         + (f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps else "")
     )

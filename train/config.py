@@ -15,7 +15,7 @@ import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -50,7 +50,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 6
     batch_size: int = 256  # GLOBAL batch per optimizer step, split evenly across workers
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     eval_batch_size: int = 1024  # per worker; evaluation does no gradient sync
 
 
@@ -85,9 +85,9 @@ class DistConfig:
 class WandbConfig:
     mode: Literal["disabled"] = "disabled"  # online/offline arrive with wandb logging
     project: str = "dptrain"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # default: run.name
-    group: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None  # default: run.name
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -104,8 +104,10 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-# Keys that change how a run is looked at or launched, not what it computes.
-NON_IDENTITY_KEYS = frozenset({"run.overwrite", "dist.timeout_s", "dist.cpu_threads"})
+# Keys that change how a run is launched or looked at, not what it computes: a run folder
+# accepts the same run again with other values of these.
+NON_IDENTITY_KEYS = frozenset({"run.overwrite", "dist.device", "dist.backend", "dist.timeout_s",
+                               "dist.cpu_threads", "dist.cpu_flush_denormal"})
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
@@ -154,7 +156,6 @@ def apply_override(cfg: Config, item: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     from models import MODELS  # late: models imports torch
-
     from train.data import DATASETS
 
     _choice("model.name", cfg.model.name, MODELS)
@@ -225,7 +226,8 @@ def identity_hash(cfg: Config) -> str:
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
     """'train.epochs: 5 -> 3, optim.lr: 0.1 -> 0.2' for the keys whose values differ."""
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    unset = "<unset>"
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
     parts = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"and {len(keys) - limit} more")
@@ -294,7 +296,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
         choices = get_args(tp)
         if value in choices:
             return value
-        raise UserError(f"{source}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise UserError(f"{source}: {key} must be one of {', '.join(map(str, choices))}; "
+                        f"got {value!r}")
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(get_args(tp)):
@@ -317,7 +320,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, str(tp))
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -329,7 +333,8 @@ def _get(cfg: Config, key: str) -> Any:
 
 def _choice(key: str, value: str, known: Iterable[str]) -> None:
     if value not in known:
-        raise UserError(f"config: {key} {value!r} is unknown; choose one of {', '.join(sorted(known))}")
+        raise UserError(f"config: {key} {value!r} is unknown; "
+                        f"choose one of {', '.join(sorted(known))}")
 
 
 def _positive(key: str, value: float) -> None:

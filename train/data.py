@@ -9,6 +9,7 @@ negligible part of a step. `DistributedSampler` decides which indices each rank 
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +76,15 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[TensorData, TensorD
     """A learnable but not trivial 10-class image task, deterministic from `seed`.
 
     Each class has a smooth random prototype; a sample blends its class prototype with another
-    class's (up to 55%, so some samples are ambiguous), gets its own contrast, brightness and a shift of up to 2 pixels, then
+    class's (up to 55%, so some samples are ambiguous), gets its own contrast, brightness and
+    a shift of up to 2 pixels, then
     Gaussian noise. Train and test samples are drawn from the same distribution.
     """
     gen = torch.Generator().manual_seed(seed)
     k, c, side = cfg.num_classes, cfg.channels, cfg.image_size
     coarse = torch.rand(k, c, 7, 7, generator=gen)
-    prototypes = F.interpolate(coarse, size=(side + 4, side + 4), mode="bilinear", align_corners=False)
+    prototypes = F.interpolate(coarse, size=(side + 4, side + 4), mode="bilinear",
+                               align_corners=False)
     train = _draw(prototypes, cfg.train_samples, side, gen)
     test = _draw(prototypes, cfg.test_samples, side, gen)
     return TensorData(*train, k), TensorData(*test, k)
@@ -121,6 +124,14 @@ def _torchvision_classes():
             folder = Path(self.root) / self.base_folder
             return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
 
+        def _load_meta(self) -> None:
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise RuntimeError(f"{path} not found")
+            with path.open("rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
     return {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": CIFAR10}
 
 
@@ -138,17 +149,22 @@ def dataset_folder(cfg: DataConfig) -> Path:
     return Path(cfg.root) / _EXPECTED_FILES[cfg.name][0]
 
 
+_READ_ERRORS = (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError)
+
+
 def _open_torchvision(cfg: DataConfig, train: bool, download: bool):
+    """The torchvision dataset, read from `data.root`; downloaded first if missing and allowed."""
     cls = _torchvision_classes()[cfg.name]
-    try:
-        return cls(cfg.root, train=train, download=download)
-    except (RuntimeError, OSError) as exc:
-        folder, files = _EXPECTED_FILES[cfg.name]
-        why = f"download failed ({_first_line(exc)})" if download else "data.download=false"
-        raise UserError(
-            f"dataset {cfg.name} not found in {Path(cfg.root) / folder} and {why}: "
-            f"put {files} there"
-        ) from None
+    # Not download=True straight away: torchvision then prints a line even when files exist.
+    for allow_download in ([False, True] if download else [False]):
+        try:
+            return cls(cfg.root, train=train, download=allow_download)
+        except _READ_ERRORS as exc:
+            error = exc
+    folder, files = _EXPECTED_FILES[cfg.name]
+    why = f"download failed: {_first_line(error)}" if download else _first_line(error)
+    raise UserError(f"dataset {cfg.name} cannot be read from {Path(cfg.root) / folder} ({why}); "
+                    f"put {files} there") from None
 
 
 def ensure_available(cfg: Config) -> None:
@@ -290,4 +306,5 @@ def train_batches(data: TensorData, rank: int, world_size: int, global_batch: in
 
 def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
                  device: torch.device) -> Batches:
-    return Batches(data, EvalSampler(len(data), rank, world_size), batch_size, device, drop_last=False)
+    sampler = EvalSampler(len(data), rank, world_size)
+    return Batches(data, sampler, batch_size, device, drop_last=False)

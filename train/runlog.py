@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 def setup_logging(rank: int) -> None:
     """Main rank: info to stdout. Other ranks: only warnings and errors, prefixed with the rank."""
     handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"))
+    fmt = "%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -86,7 +87,8 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 class RunFolder:
-    """The main worker's view of `run.dir`: config.yaml, metrics.jsonl, summary.json, checkpoints/."""
+    """The main worker's view of `run.dir`: config.yaml, metrics.jsonl, summary.json and
+    checkpoints/."""
 
     def __init__(self, folder: Path):
         self.folder = folder

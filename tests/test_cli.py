@@ -1,0 +1,135 @@
+"""The real command line, end to end, as a user types it."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers import REPO, run_cli, small_run
+from train.config import identity, load_config
+from train.dist import visible_gpus
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
+    result = run_cli("launch", "--cpu", "--gpus", "2", CONFIG, "train.epochs=2",
+                     "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 CPU worker(s) with gloo" in result.stdout
+    assert "epoch 2/2" in result.stdout
+    run = tmp_path / "runs" / "default"  # run.dir defaults to runs/<config name>
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
+    saved = load_config(run / "config.yaml")
+    assert identity(saved) == identity(load_config(CONFIG, [
+        "train.epochs=2", "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501",
+        f"run.dir={Path('runs') / 'default'}"]))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"epoch", "train_loss", "train_accuracy", "test_accuracy", "epoch_time_s",
+                "samples_per_s", "world_size", "mode"} <= r.keys()
+        assert r["world_size"] == 2 and r["mode"] == "ddp" and r["test_samples"] == 501
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_test_accuracy"] == records[-1]["test_accuracy"]
+    assert summary["steps"] == 2 * (1536 // 256)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert {"features.0.weight", "classifier.3.bias"} <= state["model"].keys()
+
+
+def test_the_default_config_learns_far_above_chance(tmp_path):
+    result = run_cli("launch", "--cpu", CONFIG, f"run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2  # two CPU workers by default without a GPU
+    assert summary["final_test_accuracy"] > 0.75  # chance is 0.10
+
+
+def test_torchrun_directly_runs_the_same_workers(tmp_path):
+    result = run_cli("torch.distributed.run", "--nproc-per-node=2", "-m", "train", CONFIG,
+                     *small_run(tmp_path, "train.max_steps=3"), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["world_size"], summary["steps"], summary["backend"]) == (2, 3, "gloo")
+
+
+def test_one_process_without_torchrun(tmp_path):
+    result = run_cli("train", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["world_size"], summary["mode"]) == (1, "single")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["configs/missing.yaml"], "config file not found: configs/missing.yaml"),
+    ([CONFIG, "train.epoch=3"], "unknown key 'train.epoch' (did you mean train.epochs?)"),
+    ([CONFIG, "optim.lr=fast"], "optim.lr expects a number"),
+    (["--gpus", "3", CONFIG], "train.batch_size=256 (the global batch) is not divisible by 3"),
+    (["--gpus", "0", CONFIG], "--gpus must be at least 1"),
+    ([CONFIG, "dist.device=cuda"], "no GPU is visible"),
+    ([CONFIG, "data.name=fashion_mnist", "data.root=nowhere", "data.download=false"],
+     "dataset fashion_mnist cannot be read from nowhere/FashionMNIST/raw"),
+    (["--nnodes", "2", CONFIG], "several nodes need --master-addr"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    if "dist.device=cuda" in args and visible_gpus():
+        pytest.skip("GPUs are visible here")
+    result = run_cli("launch", *args, f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+@pytest.mark.skipif(visible_gpus() == 0, reason="needs a GPU (CPU twin: dist.device=cuda above)")
+def test_more_gpus_than_visible_is_refused(tmp_path):
+    result = run_cli("launch", "--gpus", str(visible_gpus() + 1), CONFIG, f"run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "GPUs asked (--gpus/GPUS) but only" in result.stderr
+
+
+def test_a_folder_holding_a_different_run_is_left_alone(tmp_path):
+    first = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    time.sleep(0.01)
+    second = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=3"))
+    assert second.returncode == 2
+    lines = error_lines(second.stderr)
+    assert len(lines) == 1 and "already holds a different run (train.max_steps: 2 -> 3)" in lines[0]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    third = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=3",
+                                                          "run.overwrite=true"))
+    assert third.returncode == 0, third.stderr
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def test_workers_that_find_bad_input_report_it_once(tmp_path):
+    """Through torchrun directly (no launcher checks): one line, from one process."""
+    result = run_cli("torch.distributed.run", "--nproc-per-node=2", "-m", "train", CONFIG,
+                     f"run.dir={tmp_path}", "data.name=mnist", f"data.root={tmp_path / 'none'}",
+                     "data.download=false")
+    assert result.returncode != 0
+    reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(reported) == 1 and "dataset mnist cannot be read" in reported[0]
+
+
+def test_launcher_exit_code_is_non_zero_when_a_worker_fails():
+    from launch.__main__ import run_torchrun
+
+    code = run_torchrun(["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",
+                         str(REPO / "tests" / "crash_worker.py"), "3"])
+    assert code == 3

@@ -1,0 +1,65 @@
+"""Distributed behaviour with real gloo processes on the CPU."""
+
+import pytest
+import torch
+
+from tests.helpers import run_distributed, run_single
+from tests.workers import agree_on_failure, evaluate_fresh_model, train_and_return_params
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
+         "train.epochs=1", "train.max_steps=8", "train.batch_size=96", "run.overwrite=true"]
+
+
+@pytest.fixture(scope="module")
+def single_process_params(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    return run_single(train_and_return_params, [*SMALL, f"run.dir={run_dir}"])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, single_process_params,
+                                                            world_size):
+    params = run_distributed(train_and_return_params, world_size,
+                             [*SMALL, f"run.dir={tmp_path}"])[0]
+    initial = _initial_params()
+    assert params.keys() == single_process_params.keys()
+    for name, value in single_process_params.items():
+        assert not torch.allclose(value, initial[name])  # training moved it: the test has teeth
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_different_global_batch_does_not_match(tmp_path, single_process_params):
+    """The parity above is not luck: halving the global batch gives other parameters."""
+    params = run_distributed(train_and_return_params, 2,
+                             [*SMALL, f"run.dir={tmp_path}", "train.batch_size=48"])[0]
+    differs = [not torch.allclose(params[k], v, rtol=1e-5, atol=1e-6)
+               for k, v in single_process_params.items()]
+    assert any(differs)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_evaluation_equals_single_process_on_an_odd_test_set(world_size):
+    overrides = ["data.synthetic.train_samples=600", "data.synthetic.test_samples=1001",
+                 "train.batch_size=96", "train.eval_batch_size=64"]
+    single = run_single(evaluate_fresh_model, overrides)
+    results = run_distributed(evaluate_fresh_model, world_size, overrides)
+    assert single["samples"] == 1001
+    for result in results:  # every rank reports the same, complete totals
+        assert result["samples"] == 1001
+        assert result["correct"] == single["correct"]
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert 0 < single["correct"] < 1001
+
+
+def test_a_setup_error_on_one_rank_reaches_every_rank():
+    results = run_distributed(agree_on_failure, 3, 2)
+    assert results == ["disk full|agreed=True"] * 3
+
+
+def _initial_params():
+    from models import build_model
+
+    torch.manual_seed(0)
+    return build_model("lenet", 1, 10, 28).state_dict()

@@ -1,0 +1,83 @@
+"""Framework overhead: `make train`'s LeNet epoch throughput against a minimal DDP loop.
+
+Both run the same data, model, workers, global batch and thread settings, alternating
+(ours, minimal, ours, minimal, ...) so that load on this shared machine hits both alike.
+The first epoch of every run is a warm-up and not counted. Prints the ratio; target: <= 3%.
+
+    python -m train.bench.overhead [--rounds 3] [--epochs 4] [--workers 2] [--out reports/overhead]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ours(workers: int, epochs: int, train_samples: int) -> list[float]:
+    """samples/s of each epoch of `python -m launch` (what `make train` runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "launch", "--cpu", "--gpus", str(workers),
+                        str(REPO / "configs" / "default.yaml"), f"run.dir={tmp}/run",
+                        f"train.epochs={epochs}", f"data.synthetic.train_samples={train_samples}",
+                        "data.synthetic.test_samples=1000"],
+                       cwd=REPO, check=True, capture_output=True, text=True)
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["samples_per_s"] for line in lines]
+
+
+def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          f"--nproc-per-node={workers}", "-m", "train.bench.minimal_ddp",
+                          f"--epochs={epochs}", f"--train-samples={train_samples}"],
+                         cwd=REPO, check=True, capture_output=True, text=True,
+                         env={**_env(), "OMP_NUM_THREADS": "1"})
+    return [json.loads(line)["samples_per_s"] for line in out.stdout.splitlines()
+            if line.startswith("{")]
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--train-samples", type=int, default=24_000)
+    parser.add_argument("--out", default=str(REPO / "reports" / "overhead"))
+    args = parser.parse_args(argv)
+
+    figures: dict[str, list[float]] = {"ours": [], "minimal": []}
+    for r in range(args.rounds):
+        for name, fn in (("ours", ours), ("minimal", minimal)):
+            epochs = fn(args.workers, args.epochs, args.train_samples)[1:]
+            figures[name].extend(epochs)
+            print(f"round {r + 1}/{args.rounds} {name:8s} " +
+                  " ".join(f"{x:,.0f}" for x in epochs) + " samples/s", flush=True)
+    med = {name: statistics.median(values) for name, values in figures.items()}
+    ratio = med["ours"] / med["minimal"]
+    result = {"workers": args.workers, "global_batch": 256, "median_samples_per_s": med,
+              "ratio_ours_over_minimal": ratio, "overhead_percent": (1 - ratio) * 100,
+              "epochs_counted": {k: len(v) for k, v in figures.items()}, "raw": figures}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmake train: {med['ours']:,.0f} samples/s   minimal DDP loop: "
+          f"{med['minimal']:,.0f} samples/s   ratio {ratio:.3f}  "
+          f"(overhead {(1 - ratio) * 100:+.1f}%; target <= 3%)")
+    print(f"written: {out / 'overhead.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # Run knobs (README: "Make variables").
 GPUS ?=
 MODE ?= ddp
+RESTARTS ?= 0
 CONFIG ?= configs/default.yaml
 ARGS ?=
 NNODES ?= 1
@@ -15,7 +16,7 @@ MASTER_ADDR ?=
 MASTER_PORT ?=
 PYTEST_ARGS ?=
 
-LAUNCH_FLAGS = --mode $(MODE) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
+LAUNCH_FLAGS = --mode $(MODE) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
 .PHONY: venv train test bench-overhead lint clean

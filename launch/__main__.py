@@ -10,10 +10,11 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 
 from launch.plan import make_plan, worker_environment
-from train.errors import EXIT_USER_ERROR, UserError
+from train.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, EXPLAINED_EXIT_CODES, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,25 +24,58 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(f"launch: {plan.note}; {plan.world_size} worker(s) in all, mode {plan.cfg.mode}",
-          flush=True)
     os.environ.update(worker_environment(plan))
-    return run_torchrun(plan.torchrun_args, verbose=args.verbose)
+    if not plan.torchrun_args:
+        print(f"launch: {plan.note}", flush=True)
+        return run_one_process(plan.worker_args)
+    print(f"launch: {plan.note}; {plan.world_size} worker(s) in all, mode {plan.cfg.mode}"
+          + (f", up to {args.max_restarts} restart(s)" if args.max_restarts else ""), flush=True)
+    return run_torchrun(plan.torchrun_args, verbose=args.verbose,
+                        rendezvous_timeout_s=plan.cfg.dist.rendezvous_timeout_s)
 
 
-def run_torchrun(torchrun_args: list[str], verbose: bool = False) -> int:
+def run_torchrun(torchrun_args: list[str], verbose: bool = False,
+                 rendezvous_timeout_s: float | None = None) -> int:
     """Run torchrun's elastic agent here; return 0, or the failed workers' exit code."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import get_args_parser, run
 
     if not verbose:
         # The agent logs each worker failure with pid and binary; we print one line instead.
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
         return report_failures(exc.failures)
+    except SignalException as exc:
+        # torchrun passed the signal on; the workers stopped at a step boundary and saved.
+        print(f"launch: interrupted by {signal.Signals(exc.sigval).name}; the workers wrote a "
+              f"checkpoint at a step boundary: run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RendezvousTimeoutError:
+        print(f"error: not every node joined the rendezvous within {rendezvous_timeout_s:.0f} s "
+              f"(dist.rendezvous_timeout_s): check that each node runs the same command with "
+              f"its own --node-rank, and that --master-addr/--master-port reach node 0",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def run_one_process(worker_args: list[str]) -> int:
+    """Mode dp: `python -m train` as one child process; signals are passed on to it."""
+    child = subprocess.Popen([sys.executable, "-m", "train", *worker_args])
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = child.wait()
+    return 128 - code if code < 0 else code
 
 
 def report_failures(failures: dict) -> int:
@@ -55,8 +89,8 @@ def report_failures(failures: dict) -> int:
                       key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp,
                                         item[0]))
     code = first.exitcode
-    if code == EXIT_USER_ERROR:
-        return EXIT_USER_ERROR
+    if code in EXPLAINED_EXIT_CODES:
+        return code
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     print(f"error: worker rank {rank} {how}; the other workers were stopped; its output is above",
           file=sys.stderr)
@@ -73,8 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "or 2 CPU workers when there is none)")
     p.add_argument("--cpu", action="store_true",
                    help="CPU workers with gloo even when GPUs are visible")
-    p.add_argument("--mode", choices=["ddp"], default=None,
+    p.add_argument("--mode", choices=["ddp", "dp", "scratch"], default=None,
                    help="gradient synchronization path (default: the config's `mode`)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="restart the worker group up to K times after a failure; each restart "
+                        "resumes from the latest checkpoint (default 0)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
     p.add_argument("--master-addr", default=None,

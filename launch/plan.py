@@ -22,6 +22,7 @@ from train.runlog import check_run_dir
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CPU_WORKERS = 2
 DEFAULT_MASTER_PORT = 29500
+SHUTDOWN_TIMEOUT_S = 30  # after SIGTERM, workers get this long to checkpoint before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Plan:
     device_kind: str  # "cuda" or "cpu"
     backend: str
     threads: int  # intra-op threads per CPU worker
-    torchrun_args: list[str]
+    torchrun_args: list[str]  # empty for mode dp: one process, no torchrun
+    worker_args: list[str]  # what `python -m train` gets: the config and overrides
     note: str  # what the console says about the choice
 
     @property
@@ -62,23 +64,45 @@ def make_plan(args: argparse.Namespace) -> Plan:
     nproc, note = _workers(args.gpus, kind)
     backend = backend_for(kind, cfg.dist.backend)
     threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
-    if kind == "cpu":
+    if kind == "cpu" and cfg.mode != "dp":
         note += f", {threads} thread(s) each ({usable_cores()} usable cores)"
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must not be negative; got {args.max_restarts}")
+    worker_args = [str(args.config), *overrides]
+    if cfg.mode == "dp":
+        return _dp_plan(args, cfg, kind, nproc, threads, worker_args)
     check_world_size(cfg, nproc * args.nnodes)
     if args.node_rank == 0:
         check_run_dir(cfg)
     ensure_available(cfg)  # every node reads its own copy of the files
-    rdzv = _rendezvous(args, cfg)
     torchrun_args = [
         "--nnodes", str(args.nnodes),
         "--nproc-per-node", str(nproc),
-        *rdzv,
-        "--max-restarts", "0",
+        *_rendezvous(args, cfg),
+        "--max-restarts", str(args.max_restarts),
         "--monitor-interval", "0.5",
-        "-m", "train", str(args.config), *overrides,
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        "-m", "train", *worker_args,
     ]
     return Plan(cfg, nproc, args.nnodes, args.node_rank, kind, backend, threads, torchrun_args,
-                note)
+                worker_args, note)
+
+
+def _dp_plan(args: argparse.Namespace, cfg: Config, kind: str, gpus: int, threads: int,
+             worker_args: list[str]) -> Plan:
+    """DataParallel: ONE process on one node that drives `gpus` GPUs itself."""
+    if args.nnodes > 1:
+        raise UserError("mode dp runs one process on one node; several nodes need mode ddp or "
+                        "scratch")
+    check_run_dir(cfg)
+    ensure_available(cfg)
+    if kind == "cpu":
+        note = (f"mode dp: one process on the CPU ({threads} threads); DataParallel has "
+                f"nothing to split there (no GPUs)")
+        threads = usable_cores()
+    else:
+        note = f"mode dp: one process, DataParallel over {gpus} GPU(s)"
+    return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, note)
 
 
 def _workers(requested: int | None, kind: str) -> tuple[int, str]:
@@ -110,9 +134,10 @@ def _rendezvous(args: argparse.Namespace, cfg: Config) -> list[str]:
     if args.node_rank == 0:
         require_free_port(port)
     # Node 0 hosts the c10d store; the others connect to it. Every node derives the same id.
+    is_host = "true" if args.node_rank == 0 else "false"
     return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{args.master_addr}:{port}",
             "--rdzv-id", f"{cfg.run.name}-{port}",
-            "--rdzv-conf", f"is_host={'true' if args.node_rank == 0 else 'false'}"]
+            "--rdzv-conf", f"is_host={is_host},join_timeout={int(cfg.dist.rendezvous_timeout_s)}"]
 
 
 def require_free_port(port: int) -> None:
@@ -129,9 +154,14 @@ def require_free_port(port: int) -> None:
 
 
 def worker_environment(plan: Plan) -> dict[str, str]:
-    """Variables the workers inherit: threads per worker, and the repo on the import path."""
+    """Variables the workers inherit: threads per worker, the repo on the import path, and
+    for mode dp the GPUs asked for."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                         os.environ.get("PYTHONPATH")]))}
+    if plan.cfg.mode == "dp" and plan.device_kind == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(visible_gpus())]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:plan.nproc])
     if plan.device_kind == "cpu":
         env["OMP_NUM_THREADS"] = str(plan.threads)
     elif "OMP_NUM_THREADS" not in os.environ:

@@ -34,6 +34,7 @@ def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
     from train.__main__ import load_data
     from train.data import eval_batches, train_batches
     from train.loop import Trainer
+    from train.monitor import Monitor
     from train.runlog import NullRun
     from train.strategies import make_strategy
 
@@ -46,12 +47,12 @@ def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
                             train_set.image_size)
         for p in model.parameters():  # larger weights than the init: varied predictions
             p.data.normal_(0, 0.1)
-        trainer = Trainer(cfg, ctx, make_strategy(cfg.mode, ctx), model,
+        trainer = Trainer(cfg, ctx, make_strategy(cfg, ctx), model,
                           train_batches(train_set, ctx.rank, ctx.world_size,
                                         cfg.train.batch_size, cfg.seed, ctx.device),
                           eval_batches(test_set, ctx.rank, ctx.world_size,
                                        cfg.train.eval_batch_size, ctx.device),
-                          NullRun())
+                          NullRun(Path(cfg.run.dir)), Monitor([]))
         return trainer.evaluate()
     finally:
         dist.teardown(ctx)

@@ -1,6 +1,6 @@
 """`python -m train CONFIG [key=value ...]`: one worker; torchrun starts one per device.
 
-config -> distributed setup -> run folder -> data -> model and strategy -> fit -> teardown.
+config -> distributed setup -> run folder -> data -> model and strategy -> resume -> fit.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,10 +18,11 @@ from train import dist
 from train.config import Config, check_world_size, load_config
 from train.data import TensorData, eval_batches, load_datasets, place, train_batches
 from train.dist import DistContext, agree
-from train.errors import EXIT_USER_ERROR, UserError
-from train.loop import Trainer
-from train.runlog import open_run, setup_logging
-from train.strategies import make_strategy
+from train.errors import EXIT_INTERRUPTED, UserError
+from train.loop import Interrupted, Trainer, check_resumable
+from train.monitor import Console, Monitor
+from train.runlog import RunFolder, open_run, setup_logging
+from train.strategies import dp_note, make_strategy
 
 log = logging.getLogger("train")
 
@@ -34,62 +36,104 @@ def main(argv: list[str] | None = None) -> int:
         ctx = dist.setup(cfg.dist)
         train(cfg, ctx)
         return 0
+    except Interrupted as exc:
+        log.info("interrupted (signal %d): stopped after step %d and wrote a checkpoint; "
+                    "run the same command to resume", exc.signum, exc.step)
+        return EXIT_INTERRUPTED
     except UserError as exc:
-        # Config errors are the same on every rank: one line per node is enough.
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        report(exc, ctx)
         if exc.agreed:
             # Exit after the reporting rank has printed: torchrun stops everyone at the
             # first exit, and the message would be lost.
             torch.distributed.barrier()
-        return EXIT_USER_ERROR
+        return exc.exit_code
     finally:
         dist.teardown(ctx)
+
+
+def report(exc: UserError, ctx: DistContext | None) -> None:
+    """Errors every rank shares (config before setup, agreed ones) come from local rank 0 of
+    each node; an error of one rank alone comes from that rank, which it names."""
+    shared = ctx is None or exc.agreed or not ctx.distributed
+    if not shared:
+        print(f"error: [rank {ctx.rank}] {exc}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
 
 
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
     check_world_size(cfg, ctx.world_size)
+    strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
-    run.start(cfg)
     train_set, test_set = load_data(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, train_set.channels, train_set.num_classes,
                         train_set.image_size)
     trainer = Trainer(
-        cfg, ctx, make_strategy(cfg.mode, ctx), model,
+        cfg, ctx, strategy, model,
         train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.seed,
                       ctx.device),
-        eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size, ctx.device),
+        eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size, ctx.device,
+                     pad=cfg.debug.pad_eval),
         run,
+        Monitor([Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []),
     )
-    log.info(describe(cfg, ctx, model, train_set, test_set, len(trainer.train_data)))
-    trainer.fit()
+    resumed = agree(ctx, lambda: resume(cfg, ctx, trainer, run))
+    run.start(cfg, epochs_done=trainer.state.epoch if resumed else 0)
+    log.info(describe(cfg, ctx, strategy.name, model, train_set, test_set, trainer))
+    if resumed:
+        log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
+                 trainer.state.step)
+    try:
+        trainer.fit()
+    finally:
+        trainer.monitor.close()
     log.info("run folder: %s", cfg.run.dir)
+
+
+def resume(cfg: Config, ctx: DistContext, trainer: Trainer, run: RunFolder) -> Path | None:
+    """Load the newest valid checkpoint of `run.dir` into `trainer`, if resuming is on."""
+    if not cfg.checkpoint.resume:
+        return None
+    found = trainer.checkpoints.load_latest(ctx.device)
+    if found is None:
+        return None
+    path, state = found
+    check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}")
+    trainer.restore(state)
+    return path
 
 
 def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:
     """One process per node downloads what is missing; then every rank reads the files."""
     data = agree(ctx, lambda: load_datasets(cfg, download=True) if ctx.local_rank == 0 else None)
     train_set, test_set = agree(ctx, lambda: data or load_datasets(cfg, download=False))
-    return place(train_set, ctx.device, cfg.data.on_device), place(test_set, ctx.device,
-                                                                  cfg.data.on_device)
+    return (place(train_set, ctx.device, cfg.data.on_device),
+            place(test_set, ctx.device, cfg.data.on_device))
 
 
-def describe(cfg: Config, ctx: DistContext, model: torch.nn.Module, train_set: TensorData,
-             test_set: TensorData, steps_per_epoch: int) -> str:
+def describe(cfg: Config, ctx: DistContext, path: str, model: torch.nn.Module,
+             train_set: TensorData, test_set: TensorData, trainer: Trainer) -> str:
     params = sum(p.numel() for p in model.parameters())
     where = f"{ctx.world_size} x {ctx.device.type} ({ctx.backend})"
+    if path == "dp":
+        where = dp_note()
+    elif path == "single":
+        where = f"one process on {ctx.device.type}"
     if ctx.device.type == "cpu":
         where += f", {ctx.cpu_threads} thread(s) each"
+    if path == "scratch":
+        bucket = "per parameter" if cfg.scratch.per_parameter else f"{cfg.scratch.bucket_mb} MiB"
+        where += f"; our {cfg.scratch.algorithm} allreduce, buckets {bucket}"
     shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
     return (
-        f"{cfg.mode}: {where}\n"
+        f"{path}: {where}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
         f"{len(train_set):,} train / {len(test_set):,} test\n"
         f"global batch {cfg.train.batch_size} "
         f"({cfg.train.batch_size // ctx.world_size} per worker), "
-        f"{steps_per_epoch} steps/epoch, {cfg.train.epochs} epochs"
+        f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.epochs} epochs"
         + (f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps else "")
     )
 

@@ -66,6 +66,46 @@ class OptimConfig:
 
 
 @dataclass
+class ScratchConfig:
+    algorithm: Literal["naive", "ring"] = "ring"  # naive: sum on rank 0 (the book's); ring
+    bucket_mb: float = 25.0  # gradients are flattened into buckets of at most this many MiB
+    per_parameter: bool = False  # one allreduce per parameter tensor (the book's way)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also every this many optimizer steps (0: only at epoch ends)
+    keep: int = 2  # how many recent checkpoints stay on disk
+    resume: bool = True  # continue from the latest valid checkpoint in run.dir
+    allow_changes: bool = False  # resume even when the config or world size differ
+
+
+@dataclass
+class CheckConfig:
+    sync_every_steps: int = 0  # compare a parameter checksum across ranks (0: off)
+    sample_ledger: bool = False  # record and check which samples each rank saw, per epoch
+
+
+@dataclass
+class LogConfig:
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"  # auto: a bar on a terminal
+    every_steps: int = 20  # per-step metrics (console lines, wandb) every this many steps
+
+
+@dataclass
+class DebugConfig:
+    """Faults planted on purpose, so tests can show they are caught. Never set in real runs."""
+
+    stall_rank: int = -1  # this rank sleeps `stall_seconds` inside step `stall_step`
+    stall_step: int = 0
+    stall_seconds: float = 0.0
+    desync_rank: int = -1  # this rank perturbs its parameters after step `desync_step`
+    desync_step: int = 0
+    skip_set_epoch: bool = False  # forget sampler.set_epoch: every epoch the same order
+    pad_eval: bool = False  # evaluate with DistributedSampler's padding (duplicates)
+
+
+@dataclass
 class RunConfig:
     name: str = ""  # default: the config file's stem
     dir: str = ""  # the run's output folder; default: runs/<name>
@@ -77,6 +117,7 @@ class DistConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when visible, else cpu
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 600.0  # a collective waiting longer than this fails the job
+    rendezvous_timeout_s: float = 600.0  # how long node 0 waits for the other nodes to join
     cpu_threads: int = 0  # threads per CPU worker; 0: usable cores / workers on this node
     cpu_flush_denormal: bool = True  # flush denormal floats to zero on CPU (up to 3x faster)
 
@@ -93,7 +134,7 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    mode: Literal["ddp"] = "ddp"  # how gradients are synchronized (see README "Paths")
+    mode: Literal["ddp", "dp", "scratch"] = "ddp"  # how gradients are synchronized (README "Paths")
     seed: int = 0  # model init, synthetic data and shuffling
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,13 +142,24 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # Keys that change how a run is launched or looked at, not what it computes: a run folder
 # accepts the same run again with other values of these.
-NON_IDENTITY_KEYS = frozenset({"run.overwrite", "dist.device", "dist.backend", "dist.timeout_s",
-                               "dist.cpu_threads", "dist.cpu_flush_denormal"})
+NON_IDENTITY_KEYS = frozenset({
+    "run.overwrite", "dist.device", "dist.backend", "dist.timeout_s", "dist.rendezvous_timeout_s",
+    "dist.cpu_threads", "dist.cpu_flush_denormal", "checkpoint.every_steps", "checkpoint.keep",
+    "checkpoint.resume", "checkpoint.allow_changes", "check.sync_every_steps",
+    "check.sample_ledger", "log.progress", "log.every_steps", "wandb.mode", "wandb.project",
+    "wandb.entity", "wandb.name", "wandb.group", "wandb.tags", "debug.stall_rank",
+    "debug.stall_step", "debug.stall_seconds", "debug.desync_rank", "debug.desync_step",
+})
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
@@ -170,6 +222,15 @@ def validate(cfg: Config) -> None:
                 "dist.cpu_threads"):
         _non_negative(key, _get(cfg, key))
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("dist.rendezvous_timeout_s", cfg.dist.rendezvous_timeout_s)
+    if cfg.scratch.bucket_mb <= 0:
+        raise UserError(f"config: scratch.bucket_mb must be positive (MiB per bucket); "
+                        f"got {cfg.scratch.bucket_mb}; for one allreduce per parameter set "
+                        f"scratch.per_parameter=true")
+    _non_negative("checkpoint.every_steps", cfg.checkpoint.every_steps)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _non_negative("check.sync_every_steps", cfg.check.sync_every_steps)
+    _positive("log.every_steps", cfg.log.every_steps)
     syn = cfg.data.synthetic
     for key in ("train_samples", "test_samples", "channels", "num_classes"):
         _positive(f"data.synthetic.{key}", getattr(syn, key))

@@ -264,6 +264,7 @@ class Batches:
                  device: torch.device, drop_last: bool):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
         self.device, self.drop_last = device, drop_last
+        self._order: torch.Tensor | None = None
         if data.mean is not None:
             self.mean, self.std = data.mean.to(device), data.std.to(device)
 
@@ -271,18 +272,26 @@ class Batches:
         # Without this DistributedSampler shuffles every epoch the same way.
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
+        self._order = None
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def indices(self) -> torch.Tensor:
-        return torch.as_tensor(list(self.sampler), dtype=torch.long)
+        """This rank's sample indices for the current epoch, in order (computed once)."""
+        if self._order is None:
+            self._order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        return self._order
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start + 1`, ...: resuming inside an epoch skips by index, no work."""
+        order = self.indices().to(self.data.images.device)
+        for i in range(start, len(self)):
+            yield self.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.indices().to(self.data.images.device)
-        for i in range(len(self)):
-            yield self.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+        return self.iterate()
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.data.images[idx].to(self.device, non_blocking=True).float()
@@ -305,6 +314,12 @@ def train_batches(data: TensorData, rank: int, world_size: int, global_batch: in
 
 
 def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
-                 device: torch.device) -> Batches:
-    sampler = EvalSampler(len(data), rank, world_size)
+                 device: torch.device, pad: bool = False) -> Batches:
+    """Every test sample exactly once across ranks. `pad=True` plants the classic bug
+    (DistributedSampler's padding counts some samples twice), for the sample ledger's test."""
+    if pad:
+        sampler: Sampler[int] = DistributedSampler(range(len(data)), num_replicas=world_size,
+                                                   rank=rank, shuffle=False)
+    else:
+        sampler = EvalSampler(len(data), rank, world_size)
     return Batches(data, sampler, batch_size, device, drop_last=False)

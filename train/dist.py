@@ -100,6 +100,9 @@ def setup(cfg: DistConfig) -> DistContext:
 
     backend = backend_for(kind, cfg.backend) if launched else "none"
     if launched:
+        from train.guards import die_with_parent
+
+        die_with_parent()
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=cfg.timeout_s),

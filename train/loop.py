@@ -6,18 +6,24 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import Config, OptimConfig
+from train import checkpoint as ckpt
+from train.config import Config, OptimConfig, identity
 from train.data import Batches
-from train.dist import DistContext, all_reduce_sum
+from train.dist import DistContext
+from train.errors import CheckFailed, UserError
+from train.guards import Faults, SampleLedger, StopRequest, SyncChecker
+from train.monitor import Monitor
 from train.runlog import RunFolder
 from train.strategies import Single
+from train.timing import PHASES, StepTimer, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    batch_in_epoch: int = 0  # optimizer steps completed inside the current epoch
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -45,113 +52,204 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT: the loop stopped at a step boundary after writing a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step = signum, step
+
+
 class Trainer:
     """Trains `model` on `train_data`, evaluates on `test_data`, writes through `run`."""
 
     def __init__(self, cfg: Config, ctx: DistContext, strategy: Single, model: nn.Module,
-                 train_data: Batches, test_data: Batches, run: RunFolder):
+                 train_data: Batches, test_data: Batches, run: RunFolder, monitor: Monitor):
         self.cfg, self.ctx, self.strategy, self.run = cfg, ctx, strategy, run
-        self.train_data, self.test_data = train_data, test_data
+        self.train_data, self.test_data, self.monitor = train_data, test_data, monitor
         self.model = strategy.wrap(model.to(ctx.device))
         self.optimizer = build_optimizer(cfg.optim, model)
-        per_epoch = len(train_data)
-        self.total_steps = per_epoch * cfg.train.epochs
+        self.steps_per_epoch = len(train_data)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, cfg.optim, total_steps=self.total_steps))
         self.state = TrainState()
+        self.totals = self._zeros()  # this epoch so far: [loss sum, correct, samples]
+        self.timer = StepTimer(ctx.device)
+        self.stop = StopRequest(ctx)
+        self.sync_check = SyncChecker(cfg.check, ctx)
+        self.ledger = SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None)
+        self.faults = Faults(cfg.debug, ctx)
+        self.checkpoints = ckpt.Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep)
+        self.wandb_run_id: str | None = None
+
+    # --- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
-        records: list[dict[str, Any]] = []
         started = time.perf_counter()
         while self.state.epoch < self.cfg.train.epochs and self.state.step < self.total_steps:
-            train = self.train_epoch(self.state.epoch)
+            train = self.train_epoch()
             test = self.evaluate()
-            self.state.epoch += 1
             record = self.epoch_record(train, test)
-            records.append(record)
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+            self.totals = self._zeros()
             self.run.log_epoch(record)
-            self.run.save_checkpoint(self.checkpoint())
-            log.info(format_epoch(record, self.cfg.train.epochs))
-        summary = self.summary(records, time.perf_counter() - started)
+            self.monitor.log_epoch(record)
+            self.save_checkpoint()
+        summary = self.summary(time.perf_counter() - started)
         self.run.finish(summary)
         return summary
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        self.train_data.set_epoch(epoch)
+    def train_epoch(self) -> dict[str, Any]:
+        epoch = self.state.epoch
+        if not self.cfg.debug.skip_set_epoch:
+            self.train_data.set_epoch(epoch)  # without it every epoch has the same order
         self.model.train()
-        # [loss sum, correct, samples], accumulated on the device: no host sync per step.
-        totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+        self.timer.reset()
+        first = self.state.batch_in_epoch  # > 0 when resuming inside the epoch
+        self.monitor.epoch_start(epoch + 1, self.steps_per_epoch, first)
+        batches = self.train_data.iterate(start=first)
         start = time.perf_counter()
-        for images, labels in self.train_data:
-            loss, correct = self.train_step(images, labels)
-            _accumulate(totals, loss * labels.shape[0], correct, labels.shape[0])
-            self.state.step += 1
-            if self.state.step >= self.total_steps:
+        window = (start, self.state.step)  # when and at which step the last step log was
+        while self.state.step < self.total_steps:
+            self.timer.start_step(self.state.step)
+            with self.timer.phase("data"):
+                batch = next(batches, None)
+            if batch is None:
                 break
-        all_reduce_sum(self.ctx, totals)  # also a sync point: the epoch's work is done
+            loss, correct = self.train_step(*batch)
+            _accumulate(self.totals, loss * batch[1].shape[0], correct, batch[1].shape[0])
+            self.after_step(loss)
+            if self.state.step % self.cfg.log.every_steps == 0:
+                window = self.log_step(loss, window)
+            if self.stop.should_stop(self.state.step):
+                self.save_checkpoint()
+                raise Interrupted(self.stop.requested, self.state.step)
         seconds = time.perf_counter() - start
-        loss_sum, correct, samples = totals.tolist()
-        return {"loss": loss_sum / samples, "accuracy": correct / samples,
-                "seconds": seconds, "samples": samples}
+        done = self.state.batch_in_epoch - first
+        self.ledger.check_train(epoch + 1, self.seen_indices(), self.state.batch_in_epoch,
+                                self.cfg.train.batch_size)
+        return {"seconds": seconds, "steps": done, "timing": self.timer.per_step_ms(),
+                "totals": self.totals.clone(), "probe_sync_ms": self.probe_sync()}
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch."""
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.strategy.sync_gradients(self.model)
-        self.optimizer.step()
-        self.scheduler.step()
+        with self.timer.phase("compute"):
+            logits = self.model(images)
+            loss = F.cross_entropy(logits, labels)
+            self.faults.inside_step(self.state.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with self.timer.phase("sync"):
+            self.strategy.sync_gradients(self.model)
+        with self.timer.phase("optim"):
+            self.optimizer.step()
+            self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.state.step += 1
+        self.state.batch_in_epoch += 1
+        self.monitor.advance()
+        plain = self.strategy.unwrap(self.model)
+        self.faults.after_step(plain, self.state.step)
+        self.sync_check.after_step(plain, self.state.step)
+        every = self.cfg.checkpoint.every_steps
+        if every and self.state.step % every == 0 and self.state.step < self.total_steps:
+            self.save_checkpoint()
+
+    def log_step(self, loss: torch.Tensor, since: tuple[float, int]) -> tuple[float, int]:
+        """Per-step figures every `log.every_steps` steps: loss averaged over ranks, lr, speed."""
+        value = loss.detach().float().reshape(1)
+        if self.ctx.distributed:
+            dist.all_reduce(value)
+            value /= self.ctx.world_size
+        now = time.perf_counter()
+        samples = (self.state.step - since[1]) * self.cfg.train.batch_size
+        self.monitor.log_step(self.state.step, {
+            "loss": value.item(), "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": samples / max(now - since[0], 1e-9), "epoch": self.state.epoch + 1,
+            **{f"time_{k}_ms": v for k, v in self.timer.per_step_ms().items()},
+        })
+        return now, self.state.step
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Accuracy over the whole test set: each sample counted once, one all_reduce."""
         self.strategy.sync_buffers(self.model)
-        model = self.strategy.unwrap(self.model)
+        model = self.strategy.eval_model(self.model)
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
-        for images, labels in self.test_data:
+        totals = self._zeros()
+        for images, labels in self.test_data.iterate():
             logits = model(images)
             _accumulate(totals, F.cross_entropy(logits, labels, reduction="sum"),
                         (logits.argmax(1) == labels).sum(), labels.shape[0])
-        all_reduce_sum(self.ctx, totals)
+        if self.ctx.distributed:
+            dist.all_reduce(totals)
         model.train()
+        self.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
+                               len(self.test_data.data))
         loss_sum, correct, samples = totals.tolist()
         return {"loss": loss_sum / samples, "accuracy": correct / samples,
                 "correct": correct, "samples": samples}
 
-    def epoch_record(self, train: dict[str, float], test: dict[str, float]) -> dict[str, Any]:
-        return {
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "train_loss": train["loss"],
-            "train_accuracy": train["accuracy"],
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "test_samples": int(test["samples"]),
-            "lr": self.optimizer.param_groups[0]["lr"],
+    # --- measurements -----------------------------------------------------------------------
+
+    def probe_sync(self) -> float | None:
+        """For strategies whose sync hides inside backward: an estimate, on a training batch."""
+        if not self.strategy.probes_sync:
+            return None
+        images, labels = next(self.train_data.iterate())
+
+        def forward_backward() -> None:
+            F.cross_entropy(self.model(images), labels).backward()
+
+        return self.strategy.probe_sync_ms(self.model, forward_backward)
+
+    def epoch_record(self, train: dict[str, Any], test: dict[str, float]) -> dict[str, Any]:
+        """The epoch's figures, train metrics and step times reduced over ranks (mean and max)."""
+        timing = dict(train["timing"])
+        if train["probe_sync_ms"] is not None:  # DDP: sync hides inside compute; split it out
+            timing["sync"] = min(train["probe_sync_ms"], timing["compute"])
+            timing["compute"] -= timing["sync"]
+        local = torch.tensor([*train["totals"].tolist(), *(timing[p] for p in PHASES),
+                              peak_memory_mb(self.ctx.device)], dtype=torch.float64,
+                             device=self.ctx.device)
+        high = local[3:].clone()
+        if self.ctx.distributed:
+            dist.all_reduce(local)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            local[3:] /= self.ctx.world_size
+        loss_sum, correct, samples, *means = local.tolist()
+        highs = high.tolist()
+        steps_run = train["steps"] * self.cfg.train.batch_size
+        record = {
+            "epoch": self.state.epoch + 1, "step": self.state.step,
+            "train_loss": loss_sum / samples, "train_accuracy": correct / samples,
+            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "test_samples": int(test["samples"]), "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": train["seconds"],
-            "samples_per_s": train["samples"] / train["seconds"],
-            "world_size": self.ctx.world_size,
-            "mode": self.strategy.name,
+            "samples_per_s": steps_run / train["seconds"] if train["seconds"] else 0.0,
+            "world_size": self.ctx.world_size, "mode": self.strategy.name,
+            "sync_method": self.strategy.sync_method,
         }
+        for i, phase in enumerate(PHASES):
+            record[f"time_{phase}_ms"] = means[i]
+            record[f"time_{phase}_ms_max"] = highs[i]
+        record["peak_memory_mb"], record["peak_memory_mb_max"] = means[-1], highs[-1]
+        return record
 
-    def checkpoint(self) -> dict[str, Any]:
-        return {
-            "model": self.strategy.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "world_size": self.ctx.world_size,
-        }
+    def seen_indices(self) -> list[int]:
+        """The sample indices this rank trained on in the current epoch, in order."""
+        local = self.train_data.batch_size * self.state.batch_in_epoch
+        return self.train_data.indices()[:local].tolist()
 
-    def summary(self, records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    def summary(self, seconds: float) -> dict[str, Any]:
+        records = self.run.records()
         last = records[-1] if records else {}
         train_time = sum(r["epoch_time_s"] for r in records)
         samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in records)
@@ -171,6 +269,45 @@ class Trainer:
             "torch": torch.__version__,
         }
 
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Every rank contributes its RNG state and running totals; the main worker writes."""
+        mine = {"rng": ckpt.rng_state(), "totals": self.totals.cpu()}
+        ranks: list[Any] = [mine]
+        if self.ctx.distributed:
+            ranks = [None] * self.ctx.world_size
+            dist.all_gather_object(ranks, mine)
+        if not self.ctx.is_main:
+            return
+        self.checkpoints.save({
+            "model": self.strategy.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **asdict(self.state),
+            "ranks": ranks,
+            "world_size": self.ctx.world_size,
+            "config": identity(self.cfg),
+            "wandb_run_id": self.wandb_run_id,
+        })
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint (already checked against this config and world size)."""
+        self.strategy.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = TrainState(state["epoch"], state["step"], state["batch_in_epoch"])
+        ranks = state["ranks"]
+        if len(ranks) == self.ctx.world_size:
+            ckpt.set_rng_state(ranks[self.ctx.rank]["rng"])
+            self.totals = ranks[self.ctx.rank]["totals"].to(self.totals)
+        elif self.ctx.is_main:  # another world size: the epoch's totals so far go to rank 0
+            self.totals = sum(r["totals"] for r in ranks).to(self.totals)
+        self.wandb_run_id = state.get("wandb_run_id")
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+
 
 def _accumulate(totals: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,
                 samples: int) -> None:
@@ -179,7 +316,22 @@ def _accumulate(totals: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Ten
     totals[2] += samples
 
 
-def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
-            f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}  "
-            f"{record['epoch_time_s']:.1f} s  {record['samples_per_s']:,.0f} samples/s")
+def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: str) -> None:
+    """Refuse to continue a checkpoint made by another config or world size, unless allowed."""
+    from train.config import describe_differences
+
+    if cfg.checkpoint.allow_changes:
+        return
+    if state["config"] != identity(cfg):
+        raise UserError(f"{where} was written with another config "
+                        f"({describe_differences(state['config'], identity(cfg))}); set "
+                        f"checkpoint.allow_changes=true to continue with this one, or "
+                        f"checkpoint.resume=false to start over")
+    if state["world_size"] != world_size:
+        raise UserError(f"{where} was written by {state['world_size']} workers and this job has "
+                        f"{world_size}; set checkpoint.allow_changes=true to continue with "
+                        f"{world_size} (the data is re-sharded, the global batch stays "
+                        f"{cfg.train.batch_size})")
+
+
+__all__ = ["CheckFailed", "Interrupted", "Trainer", "TrainState", "check_resumable"]

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from train import config as config_mod
@@ -41,13 +40,14 @@ def check_run_dir(cfg: Config) -> bool:
     saved = folder / "config.yaml"
     if saved.is_file():
         old, new = _saved_identity(saved), config_mod.identity(cfg)
-        if old == new:
-            return False
+        if old == new or (cfg.checkpoint.allow_changes and not cfg.run.overwrite):
+            return False  # the same run (continued, with changes when explicitly allowed)
         if not cfg.run.overwrite:
             raise UserError(
                 f"{folder} already holds a different run "
                 f"({config_mod.describe_differences(old, new)}); "
-                f"set run.overwrite=true to replace it, or choose another run.dir"
+                f"set run.overwrite=true to replace it, checkpoint.allow_changes=true to "
+                f"continue it with this config, or choose another run.dir"
             )
         return True
     if folder.is_dir() and any(folder.iterdir()):
@@ -82,6 +82,7 @@ def _saved_identity(path: Path) -> dict[str, Any]:
 def atomic_write(path: Path, write: Any) -> None:
     """Write through a temp file and rename it over `path`: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left over by a crash
     write(tmp)
     os.replace(tmp, path)
 
@@ -95,9 +96,18 @@ class RunFolder:
         self.metrics_path = folder / "metrics.jsonl"
         self.checkpoint_dir = folder / "checkpoints"
 
-    def start(self, cfg: Config) -> None:
+    def start(self, cfg: Config, epochs_done: int = 0) -> None:
+        """Write the resolved config; keep the metrics of the `epochs_done` epochs that a
+        resumed run does not repeat, drop any later ones."""
         atomic_write(self.folder / "config.yaml", lambda p: p.write_text(config_mod.to_yaml(cfg)))
-        self.metrics_path.unlink(missing_ok=True)
+        kept = [r for r in self.records() if r["epoch"] <= epochs_done]
+        atomic_write(self.metrics_path,
+                     lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -107,21 +117,19 @@ class RunFolder:
         atomic_write(self.folder / "summary.json",
                      lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
 
-    def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        self.checkpoint_dir.mkdir(exist_ok=True)
-        path = self.checkpoint_dir / "last.pt"
-        atomic_write(path, lambda p: torch.save(state, p))
-        return path
 
 
 class NullRun(RunFolder):
     """What non-main ranks write: nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)  # they may read (checkpoints), never write
+
+    def start(self, cfg: Config, epochs_done: int = 0) -> None:
         pass
 
-    def start(self, cfg: Config) -> None:
-        pass
+    def records(self) -> list[dict[str, Any]]:
+        return []
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         pass
@@ -129,9 +137,7 @@ class NullRun(RunFolder):
     def finish(self, summary: dict[str, Any]) -> None:
         pass
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:  # type: ignore[override]
-        pass
 
 
 def open_run(cfg: Config, ctx: DistContext) -> RunFolder:
-    return RunFolder(prepare_run_dir(cfg)) if ctx.is_main else NullRun()
+    return RunFolder(prepare_run_dir(cfg)) if ctx.is_main else NullRun(Path(cfg.run.dir))

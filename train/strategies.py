@@ -1,29 +1,36 @@
 """How gradients are synchronized: the only thing that differs between the training paths.
 
 A strategy wraps the model for training, performs the gradient sync after backward (or lets
-the wrapper do it), and unwraps for evaluation and saving. Data, model, loop, metrics and
-checkpoints are the same code for every strategy, so comparisons between paths are fair.
+the wrapper do it inside backward), and unwraps for evaluation and saving. Data, model, loop,
+metrics and checkpoints are the same code for every strategy, so comparisons are fair.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import statistics
+import time
+from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train.dist import DistContext
+from train.config import Config
+from train.dist import DistContext, visible_gpus
+from train.errors import UserError
 
 
 class Single:
     """One process, one device: no synchronization at all (the reference for parity tests)."""
 
     name = "single"
+    sync_method = "none: one process"
+    probes_sync = False  # True: the sync hides inside backward and is estimated by a probe
 
-    def __init__(self, ctx: DistContext):
-        self.ctx = ctx
+    def __init__(self, ctx: DistContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -31,21 +38,33 @@ class Single:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
-    def sync_gradients(self, model: nn.Module) -> None:
-        """Called after every backward; wrappers that sync inside backward do nothing here."""
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """What evaluation runs: the plain module, so no collective hides in its forward."""
+        return self.unwrap(model)
 
-    @contextlib.contextmanager
-    def no_sync(self, model: nn.Module) -> Iterator[None]:
-        yield
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Called after the last backward of every optimizer step."""
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Around backwards whose gradients are only accumulated (not the step's last)."""
+        return contextlib.nullcontext()
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Make every rank's buffers (BatchNorm statistics) rank 0's, before evaluating."""
+
+    def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float | None:
+        """Estimate of the gradient-sync time per step hidden inside backward (None: not needed,
+        the loop measures the sync phase directly)."""
+        return None
 
 
 class DDP(Single):
     """DistributedDataParallel: bucketed gradient allreduce overlapped with backward."""
 
     name = "ddp"
+    probes_sync = True
+    sync_method = ("estimated: a forward+backward with gradient sync minus one under no_sync(), "
+                   "same batch, median of 5 pairs at each epoch end")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -54,7 +73,7 @@ class DDP(Single):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
-    def no_sync(self, model: nn.Module):
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return model.no_sync()
 
     def sync_buffers(self, model: nn.Module) -> None:
@@ -63,8 +82,94 @@ class DDP(Single):
         for buffer in self.unwrap(model).buffers():
             dist.broadcast(buffer, src=0)
 
+    def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float:
+        # DDP's allreduce runs inside backward, overlapped with it: what shows is the part of
+        # backward that waits for it. Every rank runs the probe together (it communicates).
+        plain = self.unwrap(model)
+        saved = [b.detach().clone() for b in plain.buffers()]
+        deltas = []
+        for _ in range(5):
+            with model.no_sync():
+                alone = _timed(forward_backward, self.ctx.device)
+            deltas.append(_timed(forward_backward, self.ctx.device) - alone)
+        for buffer, value in zip(plain.buffers(), saved, strict=True):
+            buffer.copy_(value)
+        model.zero_grad(set_to_none=True)
+        return max(0.0, 1000 * statistics.median(deltas))
 
-def make_strategy(mode: str, ctx: DistContext) -> Single:
+
+class DataParallel(Single):
+    """nn.DataParallel: one process drives every GPU; the batch is scattered from the first one.
+
+    The first GPU also gathers the outputs and computes the loss, so it runs out of memory
+    first (PITFALLS 11). On a machine without GPUs DataParallel has nothing to split.
+    """
+
+    name = "dp"
+    sync_method = ("included in compute: DataParallel replicates the model in forward and "
+                   "reduces gradients onto the first GPU in backward")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return nn.DataParallel(model)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return model  # scatter evaluation batches over the GPUs too
+
+
+class Scratch(Single):
+    """Our own gradient allreduce on point-to-point messages (train/allreduce.py), no wrapper."""
+
+    name = "scratch"
+    sync_method = "measured: wall time around our allreduce of the gradients"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from train import allreduce
+
+        # Start every replica from rank 0's weights, as DDP does.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            allreduce.broadcast(tensor.data, src=0)
+        bucket_mb = None if self.cfg.scratch.per_parameter else self.cfg.scratch.bucket_mb
+        self.gradients = allreduce.GradientSync(model.parameters(), self.cfg.scratch.algorithm,
+                                                bucket_mb)
+        return model
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        self.gradients.sync()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        from train import allreduce
+
+        for buffer in model.buffers():
+            allreduce.broadcast(buffer, src=0)
+
+
+def make_strategy(cfg: Config, ctx: DistContext) -> Single:
+    """The strategy for `cfg.mode` in this process (a lone process needs no sync)."""
+    if cfg.mode == "dp":
+        if ctx.distributed:
+            raise UserError("mode dp runs ONE process that drives every GPU; start it with "
+                            "`python -m launch --mode dp` (not torchrun, not several nodes)")
+        return DataParallel(ctx, cfg)
     if not ctx.distributed:
-        return Single(ctx)
-    return {"ddp": DDP}[mode](ctx)
+        return Single(ctx, cfg)
+    return {"ddp": DDP, "scratch": Scratch}[cfg.mode](ctx, cfg)
+
+
+def dp_note() -> str:
+    gpus = visible_gpus()
+    if gpus == 0:
+        return "DataParallel on the CPU: there are no GPUs to split the batch over"
+    return f"DataParallel over {gpus} GPU(s) in one process"
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

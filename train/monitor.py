@@ -1,0 +1,104 @@
+"""What the main worker shows while training: progress on the console, and wandb.
+
+Other ranks get `Monitor(sinks=[])`: every call does nothing, and the loop never asks
+which rank it is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from train.config import LogConfig
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    def epoch_start(self, epoch: int, steps: int, done: int) -> None: ...
+    def advance(self) -> None: ...
+    def log_step(self, step: int, values: dict[str, float]) -> None: ...
+    def log_epoch(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Monitor:
+    """Fans each event out to the sinks (none on non-main ranks)."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    def __getattr__(self, name: str):
+        def fan_out(*args: Any, **kwargs: Any) -> None:
+            for sink in self.sinks:
+                getattr(sink, name)(*args, **kwargs)
+        return fan_out
+
+
+class Console:
+    """A tqdm bar per epoch on a terminal; plain lines every `log.every_steps` steps elsewhere
+    (CI, SLURM logs), where a bar would print thousands of carriage returns."""
+
+    def __init__(self, cfg: LogConfig, epochs: int, stream: Any = None):
+        self.stream = stream or sys.stdout
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "lines"
+        self.mode, self.epochs = mode, epochs
+        self.bar: tqdm | None = None
+        self.epoch, self.steps, self.done = 0, 0, 0
+        self.started = time.perf_counter()
+
+    def epoch_start(self, epoch: int, steps: int, done: int) -> None:
+        self.epoch, self.steps, self.done = epoch, steps, done
+        self.started = time.perf_counter()
+        self.done_at_start = done
+        if self.mode == "bar":
+            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{self.epochs}",
+                            unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}",
+                                 samples_s=f"{values['samples_per_s']:,.0f}", refresh=False)
+        elif self.mode == "lines":
+            elapsed = time.perf_counter() - self.started
+            rate = (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+            eta = (self.steps - self.done) / rate if rate > 0 else 0.0
+            print(f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps}  "
+                  f"loss {values['loss']:.4f}  {values['samples_per_s']:,.0f} samples/s  "
+                  f"eta {_clock(eta)}", file=self.stream, flush=True)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        print(format_epoch(record, self.epochs), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    times = "/".join(f"{record[f'time_{p}_ms']:.1f}" for p in ("data", "compute", "sync", "optim"))
+    return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}  "
+            f"{record['epoch_time_s']:.1f} s  {record['samples_per_s']:,.0f} samples/s  "
+            f"step ms data/compute/sync/optim {times}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -15,11 +15,15 @@ NODE_RANK ?= 0
 MASTER_ADDR ?=
 MASTER_PORT ?=
 PYTEST_ARGS ?=
+RUN ?=
+RUN2 ?=
+RUN3 ?=
+OUT ?=
 
 LAUNCH_FLAGS = --mode $(MODE) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test bench-overhead lint clean
+.PHONY: venv train test plot doctor bench-overhead lint clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +37,14 @@ train: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# make plot RUN=runs/a [RUN2=runs/b RUN3=runs/c] [OUT=folder]: PNGs of one or several runs.
+plot: venv
+	$(PY) -m train.plot $(RUN) $(RUN2) $(RUN3) $(if $(OUT),--out $(OUT))
+
+# make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
+doctor: venv
+	$(PY) -m launch.doctor $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
 
 bench-overhead: venv
 	$(PY) -m train.bench.overhead $(ARGS)

@@ -61,7 +61,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--node-rank must be in 0..{args.nnodes - 1}; got {args.node_rank}")
     kind = resolve_device_kind(cfg.dist.device)
-    nproc, note = _workers(args.gpus, kind)
+    nproc, note = count_workers(args.gpus, kind)
     backend = backend_for(kind, cfg.dist.backend)
     threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
     if kind == "cpu" and cfg.mode != "dp":
@@ -105,7 +105,8 @@ def _dp_plan(args: argparse.Namespace, cfg: Config, kind: str, gpus: int, thread
     return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, note)
 
 
-def _workers(requested: int | None, kind: str) -> tuple[int, str]:
+def count_workers(requested: int | None, kind: str) -> tuple[int, str]:
+    """Workers on this node and the sentence that says why (more GPUs than visible: error)."""
     gpus = visible_gpus()
     if requested is not None and requested < 1:
         raise UserError(f"--gpus must be at least 1; got {requested}")

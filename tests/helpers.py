@@ -93,4 +93,4 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 def small_run(run_dir: Path, *extra: str) -> list[str]:
     """Overrides for a few-second LeNet run on small synthetic data."""
     return [f"run.dir={run_dir}", "data.synthetic.train_samples=1536",
-            "data.synthetic.test_samples=501", "train.epochs=2", *extra]
+            "data.synthetic.test_samples=501", "train.epochs=2", "wandb.mode=disabled", *extra]

@@ -23,6 +23,7 @@ from train.loop import Interrupted, Trainer, check_resumable
 from train.monitor import Console, Monitor
 from train.runlog import RunFolder, open_run, setup_logging
 from train.strategies import dp_note, make_strategy
+from train.tracking import WandbSink, resolve_mode
 
 log = logging.getLogger("train")
 
@@ -85,6 +86,10 @@ def train(cfg: Config, ctx: DistContext) -> None:
     if resumed:
         log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
                  trainer.state.step)
+    if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":
+        sink = WandbSink(cfg, ctx, strategy.name, run.folder, trainer.wandb_run_id)
+        trainer.wandb_run_id = sink.id
+        trainer.monitor.sinks.append(sink)
     try:
         trainer.fit()
     finally:

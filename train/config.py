@@ -124,7 +124,8 @@ class DistConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["disabled"] = "disabled"  # online/offline arrive with wandb logging
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with
+    # credentials (WANDB_API_KEY or `wandb login`), else offline into run.dir/wandb
     project: str = "dptrain"
     entity: str | None = None
     name: str | None = None  # default: run.name

@@ -1,0 +1,112 @@
+"""wandb: one run per job, from the main worker only.
+
+Other ranks never import wandb, so they cannot open a run of their own or hang in its init
+(PITFALLS 9). `wandb.mode=auto` logs online when this machine has credentials and offline
+otherwise; an offline run is written under `run.dir/wandb` and uploaded later with
+`wandb sync`. A resumed job continues the same wandb run: its id is kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from train.config import Config, WandbConfig, to_dict
+from train.dist import DistContext
+
+log = logging.getLogger(__name__)
+SECRET = re.compile(r"key|token|secret|password", re.IGNORECASE)
+
+
+def credentials() -> str | None:
+    """Where wandb would find an API key on this machine, or None."""
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY is set"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if path.is_file() and netrc.netrc(path).authenticators(host or ""):
+            return f"logged in ({path})"
+    except (netrc.NetrcParseError, OSError):
+        return None
+    return None
+
+
+def resolve_mode(cfg: WandbConfig) -> tuple[str, str]:
+    """(online | offline | disabled, why)."""
+    if cfg.mode != "auto":
+        return cfg.mode, f"wandb.mode={cfg.mode}"
+    found = credentials()
+    if found:
+        return "online", found
+    return "offline", "no credentials (WANDB_API_KEY or `wandb login`): logging offline"
+
+
+def system_facts(ctx: DistContext, mode: str) -> dict[str, Any]:
+    if ctx.device.type == "cuda":
+        devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [platform.processor() or platform.machine()]
+    return {"world_size": ctx.world_size, "mode": mode, "backend": ctx.backend,
+            "device": ctx.device.type, "device_names": devices, "torch": torch.__version__,
+            "cpu_threads_per_worker": ctx.cpu_threads}
+
+
+def public_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config with anything that looks like a secret left out."""
+    def clean(tree: dict[str, Any]) -> dict[str, Any]:
+        return {k: clean(v) if isinstance(v, dict) else v
+                for k, v in tree.items() if not SECRET.search(k)}
+    return clean(to_dict(cfg))
+
+
+class WandbSink:
+    """A monitor sink that logs step and epoch figures to one wandb run."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, path: str, folder: Path,
+                 run_id: str | None):
+        import wandb
+
+        self.mode, why = resolve_mode(cfg.wandb)
+        self.wandb = wandb
+        self.run = wandb.init(
+            mode=self.mode, dir=str(folder), project=cfg.wandb.project, entity=cfg.wandb.entity,
+            name=cfg.wandb.name or cfg.run.name, group=cfg.wandb.group, tags=cfg.wandb.tags,
+            id=run_id, resume="allow" if run_id else None,
+            config={**public_config(cfg), "system": system_facts(ctx, path)},
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        # Our own step counter: a resumed run repeats steps after its last checkpoint, which
+        # wandb's built-in step (strictly increasing) would drop.
+        self.run.define_metric("trainer/step")
+        self.run.define_metric("*", step_metric="trainer/step")
+        self.id = self.run.id
+        where = f"{folder / 'wandb'}" if self.mode == "offline" else self.run.url
+        log.info("wandb: %s run %s (%s); %s", self.mode, self.id, why, where)
+
+    def epoch_start(self, epoch: int, steps: int, done: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({"trainer/step": step, **{f"train/{k}": v for k, v in values.items()}})
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        self.run.log({"trainer/step": record["step"], **{f"epoch/{k}": v for k, v in numbers.items()}})
+        self.run.summary.update({k: v for k, v in numbers.items()})
+
+    def close(self) -> None:
+        self.run.finish()
+        if self.mode == "offline":
+            log.info("wandb: upload this run with: wandb sync %s", self.run.dir.rsplit("/files", 1)[0])

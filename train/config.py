@@ -96,7 +96,7 @@ class LogConfig:
 class DebugConfig:
     """Faults planted on purpose, so tests can show they are caught. Never set in real runs."""
 
-    stall_rank: int = -1  # this rank sleeps `stall_seconds` inside step `stall_step`
+    stall_rank: int = -1  # this rank sleeps `stall_seconds` inside step `stall_step` (1-based)
     stall_step: int = 0
     stall_seconds: float = 0.0
     desync_rank: int = -1  # this rank perturbs its parameters after step `desync_step`

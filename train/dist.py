@@ -103,13 +103,27 @@ def setup(cfg: DistConfig) -> DistContext:
         from train.guards import die_with_parent
 
         die_with_parent()
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            backend=backend, store=_store(rank, world_size, timeout), rank=rank,
+            world_size=world_size, timeout=timeout,
             device_id=device if kind == "cuda" else None,
         )
     return DistContext(rank, local_rank, world_size if launched else 1,
                        local_world_size if launched else 1, device, backend, threads)
+
+
+def _store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store torchrun points at, with a key prefix per restart attempt.
+
+    torchrun's agent keeps one store for all restarts of the worker group; restarted workers
+    would read the dead ones' gloo/NCCL addresses from it and fail to connect.
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dptrain/attempt_{attempt}/", store)
 
 
 def teardown(ctx: DistContext | None) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch import nn
 
 from train.config import CheckConfig, DebugConfig
 from train.dist import DistContext
-from train.errors import CheckFailed
+from train.errors import EXIT_INTERRUPTED, CheckFailed
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,25 @@ class StopRequest:
 
     Ranks get the signal at slightly different moments; stopping where each one happens to be
     would leave the others waiting in the next gradient allreduce. Every `every` steps the
-    ranks combine their flags with one small all_reduce(MAX).
+    ranks combine their flags with one small all_reduce(MAX). A worker that has not exited
+    `grace_s` seconds after the signal exits anyway.
     """
 
-    def __init__(self, ctx: DistContext, every: int = 5):
-        self.ctx, self.every = ctx, every
+    def __init__(self, ctx: DistContext, grace_s: float, every: int = 5):
+        self.ctx, self.every, self.grace_s = ctx, every, grace_s
         self.requested = 0  # the signal number, 0 when none
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if not self.requested:
-            self.requested = signum
+        if self.requested:
+            return
+        self.requested = signum
+        # A worker that cannot reach a step boundary (stuck in a stalled collective, or
+        # stalled itself) would otherwise live until torchrun's SIGKILL.
+        watchdog = threading.Timer(self.grace_s, os._exit, args=(EXIT_INTERRUPTED,))
+        watchdog.daemon = True
+        watchdog.start()
 
     def should_stop(self, step: int, force_check: bool = False) -> bool:
         if not self.ctx.distributed:
@@ -54,6 +63,14 @@ class StopRequest:
         if flag.item() and not self.requested:
             self.requested = int(flag.item())
         return bool(flag.item())
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """A collective that timed out or lost its peers (gloo raises; NCCL's watchdog aborts)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer",
+                            "Connection reset by peer", "Broken pipe"))
 
 
 def die_with_parent() -> None:

@@ -19,7 +19,7 @@ from train.config import Config, OptimConfig, identity
 from train.data import Batches
 from train.dist import DistContext
 from train.errors import CheckFailed, UserError
-from train.guards import Faults, SampleLedger, StopRequest, SyncChecker
+from train.guards import Faults, SampleLedger, StopRequest, SyncChecker, is_comm_failure
 from train.monitor import Monitor
 from train.runlog import RunFolder
 from train.strategies import Single
@@ -78,7 +78,7 @@ class Trainer:
         self.state = TrainState()
         self.totals = self._zeros()  # this epoch so far: [loss sum, correct, samples]
         self.timer = StepTimer(ctx.device)
-        self.stop = StopRequest(ctx)
+        self.stop = StopRequest(ctx, grace_s=min(cfg.dist.timeout_s, 30.0))
         self.sync_check = SyncChecker(cfg.check, ctx)
         self.ledger = SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None)
         self.faults = Faults(cfg.debug, ctx)
@@ -89,6 +89,21 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
+        try:
+            return self._fit()
+        except RuntimeError as exc:
+            if not is_comm_failure(exc):
+                raise
+            where = {"compute": "forward/backward (DDP's gradient allreduce runs in backward)",
+                     "sync": "the gradient allreduce", "data": "loading a batch",
+                     "optim": "the optimizer step"}.get(self.timer.current, self.timer.current)
+            detail = str(exc).splitlines()[0].rsplit("] ", 1)[-1][:160]
+            raise CheckFailed(
+                f"a collective failed at step {self.state.step + 1}, in {where}, after waiting "
+                f"up to dist.timeout_s={self.cfg.dist.timeout_s:g} s: another worker stalled or "
+                f"died ({detail})") from None
+
+    def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()
         while self.state.epoch < self.cfg.train.epochs and self.state.step < self.total_steps:
             train = self.train_epoch()
@@ -141,7 +156,7 @@ class Trainer:
         with self.timer.phase("compute"):
             logits = self.model(images)
             loss = F.cross_entropy(logits, labels)
-            self.faults.inside_step(self.state.step)
+            self.faults.inside_step(self.state.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         with self.timer.phase("sync"):
@@ -180,6 +195,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Accuracy over the whole test set: each sample counted once, one all_reduce."""
+        self.timer.current = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model)
         model.eval()
@@ -200,6 +216,7 @@ class Trainer:
     # --- measurements -----------------------------------------------------------------------
 
     def probe_sync(self) -> float | None:
+        self.timer.current = "the DDP sync probe at the epoch's end"
         """For strategies whose sync hides inside backward: an estimate, on a training batch."""
         if not self.strategy.probes_sync:
             return None
@@ -273,6 +290,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG state and running totals; the main worker writes."""
+        self.timer.current = "saving a checkpoint"
         mine = {"rng": ckpt.rng_state(), "totals": self.totals.cpu()}
         ranks: list[Any] = [mine]
         if self.ctx.distributed:

@@ -29,6 +29,7 @@ class StepTimer:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.timed_steps = 0
         self.active = False
+        self.current = ""  # the phase running now, for error messages
 
     def start_step(self, step: int) -> None:
         self.active = step % self.sample_every == 0
@@ -37,6 +38,7 @@ class StepTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.current = name
         if not self.active:
             yield
             return

@@ -1,0 +1,271 @@
+"""Checkpoints, resume, restarts, signals, timeouts and rendezvous, with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.helpers import PYTHON, REPO, free_port, run_cli
+from train.checkpoint import Checkpoints
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+# 12 steps per epoch, 4 epochs; stop requests are agreed every 5 steps, so a stop always
+# lands inside an epoch (48 steps, no multiple of 5 is a multiple of 12).
+RUN = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
+       "train.batch_size=128", "train.epochs=4", "wandb.mode=disabled", "log.every_steps=4"]
+
+
+def params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def start(run_dir: Path, *extra: str, new_session: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "launch", "--cpu", CONFIG, *RUN, f"run.dir={run_dir}",
+                             *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=new_session,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "checkpoints").glob("step_*.pt")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+
+
+def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def assert_all_gone(processes: list[psutil.Process], within: float = 10) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=within)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
+def test_interrupt_checkpoints_at_a_step_boundary_and_resume_is_bitwise(tmp_path, uninterrupted,
+                                                                        how):
+    proc = start(tmp_path, "checkpoint.every_steps=100", new_session=True)
+    _wait_for_steps(proc)
+    children = workers_of(proc)
+    assert len(children) >= 2
+    sent = time.monotonic()
+    if how.startswith("SIGTERM"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "resume" in err
+    assert_all_gone(children)
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < saved["step"] < 48 and saved["step"] % 5 == 0
+    assert saved["batch_in_epoch"] == saved["step"] % 12 != 0  # inside an epoch
+
+    again = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
+                    "checkpoint.every_steps=100")
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {tmp_path / 'checkpoints'}" in again.stdout
+    assert_bitwise_equal(params(tmp_path), params(uninterrupted))
+    assert _summary(tmp_path)["steps"] == 48  # no step done twice, none skipped
+    assert _metrics(tmp_path) == _metrics(uninterrupted)  # epoch figures survive the stop
+
+
+def _wait_for_steps(proc: subprocess.Popen) -> None:
+    """Until the first epoch has produced a step log line (training is under way)."""
+    deadline = time.monotonic() + 120
+    while True:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, proc.communicate()
+        if "step 4/12" in line:
+            return
+        assert time.monotonic() < deadline
+
+
+def _summary(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _metrics(run_dir: Path) -> list[tuple]:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["epoch"], r["step"], r["train_loss"], r["test_accuracy"])
+            for r in map(json.loads, lines)]
+
+
+def test_a_killed_worker_restarts_the_group_which_resumes(tmp_path, uninterrupted):
+    proc = start(tmp_path, "--max-restarts", "1", "checkpoint.every_steps=4")
+    wait_for_checkpoint(tmp_path, proc)
+    victim = workers_of(proc)[-1]
+    victim.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert out.count("resumed from") == 1
+    assert_bitwise_equal(params(tmp_path), params(uninterrupted))
+
+
+def test_a_stalled_worker_makes_everyone_exit_with_a_message(tmp_path):
+    started = time.monotonic()
+    proc = start(tmp_path, "dist.timeout_s=5", "debug.stall_rank=1", "debug.stall_step=3",
+                 "debug.stall_seconds=120")
+    _wait_for_steps_started(proc)
+    children = workers_of(proc)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 3, err
+    assert time.monotonic() - started < 60
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1
+    assert "a collective failed at step 3" in message[0]
+    assert "dist.timeout_s=5 s" in message[0]
+    assert_all_gone(children)
+
+
+def _wait_for_steps_started(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not workers_of(proc) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterrupted):
+    first = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
+                    "checkpoint.every_steps=5", "checkpoint.keep=3")
+    assert first.returncode == 0, first.stderr
+    store = Checkpoints(tmp_path / "checkpoints", keep=3)
+    newest, older = store.candidates()[:2]
+    assert [p.name for p in store.candidates()] == [
+        "step_00000048.pt", "step_00000045.pt", "step_00000040.pt"]  # the last 3 kept
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: torch.load alone would not notice
+    newest.write_bytes(bytes(data))
+    second = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
+                     "checkpoint.every_steps=5", "checkpoint.keep=3")
+    assert second.returncode == 0, second.stderr
+    assert f"skipping checkpoint {newest}" in second.stdout + second.stderr
+    assert f"resumed from {older}" in second.stdout
+    assert_bitwise_equal(params(tmp_path), params(uninterrupted))
+
+    for path in store.candidates():
+        path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write
+    third = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
+                    "checkpoint.every_steps=5", "checkpoint.keep=3")
+    assert third.returncode == 2
+    assert "no valid checkpoint in" in third.stderr
+
+
+def test_checkpoint_holds_the_full_state_and_loads_on_the_workers_device(uninterrupted):
+    state = Checkpoints(uninterrupted / "checkpoints", keep=2).load_latest(torch.device("cpu"))
+    assert state is not None
+    path, saved = state
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "ranks",
+            "world_size", "config", "wandb_run_id"} <= saved.keys()
+    assert (saved["epoch"], saved["step"], saved["world_size"]) == (4, 48, 2)
+    assert len(saved["ranks"]) == 2
+    assert {"torch", "numpy", "python"} <= saved["ranks"][1]["rng"].keys()
+    assert saved["config"]["train.batch_size"] == 128
+    assert not any(k.startswith("module.") for k in saved["model"])
+    assert all(t.device.type == "cpu" for t in saved["model"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CPU twin above)")
+def test_checkpoint_loads_onto_the_given_gpu_not_gpu0(uninterrupted):
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    _, saved = Checkpoints(uninterrupted / "checkpoints", keep=2).load_latest(device)
+    assert all(t.device == device for t in saved["model"].values())
+
+
+def test_resuming_with_another_world_size_is_refused_unless_allowed(tmp_path, uninterrupted):
+    half = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
+                   "checkpoint.every_steps=20")
+    assert half.returncode == 0, half.stderr
+    store = Checkpoints(tmp_path / "checkpoints", keep=2)
+    for path in store.candidates()[:1]:  # keep only the mid-run checkpoint (step 40)
+        path.unlink()
+    refused = run_cli("launch", "--cpu", "--gpus", "1", CONFIG, *RUN, f"run.dir={tmp_path}",
+                      "checkpoint.every_steps=20")
+    assert refused.returncode == 2
+    assert "was written by 2 workers and this job has 1" in refused.stderr
+    allowed = run_cli("launch", "--cpu", "--gpus", "1", CONFIG, *RUN, f"run.dir={tmp_path}",
+                      "checkpoint.every_steps=20", "checkpoint.allow_changes=true")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "resumed from" in allowed.stdout and "step 40" in allowed.stdout
+    # The same global batches, re-sharded over one worker: equal up to summation order.
+    for name, value in params(uninterrupted).items():
+        torch.testing.assert_close(params(tmp_path)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_resuming_with_another_config_names_the_difference(tmp_path):
+    first = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}", "train.max_steps=6")
+    assert first.returncode == 0, first.stderr
+    refused = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}", "optim.lr=0.05")
+    assert refused.returncode == 2
+    assert "optim.lr: 0.1 -> 0.05" in refused.stderr
+    assert "checkpoint.allow_changes=true" in refused.stderr
+
+
+def test_two_launchers_act_as_two_nodes(tmp_path, uninterrupted):
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        [PYTHON, "-m", "launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank),
+         "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *RUN,
+         f"run.dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) for rank in (0, 1)]
+    results = [node.communicate(timeout=240) for node in nodes]
+    for node, (out, err) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, err
+    assert _summary(tmp_path)["world_size"] == 2
+    for name, value in params(uninterrupted).items():
+        torch.testing.assert_close(params(tmp_path)[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_that_never_arrives_fails_after_the_rendezvous_timeout(tmp_path):
+    started = time.monotonic()
+    result = run_cli("launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "0",
+                     "--master-addr", "127.0.0.1", "--master-port", str(free_port()), CONFIG,
+                     *RUN, f"run.dir={tmp_path}", "dist.rendezvous_timeout_s=5", timeout=120)
+    assert result.returncode != 0
+    assert "not every node joined the rendezvous within 5 s" in result.stderr
+    assert time.monotonic() - started < 90
+
+
+def test_a_busy_explicit_port_is_a_clear_error_and_the_default_finds_a_free_one(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused = run_cli("launch", "--cpu", "--master-port", str(port), CONFIG, *RUN,
+                          f"run.dir={tmp_path / 'a'}")
+        assert refused.returncode == 2
+        assert f"port {port} is already in use" in refused.stderr
+        fine = run_cli("launch", "--cpu", CONFIG, *RUN, "train.max_steps=2",
+                       f"run.dir={tmp_path / 'b'}")
+        assert fine.returncode == 0, fine.stderr
+

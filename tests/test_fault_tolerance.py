@@ -239,7 +239,7 @@ def test_two_launchers_act_as_two_nodes(tmp_path, uninterrupted):
          f"run.dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) for rank in (0, 1)]
     results = [node.communicate(timeout=240) for node in nodes]
-    for node, (out, err) in zip(nodes, results, strict=True):
+    for node, (_, err) in zip(nodes, results, strict=True):
         assert node.returncode == 0, err
     assert _summary(tmp_path)["world_size"] == 2
     for name, value in params(uninterrupted).items():

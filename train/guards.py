@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import logging
+import os
 import signal
 import sys
 import threading

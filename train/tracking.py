@@ -103,10 +103,12 @@ class WandbSink:
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        self.run.log({"trainer/step": record["step"], **{f"epoch/{k}": v for k, v in numbers.items()}})
+        self.run.log({"trainer/step": record["step"],
+                      **{f"epoch/{k}": v for k, v in numbers.items()}})
         self.run.summary.update({k: v for k, v in numbers.items()})
 
     def close(self) -> None:
         self.run.finish()
         if self.mode == "offline":
-            log.info("wandb: upload this run with: wandb sync %s", self.run.dir.rsplit("/files", 1)[0])
+            folder = self.run.dir.rsplit("/files", 1)[0]
+            log.info("wandb: upload this run with: wandb sync %s", folder)

@@ -107,7 +107,7 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    name: str = ""  # default: the config file's stem
+    name: str = ""  # default: run.dir's last part, else the config file's stem
     dir: str = ""  # the run's output folder; default: runs/<name>
     overwrite: bool = False  # replace a different run already in `dir`
 
@@ -154,7 +154,8 @@ class Config:
 # Keys that change how a run is launched or looked at, not what it computes: a run folder
 # accepts the same run again with other values of these.
 NON_IDENTITY_KEYS = frozenset({
-    "run.overwrite", "dist.device", "dist.backend", "dist.timeout_s", "dist.rendezvous_timeout_s",
+    "run.name", "run.dir", "run.overwrite", "dist.device", "dist.backend", "dist.timeout_s",
+    "dist.rendezvous_timeout_s",
     "dist.cpu_threads", "dist.cpu_flush_denormal", "checkpoint.every_steps", "checkpoint.keep",
     "checkpoint.resume", "checkpoint.allow_changes", "check.sync_every_steps",
     "check.sample_ledger", "log.progress", "log.every_steps", "wandb.mode", "wandb.project",
@@ -180,7 +181,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     for item in overrides:
         apply_override(cfg, item)
     if not cfg.run.name:
-        cfg.run.name = path.stem
+        cfg.run.name = Path(cfg.run.dir).name if cfg.run.dir else path.stem
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / cfg.run.name)
     validate(cfg)

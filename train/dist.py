@@ -156,9 +156,7 @@ def agree(ctx: DistContext, fn: Callable[[], T]) -> T:
         if failed:
             rank, msg = failed[0]
             same = all(m == msg for _, m in failed)
-            agreed = UserError(msg if same else f"[rank {rank}] {msg}")
-            agreed.agreed = True
-            raise agreed
+            raise UserError(msg if same else f"[rank {rank}] {msg}", agreed=True)
     elif error:
         raise UserError(error)
     return result  # type: ignore[return-value]

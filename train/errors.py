@@ -15,7 +15,12 @@ class UserError(Exception):
     """Something the user can fix (config, command line, files); the message is the whole report."""
 
     exit_code = EXIT_USER_ERROR
-    agreed = False  # raised on every rank at once (train.dist.agree): they can exit together
+
+    def __init__(self, message: str, agreed: bool = False):
+        super().__init__(message)
+        # Raised on every rank at once (from the same gathered data, or train.dist.agree):
+        # one rank reports it and all exit together.
+        self.agreed = agreed
 
 
 class CheckFailed(UserError):

@@ -105,7 +105,7 @@ class SyncChecker:
                 first = int((theirs != everyone[0]).nonzero()[0]) % len(params)
                 raise CheckFailed(f"replicas diverged by step {step}: rank {rank}'s parameters "
                                   f"differ from rank 0's (first: {names[first]}); the gradient "
-                                  f"sync is broken")
+                                  f"sync is broken", agreed=True)
 
 
 class SampleLedger:
@@ -138,7 +138,8 @@ class SampleLedger:
         self.previous = ranks
         self._write({"epoch": epoch, "split": "train", "ranks": ranks, "problems": problems})
         if problems:
-            raise CheckFailed(f"sample ledger, epoch {epoch} (train): " + "; ".join(problems))
+            raise CheckFailed(f"sample ledger, epoch {epoch} (train): " + "; ".join(problems),
+                              agreed=True)
 
     def check_eval(self, epoch: int, seen: list[int], total: int) -> None:
         if not self.enabled:
@@ -152,7 +153,8 @@ class SampleLedger:
             problems.append(f"test samples counted twice: {extra}, never: {missing}")
         self._write({"epoch": epoch, "split": "test", "ranks": ranks, "problems": problems})
         if problems:
-            raise CheckFailed(f"sample ledger, epoch {epoch} (test): " + "; ".join(problems))
+            raise CheckFailed(f"sample ledger, epoch {epoch} (test): " + "; ".join(problems),
+                              agreed=True)
 
     def _gather(self, seen: list[int]) -> list[list[int]]:
         if not self.ctx.distributed:

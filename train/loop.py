@@ -128,6 +128,10 @@ class Trainer:
         first = self.state.batch_in_epoch  # > 0 when resuming inside the epoch
         self.monitor.epoch_start(epoch + 1, self.steps_per_epoch, first)
         batches = self.train_data.iterate(start=first)
+        if self.ctx.distributed:
+            # Start the clocks together: otherwise a rank that finished its setup early (the
+            # main rank also opens wandb) counts its wait in the first allreduce as compute.
+            dist.barrier()
         start = time.perf_counter()
         window = (start, self.state.step)  # when and at which step the last step log was
         while self.state.step < self.total_steps:

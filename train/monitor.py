@@ -7,6 +7,7 @@ which rank it is on.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from typing import Any, Protocol
@@ -58,8 +59,12 @@ class Console:
         self.started = time.perf_counter()
         self.done_at_start = done
         if self.mode == "bar":
+            # A terminal that reports a 0x0 size (a fresh pty, some CI runners) would get no
+            # bar at all from tqdm: fall back to 100x20.
+            size = shutil.get_terminal_size((100, 20))
             self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{self.epochs}",
-                            unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+                            unit="step", file=self.stream, leave=False, ncols=size.columns,
+                            nrows=size.lines)
 
     def advance(self) -> None:
         self.done += 1

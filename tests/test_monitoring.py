@@ -1,0 +1,173 @@
+"""What a run shows and records: wandb, the console, the step-time breakdown, the ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PYTHON, REPO, run_cli
+from tests.wandb_files import offline_runs, read_offline_run
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+SMALL = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
+         "train.batch_size=128", "train.epochs=2", "log.every_steps=4"]
+
+
+def no_credentials(home: Path) -> dict[str, str]:
+    """An environment in which wandb finds no API key (so `auto` means offline)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "HOME": str(home), "NETRC": str(home / ".netrc")}
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("wandb_run")
+    home = tmp_path_factory.mktemp("home")
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={run_dir}", "wandb.group=g1",
+                     "wandb.tags=[t1, t2]", "checkpoint.every_steps=5", env=no_credentials(home))
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_one_offline_wandb_run_per_job_holds_config_metrics_and_system(wandb_run):
+    run_dir, result = wandb_run
+    files = offline_runs(run_dir)
+    assert len(files) == 1  # one run for the job, not one per rank
+    assert "wandb: offline run" in result.stdout and "wandb sync" in result.stdout
+    run = read_offline_run(files[0])
+    assert (run.project, run.name, run.group) == ("dptrain", run_dir.name, "g1")
+    assert run.config["model"]["name"] == "lenet"
+    assert run.config["train"]["batch_size"] == 128
+    system = run.config["system"]
+    assert (system["world_size"], system["mode"], system["backend"]) == (2, "ddp", "gloo")
+    assert system["torch"].startswith("2.14.1")
+    steps = [h for h in run.history if "train/loss" in h]
+    assert [h["trainer/step"] for h in steps] == [4, 8, 12, 16, 20, 24]
+    assert {"train/lr", "train/samples_per_s", "train/time_compute_ms"} <= steps[0].keys()
+    epochs = [h for h in run.history if "epoch/test_accuracy" in h]
+    ours = records(run_dir)
+    assert [h["epoch/test_accuracy"] for h in epochs] == [r["test_accuracy"] for r in ours]
+    assert [h["epoch/time_sync_ms"] for h in epochs] == [r["time_sync_ms"] for r in ours]
+
+
+def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, wandb_run):
+    source, _ = wandb_run
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(source), str(run_dir)], check=True)
+    newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    newest.unlink()  # as if the job had died before its last checkpoint
+    again = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={run_dir}", "wandb.group=g1",
+                    "wandb.tags=[t1, t2]", "checkpoint.every_steps=5",
+                    env=no_credentials(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+    ids = {read_offline_run(f).run_id for f in offline_runs(run_dir)}
+    assert len(offline_runs(run_dir)) == 2 and len(ids) == 1
+
+
+def test_plain_progress_lines_without_a_terminal_and_silent_other_ranks(wandb_run):
+    _, result = wandb_run
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("epoch 1/2 step 4/12  loss ") and "samples/s  eta 0:" in line
+               for line in lines)
+    assert sum(line.startswith("epoch 2/2  loss") for line in lines) == 1  # once, not per rank
+    assert "[rank 1]" not in result.stdout + result.stderr
+    assert "\r" not in result.stdout  # no progress bar redraws in a log file
+
+
+def test_a_progress_bar_on_a_terminal(tmp_path):
+    """Under a pseudo-terminal the main worker draws a tqdm bar instead of lines."""
+    out = bytearray()
+
+    def read(fd: int) -> bytes:
+        data = os.read(fd, 4096)
+        out.extend(data)
+        return data
+
+    cmd = [PYTHON, "-m", "launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
+           "wandb.mode=disabled"]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO)
+    try:
+        status = pty.spawn(cmd, read)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "epoch 1/2:" in text and "step/s" in text and "\r" in text  # tqdm redraws
+    assert "loss=" in text and "samples_s=" in text
+    assert "epoch 1/2 step 4/12" not in text  # not the plain lines
+
+
+def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
+    run_dir, _ = wandb_run
+    for r in records(run_dir):
+        phases = [r[f"time_{p}_ms"] for p in ("data", "compute", "sync", "optim")]
+        assert all(v >= 0 for v in phases)
+        assert all(r[f"time_{p}_ms_max"] >= r[f"time_{p}_ms"] - 1e-9
+                   for p in ("data", "compute", "sync", "optim"))
+        step_ms = 1000 * r["epoch_time_s"] / 12
+        assert 0.7 * step_ms < sum(phases) <= 1.05 * step_ms  # the phases make up the step
+        assert r["time_compute_ms"] > r["time_data_ms"]  # in-memory data: waiting is negligible
+        assert r["time_sync_ms"] > 0  # two workers do synchronize
+        assert r["sync_method"].startswith("estimated: ")
+        assert r["peak_memory_mb"] > 10
+
+
+def test_scratch_path_measures_its_sync_directly(tmp_path):
+    result = run_cli("launch", "--cpu", "--mode", "scratch", CONFIG, *SMALL,
+                     f"run.dir={tmp_path}", "wandb.mode=disabled")
+    assert result.returncode == 0, result.stderr
+    for r in records(tmp_path):
+        assert r["mode"] == "scratch" and r["sync_method"].startswith("measured: ")
+        assert r["time_sync_ms"] > 0
+
+
+def test_sample_ledger_records_disjoint_covering_shards(tmp_path):
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
+                     "wandb.mode=disabled", "check.sample_ledger=true")
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in
+               (tmp_path / "sample_ledger.jsonl").read_text().splitlines()]
+    train = [e for e in entries if e["split"] == "train"]
+    test = [e for e in entries if e["split"] == "test"]
+    assert [e["epoch"] for e in train] == [1, 2] and len(test) == 2
+    for e in train:
+        first, second = e["ranks"]
+        assert len(first) == len(second) == 12 * 64 and not set(first) & set(second)
+    assert train[0]["ranks"] != train[1]["ranks"]
+    assert sorted(i for r in test[0]["ranks"] for i in r) == list(range(301))
+    assert all(e["problems"] == [] for e in entries)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("debug.skip_set_epoch=true", "the same order as the previous epoch on every rank"),
+    ("debug.pad_eval=true", "test samples counted twice: 1"),
+])
+def test_sample_ledger_catches_planted_faults(tmp_path, fault, message):
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
+                     "wandb.mode=disabled", "check.sample_ledger=true", fault)
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sample ledger" in errors[0] and message in errors[0]
+
+
+def test_without_the_ledger_the_planted_fault_goes_unnoticed(tmp_path):
+    """The ledger test above can fail: the same fault without the ledger trains on quietly."""
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
+                     "wandb.mode=disabled", "debug.skip_set_epoch=true")
+    assert result.returncode == 0, result.stderr
+

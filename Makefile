@@ -23,7 +23,7 @@ OUT ?=
 LAUNCH_FLAGS = --mode $(MODE) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test plot doctor bench-overhead lint clean
+.PHONY: venv train test compare plot doctor bench-overhead lint clean
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ train: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# make compare [ARGS="--workers 1,2 --epochs 3"]: every path side by side, into reports/compare.
+compare: venv
+	$(PY) -m train.compare $(ARGS)
 
 # make plot RUN=runs/a [RUN2=runs/b RUN3=runs/c] [OUT=folder]: PNGs of one or several runs.
 plot: venv

@@ -1,0 +1,181 @@
+"""`make compare`: one experiment through every path and worker count, side by side.
+
+    python -m train.compare [--config C] [--workers 1,2] [--epochs N] [--out DIR] [key=value ...]
+
+Runs `python -m launch` for ddp, scratch (ring and naive allreduce) and dp, with 1 and 2
+workers (dp: one process), all in one wandb group, and writes into the report folder:
+`compare.md` (the table), `compare.png` (test accuracy per epoch, and throughput) and
+`compare.json` (every figure). Without GPUs: LeNet on the synthetic data, a short run; with
+GPUs: the book's LeNet on Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+PATHS = {  # label -> launcher flags and overrides
+    "ddp": (["--mode", "ddp"], []),
+    "scratch ring": (["--mode", "scratch"], ["scratch.algorithm=ring"]),
+    "scratch naive": (["--mode", "scratch"], ["scratch.algorithm=naive"]),
+    "dp": (["--mode", "dp"], []),
+}
+METHODS = {
+    "samples/s": "training samples per second of the main worker, median over the epochs "
+                 "after the first (warm-up)",
+    "epoch time": "seconds of training per epoch (no evaluation), median over the same epochs",
+    "sync ms/step": "gradient synchronization per step, mean over ranks: measured around our "
+                    "allreduce for scratch; for ddp estimated at each epoch end as a step with "
+                    "gradient sync minus one under no_sync() (DDP overlaps it with backward, "
+                    "so only the exposed part shows); dp: inside forward/backward, not separable",
+    "speedup": "samples/s over the same path with one worker",
+}
+
+
+@dataclass
+class Result:
+    path: str
+    workers: int
+    run_dir: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        steady = self.records[1:] or self.records
+        return statistics.median(r[key] for r in steady)
+
+
+def run_one(path: str, workers: int, args: argparse.Namespace, group: str) -> Result:
+    flags, overrides = PATHS[path]
+    run_dir = Path(args.out) / "runs" / f"{path.replace(' ', '-')}-{workers}"
+    cmd = [sys.executable, "-m", "launch", *flags, "--gpus", str(workers), args.config,
+           f"run.dir={run_dir}", "run.overwrite=true", f"train.epochs={args.epochs}",
+           f"wandb.group={group}", *overrides, *args.overrides]
+    if args.cpu:
+        cmd.insert(3, "--cpu")
+    print(f"compare: {path}, {workers} worker(s) ...", flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-2000:] + done.stderr[-2000:])
+        raise SystemExit(f"error: the {path} run with {workers} worker(s) failed "
+                         f"(exit {done.returncode}); its output is above")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    result = Result(path, workers, str(run_dir), [json.loads(line) for line in lines])
+    print(f"compare: {path}, {workers} worker(s): {result.median('samples_per_s'):,.0f} "
+          f"samples/s ({time.perf_counter() - started:.0f} s)", flush=True)
+    return result
+
+
+def table(results: list[Result]) -> list[dict[str, Any]]:
+    base = {r.path: r.median("samples_per_s") for r in results if r.workers == 1}
+    rows = []
+    for r in results:
+        speed = r.median("samples_per_s")
+        rows.append({
+            "path": r.path, "workers": r.workers, "samples_per_s": speed,
+            "epoch_time_s": r.median("epoch_time_s"),
+            "sync_ms_per_step": r.median("time_sync_ms"),
+            "test_accuracy": r.records[-1]["test_accuracy"],
+            "speedup": speed / base[r.path] if r.path in base else None,
+            "sync_method": r.records[-1]["sync_method"],
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], note: str) -> str:
+    out = ["| path | workers | samples/s | epoch time (s) | sync ms/step | test accuracy | "
+           "speedup over 1 worker |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "n/a"
+        out.append(f"| {r['path']} | {r['workers']} | {r['samples_per_s']:,.0f} | "
+                   f"{r['epoch_time_s']:.2f} | {r['sync_ms_per_step']:.2f} | "
+                   f"{r['test_accuracy']:.2%} | {speedup} |")
+    out += ["", note, "", "How each figure is obtained:", ""]
+    out += [f"- **{name}**: {how}" for name, how in METHODS.items()]
+    return "\n".join(out) + "\n"
+
+
+def figure(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        epochs = [x["epoch"] for x in r.records]
+        left.plot(epochs, [x["test_accuracy"] for x in r.records], marker="o",
+                  label=f"{r.path}, {r.workers} worker(s)")
+    left.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy per epoch")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    labels = [f"{r.path}\n{r.workers}w" for r in results]
+    speeds = [r.median("samples_per_s") for r in results]
+    bars = right.bar(range(len(results)), speeds, color=[f"C{i}" for i in range(len(results))])
+    right.bar_label(bars, labels=[f"{s:,.0f}" for s in speeds], fontsize=8)
+    right.set_xticks(range(len(results)), labels, fontsize=8)
+    right.set(ylabel="samples/s", title="training throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.dist import visible_gpus
+
+    gpus = visible_gpus()
+    parser = argparse.ArgumentParser(prog="python -m train.compare",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / (
+        "lenet_fashion_mnist.yaml" if gpus else "default.yaml")))
+    parser.add_argument("--workers", default="1,2" if gpus < 2 else f"1,{gpus}",
+                        help="comma-separated worker counts (default: 1,2)")
+    parser.add_argument("--epochs", type=int, default=10 if gpus else 3)
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"of {', '.join(PATHS)}")
+    parser.add_argument("--cpu", action="store_true", help="CPU workers even with GPUs")
+    parser.add_argument("--out", default=str(REPO / "reports" / "compare"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    if not gpus and not any(o.startswith("data.synthetic.train_samples") for o in args.overrides):
+        args.overrides.insert(0, "data.synthetic.train_samples=12000")
+    workers = [int(w) for w in args.workers.split(",")]
+    paths = [p.strip() for p in args.paths.split(",")]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        print(f"error: unknown path {unknown[0]!r}; choose from {', '.join(PATHS)}",
+              file=sys.stderr)
+        return 2
+    group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = []
+    for path in paths:
+        # dp is one process; on the CPU it has nothing to split, so one run says it all.
+        counts = [1] if path == "dp" and not gpus else workers
+        results += [run_one(path, w, args, group) for w in counts]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(results)
+    device = "GPUs" if gpus and not args.cpu else "CPU workers (gloo), one thread each"
+    note = (f"{Path(args.config).name}, {args.epochs} epochs, {device}; wandb group {group}. "
+            f"The same seed, data, model, loop and global batch in every run.")
+    (out / "compare.md").write_text(markdown(rows, note))
+    (out / "compare.json").write_text(json.dumps(
+        {"note": note, "methods": METHODS, "rows": rows,
+         "runs": [asdict(r) for r in results]}, indent=2) + "\n")
+    figure(results, out / "compare.png")
+    print("\n" + markdown(rows, note))
+    print(f"written: {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

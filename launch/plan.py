@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import Config, check_world_size, load_config
+from train.config import Config, check_device_options, check_world_size, load_config
 from train.data import ensure_available
 from train.dist import backend_for, resolve_device_kind, usable_cores, visible_gpus
 from train.errors import UserError
@@ -61,6 +61,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--node-rank must be in 0..{args.nnodes - 1}; got {args.node_rank}")
     kind = resolve_device_kind(cfg.dist.device)
+    check_device_options(cfg, kind)
     nproc, note = count_workers(args.gpus, kind)
     backend = backend_for(kind, cfg.dist.backend)
     threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)

@@ -15,7 +15,7 @@ import torch
 
 from models import build_model
 from train import dist
-from train.config import Config, check_world_size, load_config
+from train.config import Config, check_device_options, check_world_size, load_config
 from train.data import TensorData, eval_batches, load_datasets, place, train_batches
 from train.dist import DistContext, agree
 from train.errors import EXIT_INTERRUPTED, UserError
@@ -65,6 +65,10 @@ def report(exc: UserError, ctx: DistContext | None) -> None:
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
     check_world_size(cfg, ctx.world_size)
+    for warning in check_device_options(cfg, ctx.device.type):
+        log.warning("%s", warning)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
     train_set, test_set = load_data(cfg, ctx)
@@ -74,16 +78,20 @@ def train(cfg: Config, ctx: DistContext) -> None:
     trainer = Trainer(
         cfg, ctx, strategy, model,
         train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.seed,
-                      ctx.device),
+                      ctx.device, channels_last=cfg.perf.channels_last),
         eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size, ctx.device,
-                     pad=cfg.debug.pad_eval),
+                     pad=cfg.debug.pad_eval, channels_last=cfg.perf.channels_last),
         run,
         Monitor([Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []),
     )
     resumed = agree(ctx, lambda: resume(cfg, ctx, trainer, run))
-    run.start(cfg, epochs_done=trainer.state.epoch if resumed else 0)
+    run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
     log.info(describe(cfg, ctx, strategy.name, model, train_set, test_set, trainer))
-    if resumed:
+    if resumed and trainer.state.step >= trainer.total_steps:
+        log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
+                 "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
+                 trainer.total_steps, resumed)
+    elif resumed:
         log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
                  trainer.state.step)
     if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":
@@ -131,6 +139,11 @@ def describe(cfg: Config, ctx: DistContext, path: str, model: torch.nn.Module,
     if path == "scratch":
         bucket = "per parameter" if cfg.scratch.per_parameter else f"{cfg.scratch.bucket_mb} MiB"
         where += f"; our {cfg.scratch.algorithm} allreduce, buckets {bucket}"
+    knobs = [f"{cfg.perf.precision}"] + (["channels_last"] if cfg.perf.channels_last else [])
+    knobs += ["torch.compile"] if trainer.compiled else []
+    if cfg.train.grad_accum_steps > 1:
+        knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
+    where += f"; {', '.join(knobs)}"
     shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
     return (
         f"{path}: {where}\n"

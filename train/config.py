@@ -25,6 +25,7 @@ from train.errors import UserError
 @dataclass
 class ModelConfig:
     name: str = "lenet"  # a name in models.MODELS: lenet | resnet18
+    sync_bn: bool = False  # SyncBatchNorm across GPUs (ResNet; off as in the book: per-device)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     epochs: int = 6
     batch_size: int = 256  # GLOBAL batch per optimizer step, split evenly across workers
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (no gradient sync but the last)
     eval_batch_size: int = 1024  # per worker; evaluation does no gradient sync
 
 
@@ -63,6 +65,29 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = 0  # linear warmup from 0 to `lr` over this many optimizer steps
     min_lr: float = 0.0  # where the cosine schedule ends
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
+
+
+@dataclass
+class PerfConfig:
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a GradScaler (GPU)
+    channels_last: bool = False  # NHWC memory format for model and inputs
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: runs >= min_steps
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    compile_min_steps: int = 2000  # auto compiles runs this long (LeNet breaks even at ~1,600)
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest conv algorithms (GPU)
+
+
+@dataclass
+class DDPConfig:
+    bucket_cap_mb: float = 25.0  # gradients per allreduce bucket
+    gradient_as_bucket_view: bool = True  # gradients live in the buckets: no copy, less memory
+    static_graph: bool = False  # the graph never changes: DDP may skip per-step bookkeeping
+    find_unused_parameters: bool = False  # for models whose forward leaves parameters unused
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"  # compress the gradients
+    powersgd_rank: int = 1  # PowerSGD's matrix approximation rank
+    powersgd_start_step: int = 10  # plain allreduce before this step (PowerSGD warm start)
 
 
 @dataclass
@@ -101,6 +126,7 @@ class DebugConfig:
     stall_seconds: float = 0.0
     desync_rank: int = -1  # this rank perturbs its parameters after step `desync_step`
     desync_step: int = 0
+    unused_parameter: bool = False  # give the model a parameter its forward never uses
     skip_set_epoch: bool = False  # forget sampler.set_epoch: every epoch the same order
     pad_eval: bool = False  # evaluate with DistributedSampler's padding (duplicates)
 
@@ -143,6 +169,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
@@ -156,7 +184,8 @@ class Config:
 NON_IDENTITY_KEYS = frozenset({
     "run.name", "run.dir", "run.overwrite", "dist.device", "dist.backend", "dist.timeout_s",
     "dist.rendezvous_timeout_s",
-    "dist.cpu_threads", "dist.cpu_flush_denormal", "checkpoint.every_steps", "checkpoint.keep",
+    "dist.cpu_threads", "dist.cpu_flush_denormal", "perf.compile", "perf.compile_mode",
+    "perf.compile_min_steps", "perf.cudnn_benchmark", "checkpoint.every_steps", "checkpoint.keep",
     "checkpoint.resume", "checkpoint.allow_changes", "check.sync_every_steps",
     "check.sample_ledger", "log.progress", "log.every_steps", "wandb.mode", "wandb.project",
     "wandb.entity", "wandb.name", "wandb.group", "wandb.tags", "debug.stall_rank",
@@ -233,6 +262,10 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _non_negative("check.sync_every_steps", cfg.check.sync_every_steps)
     _positive("log.every_steps", cfg.log.every_steps)
+    _positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
+    _positive("ddp.bucket_cap_mb", cfg.ddp.bucket_cap_mb)
+    _positive("ddp.powersgd_rank", cfg.ddp.powersgd_rank)
+    _non_negative("perf.compile_min_steps", cfg.perf.compile_min_steps)
     syn = cfg.data.synthetic
     for key in ("train_samples", "test_samples", "channels", "num_classes"):
         _positive(f"data.synthetic.{key}", getattr(syn, key))
@@ -249,6 +282,36 @@ def check_world_size(cfg: Config, world_size: int) -> None:
             f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible by "
             f"{world_size} workers; choose a multiple of {world_size}"
         )
+    local = cfg.train.batch_size // world_size
+    if local < cfg.train.grad_accum_steps:
+        raise UserError(f"train.grad_accum_steps={cfg.train.grad_accum_steps} micro-batches do "
+                        f"not fit in {local} samples per worker; lower it")
+
+
+def check_device_options(cfg: Config, device_kind: str) -> list[str]:
+    """Options that the device cannot run are errors; those it runs slowly are warnings."""
+    cpu = device_kind == "cpu"
+    if cpu and cfg.perf.precision == "fp16":
+        raise UserError("perf.precision=fp16 needs a GPU (fp16 autocast with a GradScaler); on "
+                        "the CPU use bf16 or fp32")
+    if cfg.model.sync_bn and (cpu or cfg.mode != "ddp"):
+        raise UserError("model.sync_bn needs mode ddp on GPUs: torch's SyncBatchNorm runs on "
+                        "CUDA only")
+    if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
+        raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
+    warnings = []
+    if cpu and cfg.perf.precision == "bf16" and not _cpu_has_bf16():
+        warnings.append("perf.precision=bf16 on a CPU without bf16 units (AVX512-BF16/AMX): "
+                        "expect it to be slower than fp32")
+    return warnings
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

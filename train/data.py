@@ -261,9 +261,10 @@ class Batches:
     """
 
     def __init__(self, data: TensorData, sampler: Sampler[int], batch_size: int,
-                 device: torch.device, drop_last: bool):
+                 device: torch.device, drop_last: bool, channels_last: bool = False):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
         self.device, self.drop_last = device, drop_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._order: torch.Tensor | None = None
         if data.mean is not None:
             self.mean, self.std = data.mean.to(device), data.std.to(device)
@@ -297,16 +298,19 @@ class Batches:
         images = self.data.images[idx].to(self.device, non_blocking=True).float()
         labels = self.data.labels[idx].to(self.device, non_blocking=True)
         if self.data.mean is None:
-            return images.div_(255), labels
-        return images.sub_(self.mean).div_(self.std), labels
+            images = images.div_(255)
+        else:
+            images = images.sub_(self.mean).div_(self.std)
+        return images.contiguous(memory_format=self.memory_format), labels
 
 
 def train_batches(data: TensorData, rank: int, world_size: int, global_batch: int, seed: int,
-                  device: torch.device) -> Batches:
+                  device: torch.device, channels_last: bool = False) -> Batches:
     """Shuffled shards of equal size per rank; a global step sees exactly `global_batch` samples."""
     sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
                                  shuffle=True, seed=seed, drop_last=True)
-    batches = Batches(data, sampler, global_batch // world_size, device, drop_last=True)
+    batches = Batches(data, sampler, global_batch // world_size, device, drop_last=True,
+                      channels_last=channels_last)
     if len(batches) == 0:
         raise UserError(f"the training set ({len(data)} samples) is smaller than one global batch "
                         f"({global_batch}); lower train.batch_size")
@@ -314,7 +318,7 @@ def train_batches(data: TensorData, rank: int, world_size: int, global_batch: in
 
 
 def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
-                 device: torch.device, pad: bool = False) -> Batches:
+                 device: torch.device, pad: bool = False, channels_last: bool = False) -> Batches:
     """Every test sample exactly once across ranks. `pad=True` plants the classic bug
     (DistributedSampler's padding counts some samples twice), for the sample ledger's test."""
     if pad:
@@ -322,4 +326,5 @@ def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
                                                    rank=rank, shuffle=False)
     else:
         sampler = EvalSampler(len(data), rank, world_size)
-    return Batches(data, sampler, batch_size, device, drop_last=False)
+    return Batches(data, sampler, batch_size, device, drop_last=False,
+                   channels_last=channels_last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -35,9 +36,17 @@ class TrainState:
     batch_in_epoch: int = 0  # optimizer steps completed inside the current epoch
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+def build_optimizer(cfg: OptimConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg, world_size),
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
+    """`optim.lr` times the world size (linear rule, Goyal et al.) or its square root (sqrt
+    rule), for recipes that grow the global batch with the number of workers."""
+    factor = {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[cfg.scale_lr]
+    return cfg.lr * factor
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
@@ -67,12 +76,24 @@ class Trainer:
                  train_data: Batches, test_data: Batches, run: RunFolder, monitor: Monitor):
         self.cfg, self.ctx, self.strategy, self.run = cfg, ctx, strategy, run
         self.train_data, self.test_data, self.monitor = train_data, test_data, monitor
-        self.model = strategy.wrap(model.to(ctx.device))
-        self.optimizer = build_optimizer(cfg.optim, model)
         self.steps_per_epoch = len(train_data)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        # `plain` is the model itself (saved, evaluated, checked); `model` is what trains:
+        # maybe compiled, wrapped by the strategy.
+        self.plain = prepare_model(model, cfg, ctx)
+        self.compiled = should_compile(cfg, self.total_steps)
+        core = self.plain
+        if self.compiled:
+            core = torch.compile(self.plain, mode=cfg.perf.compile_mode)
+        self.model = strategy.wrap(core)
+        self.optimizer = build_optimizer(cfg.optim, self.plain, ctx.world_size)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.perf.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.perf.precision)
+        self.compile_time_s = 0.0
+        self._first_steps_s: list[float] = []
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, cfg.optim, total_steps=self.total_steps))
         self.state = TrainState()
@@ -92,6 +113,12 @@ class Trainer:
         try:
             return self._fit()
         except RuntimeError as exc:
+            if "Expected to have finished reduction" in str(exc):
+                raise CheckFailed(
+                    f"some parameters got no gradient in step {self.state.step + 1}: the "
+                    f"model's forward does not use them, and DDP waits for their gradients "
+                    f"forever; set ddp.find_unused_parameters=true (slower), or remove them",
+                    agreed=True) from None
             if not is_comm_failure(exc):
                 raise
             where = {"compute": "forward/backward (DDP's gradient allreduce runs in backward)",
@@ -140,7 +167,9 @@ class Trainer:
                 batch = next(batches, None)
             if batch is None:
                 break
+            step_started = time.perf_counter()
             loss, correct = self.train_step(*batch)
+            self.note_compile_time(time.perf_counter() - step_started)
             _accumulate(self.totals, loss * batch[1].shape[0], correct, batch[1].shape[0])
             self.after_step(loss)
             if self.state.step % self.cfg.log.every_steps == 0:
@@ -148,35 +177,61 @@ class Trainer:
             if self.stop.should_stop(self.state.step):
                 self.save_checkpoint()
                 raise Interrupted(self.stop.requested, self.state.step)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - self.compile_time_s
+        self.compile_time_s, compile_s = 0.0, self.compile_time_s
         done = self.state.batch_in_epoch - first
         self.ledger.check_train(epoch + 1, self.seen_indices(), self.state.batch_in_epoch,
                                 self.cfg.train.batch_size)
         return {"seconds": seconds, "steps": done, "timing": self.timer.per_step_ms(),
-                "totals": self.totals.clone(), "probe_sync_ms": self.probe_sync()}
+                "totals": self.totals.clone(), "probe_sync_ms": self.probe_sync(),
+                "compile_s": compile_s}
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
-        """One optimizer step on this rank's share of the global batch."""
+        """One optimizer step on this rank's share of the global batch, in
+        `train.grad_accum_steps` micro-batches; only the last one synchronizes gradients."""
+        parts = split_batch(images, labels, self.cfg.train.grad_accum_steps)
+        loss_sum = torch.zeros((), device=images.device)
+        correct = torch.zeros((), dtype=torch.long, device=images.device)
         with self.timer.phase("compute"):
-            logits = self.model(images)
-            loss = F.cross_entropy(logits, labels)
-            self.faults.inside_step(self.state.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for i, (x, y) in enumerate(parts):
+                last = i == len(parts) - 1
+                with contextlib.nullcontext() if last else self.strategy.no_sync(self.model):
+                    with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype,
+                                        enabled=self.autocast_dtype is not None):
+                        logits = self.model(x)
+                        # Weighted so that the micro-batches add up to the batch's mean loss.
+                        loss = F.cross_entropy(logits, y) * (y.shape[0] / labels.shape[0])
+                    if last:
+                        self.faults.inside_step(self.state.step + 1)
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+                correct += (logits.argmax(1) == y).sum()
         with self.timer.phase("sync"):
             self.strategy.sync_gradients(self.model)
         with self.timer.phase("optim"):
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+        return loss_sum, correct
+
+    def note_compile_time(self, step_s: float) -> None:
+        """torch.compile compiles in this process's first step: that time, less a normal
+        step's, is reported as compile time instead of step time."""
+        if not self.compiled or len(self._first_steps_s) >= 2:
+            return
+        self._first_steps_s.append(step_s)
+        if len(self._first_steps_s) == 2:
+            self.compile_time_s = max(0.0, self._first_steps_s[0] - step_s)
+            log.info("torch.compile took about %.1f s (the first step minus the second)",
+                     self.compile_time_s)
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.state.step += 1
         self.state.batch_in_epoch += 1
         self.monitor.advance()
-        plain = self.strategy.unwrap(self.model)
-        self.faults.after_step(plain, self.state.step)
-        self.sync_check.after_step(plain, self.state.step)
+        self.faults.after_step(self.plain, self.state.step)
+        self.sync_check.after_step(self.plain, self.state.step)
         every = self.cfg.checkpoint.every_steps
         if every and self.state.step % every == 0 and self.state.step < self.total_steps:
             self.save_checkpoint()
@@ -201,11 +256,13 @@ class Trainer:
         """Accuracy over the whole test set: each sample counted once, one all_reduce."""
         self.timer.current = "evaluation"
         self.strategy.sync_buffers(self.model)
-        model = self.strategy.eval_model(self.model)
+        model = self.strategy.eval_model(self.model, self.plain)
         model.eval()
         totals = self._zeros()
         for images, labels in self.test_data.iterate():
-            logits = model(images)
+            with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                logits = model(images)
             _accumulate(totals, F.cross_entropy(logits, labels, reduction="sum"),
                         (logits.argmax(1) == labels).sum(), labels.shape[0])
         if self.ctx.distributed:
@@ -227,7 +284,10 @@ class Trainer:
         images, labels = next(self.train_data.iterate())
 
         def forward_backward() -> None:
-            F.cross_entropy(self.model(images), labels).backward()
+            with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                loss = F.cross_entropy(self.model(images), labels)
+            loss.backward()
 
         return self.strategy.probe_sync_ms(self.model, forward_backward)
 
@@ -258,6 +318,8 @@ class Trainer:
             "world_size": self.ctx.world_size, "mode": self.strategy.name,
             "sync_method": self.strategy.sync_method,
         }
+        if self.compiled:
+            record["compile_time_s"] = train["compile_s"]
         for i, phase in enumerate(PHASES):
             record[f"time_{phase}_ms"] = means[i]
             record[f"time_{phase}_ms_max"] = highs[i]
@@ -303,9 +365,10 @@ class Trainer:
         if not self.ctx.is_main:
             return
         self.checkpoints.save({
-            "model": self.strategy.unwrap(self.model).state_dict(),
+            "model": self.plain.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
             **asdict(self.state),
             "ranks": ranks,
             "world_size": self.ctx.world_size,
@@ -315,9 +378,11 @@ class Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint (already checked against this config and world size)."""
-        self.strategy.unwrap(self.model).load_state_dict(state["model"])
+        self.plain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(state["epoch"], state["step"], state["batch_in_epoch"])
         ranks = state["ranks"]
         if len(ranks) == self.ctx.world_size:
@@ -329,6 +394,35 @@ class Trainer:
 
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+
+
+def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
+    """The model on its device, in the memory format and with the norm layers asked for."""
+    if cfg.debug.unused_parameter:
+        model.unused = nn.Linear(2, 2)  # planted: forward never calls it
+    if cfg.model.sync_bn and ctx.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if cfg.perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def should_compile(cfg: Config, total_steps: int) -> bool:
+    """torch.compile pays off once its compile time (about 20 s for LeNet on one CPU thread,
+    seconds when cached) is won back by faster steps (about 1.5x here)."""
+    if cfg.perf.compile == "auto":
+        return total_steps >= cfg.perf.compile_min_steps
+    return cfg.perf.compile == "on"
+
+
+def split_batch(images: torch.Tensor, labels: torch.Tensor, parts: int):
+    """The book's split_batch, for gradient accumulation (see train/allreduce.py)."""
+    if parts == 1:
+        return [(images, labels)]
+    from train.allreduce import split_batch as split
+
+    return split(images, labels, parts)
 
 
 def _accumulate(totals: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,

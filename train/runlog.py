@@ -96,11 +96,15 @@ class RunFolder:
         self.metrics_path = folder / "metrics.jsonl"
         self.checkpoint_dir = folder / "checkpoints"
 
-    def start(self, cfg: Config, epochs_done: int = 0) -> None:
-        """Write the resolved config; keep the metrics of the `epochs_done` epochs that a
-        resumed run does not repeat, drop any later ones."""
+    def start(self, cfg: Config, resumed_epochs: int | None = None) -> None:
+        """Write the resolved config. A resumed run keeps the metrics of the epochs it does not
+        repeat; a run that starts over drops the previous attempt's metrics and checkpoints
+        (which a later resume would otherwise take for its own)."""
         atomic_write(self.folder / "config.yaml", lambda p: p.write_text(config_mod.to_yaml(cfg)))
-        kept = [r for r in self.records() if r["epoch"] <= epochs_done]
+        if resumed_epochs is None:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            (self.folder / "sample_ledger.jsonl").unlink(missing_ok=True)
+        kept = [r for r in self.records() if r["epoch"] <= (resumed_epochs or 0)]
         atomic_write(self.metrics_path,
                      lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
@@ -125,7 +129,7 @@ class NullRun(RunFolder):
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)  # they may read (checkpoints), never write
 
-    def start(self, cfg: Config, epochs_done: int = 0) -> None:
+    def start(self, cfg: Config, resumed_epochs: int | None = None) -> None:
         pass
 
     def records(self) -> list[dict[str, Any]]:

@@ -38,9 +38,10 @@ class Single:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """What evaluation runs: the plain module, so no collective hides in its forward."""
-        return self.unwrap(model)
+    def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
+        """What evaluation runs: the plain module, so no collective hides in its forward (and
+        a compiled model is not recompiled for the evaluation batch sizes)."""
+        return plain
 
     def sync_gradients(self, model: nn.Module) -> None:
         """Called after the last backward of every optimizer step."""
@@ -67,8 +68,15 @@ class DDP(Single):
                    "same batch, median of 5 pairs at each epoch end")
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        knobs = self.cfg.ddp
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        wrapped = DistributedDataParallel(
+            model, device_ids=device_ids, bucket_cap_mb=knobs.bucket_cap_mb,
+            gradient_as_bucket_view=knobs.gradient_as_bucket_view,
+            static_graph=knobs.static_graph, find_unused_parameters=knobs.find_unused_parameters)
+        if knobs.comm_hook != "none":
+            wrapped.register_comm_hook(*comm_hook(knobs))
+        return wrapped
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
@@ -115,7 +123,7 @@ class DataParallel(Single):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
+    def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
         return model  # scatter evaluation batches over the GPUs too
 
 
@@ -146,12 +154,26 @@ class Scratch(Single):
             allreduce.broadcast(buffer, src=0)
 
 
+def comm_hook(knobs) -> tuple[object, Callable]:
+    """(state, hook) for DDP's register_comm_hook: compress gradients before the allreduce."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if knobs.comm_hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(process_group=None,
+                                            matrix_approximation_rank=knobs.powersgd_rank,
+                                            start_powerSGD_iter=knobs.powersgd_start_step)
+        return state, powerSGD_hook.powerSGD_hook
+    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+    return None, hooks[knobs.comm_hook]
+
+
 def make_strategy(cfg: Config, ctx: DistContext) -> Single:
     """The strategy for `cfg.mode` in this process (a lone process needs no sync)."""
     if cfg.mode == "dp":
         if ctx.distributed:
             raise UserError("mode dp runs ONE process that drives every GPU; start it with "
-                            "`python -m launch --mode dp` (not torchrun, not several nodes)")
+                            "`python -m launch --mode dp` (not torchrun, not several nodes)",
+                            agreed=True)
         return DataParallel(ctx, cfg)
     if not ctx.distributed:
         return Single(ctx, cfg)

@@ -1,0 +1,82 @@
+"""The three paths (ddp, scratch, dp) are the same optimization: parity, sync checks, input."""
+
+import pytest
+import torch
+
+from tests.helpers import REPO, run_cli, run_distributed, run_single, small_run
+from tests.workers import train_and_return_params
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+SMALL = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
+         "train.epochs=1", "train.max_steps=8", "train.batch_size=96", "run.overwrite=true",
+         "wandb.mode=disabled", "check.sync_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, no synchronization at all."""
+    return run_single(train_and_return_params, [*SMALL, f"run.dir={tmp_path_factory.mktemp('r')}"])
+
+
+# LeNet's gradients are 129,068 floats (504 KiB): 0.1 MiB buckets cut parameters unevenly.
+@pytest.mark.parametrize("world_size, path", [
+    (2, ["mode=ddp"]),
+    (3, ["mode=ddp"]),
+    (2, ["mode=scratch", "scratch.algorithm=naive", "scratch.bucket_mb=0.1"]),
+    (3, ["mode=scratch", "scratch.algorithm=naive", "scratch.per_parameter=true"]),
+    (2, ["mode=scratch", "scratch.algorithm=ring", "scratch.per_parameter=true"]),
+    (3, ["mode=scratch", "scratch.algorithm=ring", "scratch.bucket_mb=0.1"]),
+])
+def test_every_path_matches_one_process(tmp_path, reference, world_size, path):
+    params = run_distributed(train_and_return_params, world_size,
+                             [*SMALL, *path, f"run.dir={tmp_path}"])[0]
+    for name, value in reference.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_dataparallel_matches_one_process(tmp_path, reference):
+    params = run_single(train_and_return_params, [*SMALL, "mode=dp", f"run.dir={tmp_path}"])
+    for name, value in reference.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "scratch"])
+def test_the_sync_checker_catches_a_planted_desync(tmp_path, mode):
+    result = run_cli("launch", "--cpu", "--mode", mode, CONFIG,
+                     *small_run(tmp_path, "check.sync_every_steps=2", "debug.desync_rank=1",
+                                "debug.desync_step=3"))
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "replicas diverged by step 4: rank 1's parameters differ from rank 0's" in errors[0]
+
+
+def test_dp_launches_one_process_and_says_cpu_has_nothing_to_split(tmp_path):
+    result = run_cli("launch", "--mode", "dp", CONFIG, *small_run(tmp_path, "train.max_steps=3"))
+    assert result.returncode == 0, result.stderr
+    assert "DataParallel has nothing to split there" in result.stdout
+    assert "DataParallel on the CPU" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "dp", "--nnodes", "2", "--master-addr", "127.0.0.1", CONFIG],
+     "mode dp runs one process on one node"),
+    (["--mode", "scratch", CONFIG, "scratch.algorithm=tree"],
+     "scratch.algorithm must be one of naive, ring; got 'tree'"),
+    (["--mode", "scratch", CONFIG, "scratch.bucket_mb=0"], "scratch.bucket_mb must be positive"),
+    (["--mode", "scratch", CONFIG, "scratch.bucket_mb=-2"], "scratch.bucket_mb must be positive"),
+])
+def test_bad_path_input_is_one_line(tmp_path, args, message):
+    result = run_cli("launch", *args, f"run.dir={tmp_path}")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_dp_under_torchrun_with_several_workers_is_refused_once(tmp_path):
+    result = run_cli("torch.distributed.run", "--nproc-per-node=2", "-m", "train", CONFIG,
+                     *small_run(tmp_path), "mode=dp")
+    assert result.returncode != 0
+    reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(reported) == 1 and "mode dp runs ONE process" in reported[0]

@@ -28,31 +28,23 @@ def train_and_return_params(overrides: list[str]) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
-    """Build the run exactly as `train` does, then only evaluate (no training step)."""
-    from models import build_model
-    from train.__main__ import load_data
-    from train.data import eval_batches, train_batches
-    from train.loop import Trainer
-    from train.monitor import Monitor
+def _trainer(cfg, ctx):
+    from train.__main__ import build_trainer
     from train.runlog import NullRun
     from train.strategies import make_strategy
 
+    return build_trainer(cfg, ctx, make_strategy(cfg, ctx), NullRun(Path(cfg.run.dir)))
+
+
+def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
+    """Build the run exactly as `train` does, then only evaluate (no training step)."""
     cfg = load_config(DEFAULT_CONFIG, overrides)
     ctx = dist.setup(cfg.dist)
     try:
-        train_set, test_set = load_data(cfg, ctx)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, train_set.channels, train_set.num_classes,
-                            train_set.image_size)
-        for p in model.parameters():  # larger weights than the init: varied predictions
+        trainer = _trainer(cfg, ctx)
+        torch.manual_seed(1)
+        for p in trainer.plain.parameters():  # larger weights than the init: varied predictions
             p.data.normal_(0, 0.1)
-        trainer = Trainer(cfg, ctx, make_strategy(cfg, ctx), model,
-                          train_batches(train_set, ctx.rank, ctx.world_size,
-                                        cfg.train.batch_size, cfg.seed, ctx.device),
-                          eval_batches(test_set, ctx.rank, ctx.world_size,
-                                       cfg.train.eval_batch_size, ctx.device),
-                          NullRun(Path(cfg.run.dir)), Monitor([]))
         return trainer.evaluate()
     finally:
         dist.teardown(ctx)
@@ -77,3 +69,23 @@ def agree_on_failure(failing_rank: int) -> str:
         return "no error"
     finally:
         dist.teardown(ctx)
+
+
+def ddp_settings(overrides: list[str]) -> dict:
+    """Build the trainer as `train` does and report what DDP did with its knobs."""
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        trainer = _trainer(cfg, ctx)
+        batches = trainer.train_data.iterate()
+        for _ in range(3):  # DDP rebuilds its buckets after the first iteration
+            trainer.train_step(*next(batches))
+        data = trainer.model._get_ddp_logging_data()
+        sizes = data.get("rebuilt_bucket_sizes") or data["bucket_sizes"]
+        return {"bucket_sizes": [int(x) for x in str(sizes).split(",")],
+                "static_graph": trainer.model.static_graph,
+                "grads_are_bucket_views": [p.grad._base is not None
+                                           for p in trainer.plain.parameters()]}
+    finally:
+        dist.teardown(ctx)
+

@@ -22,7 +22,7 @@ from train.errors import EXIT_INTERRUPTED, UserError
 from train.loop import Interrupted, Trainer, check_resumable
 from train.monitor import Console, Monitor
 from train.runlog import RunFolder, open_run, setup_logging
-from train.strategies import dp_note, make_strategy
+from train.strategies import Single, dp_note, make_strategy
 from train.tracking import WandbSink, resolve_mode
 
 log = logging.getLogger("train")
@@ -71,22 +71,10 @@ def train(cfg: Config, ctx: DistContext) -> None:
         torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
-    train_set, test_set = load_data(cfg, ctx)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.name, train_set.channels, train_set.num_classes,
-                        train_set.image_size)
-    trainer = Trainer(
-        cfg, ctx, strategy, model,
-        train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.seed,
-                      ctx.device, channels_last=cfg.perf.channels_last),
-        eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size, ctx.device,
-                     pad=cfg.debug.pad_eval, channels_last=cfg.perf.channels_last),
-        run,
-        Monitor([Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []),
-    )
+    trainer = build_trainer(cfg, ctx, strategy, run)
     resumed = agree(ctx, lambda: resume(cfg, ctx, trainer, run))
     run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
-    log.info(describe(cfg, ctx, strategy.name, model, train_set, test_set, trainer))
+    log.info(describe(cfg, ctx, trainer))
     if resumed and trainer.state.step >= trainer.total_steps:
         log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
                  "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
@@ -103,6 +91,23 @@ def train(cfg: Config, ctx: DistContext) -> None:
     finally:
         trainer.monitor.close()
     log.info("run folder: %s", cfg.run.dir)
+
+
+def build_trainer(cfg: Config, ctx: DistContext, strategy: Single, run: RunFolder) -> Trainer:
+    """Data, model and loop for this worker (the same on every path)."""
+    train_set, test_set = load_data(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name, train_set.channels, train_set.num_classes,
+                        train_set.image_size)
+    return Trainer(
+        cfg, ctx, strategy, model,
+        train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.seed,
+                      ctx.device, channels_last=cfg.perf.channels_last),
+        eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size, ctx.device,
+                     pad=cfg.debug.pad_eval, channels_last=cfg.perf.channels_last),
+        run,
+        Monitor([Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []),
+    )
 
 
 def resume(cfg: Config, ctx: DistContext, trainer: Trainer, run: RunFolder) -> Path | None:
@@ -126,9 +131,10 @@ def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:
             place(test_set, ctx.device, cfg.data.on_device))
 
 
-def describe(cfg: Config, ctx: DistContext, path: str, model: torch.nn.Module,
-             train_set: TensorData, test_set: TensorData, trainer: Trainer) -> str:
-    params = sum(p.numel() for p in model.parameters())
+def describe(cfg: Config, ctx: DistContext, trainer: Trainer) -> str:
+    path = trainer.strategy.name
+    train_set, test_set = trainer.train_data.data, trainer.test_data.data
+    params = sum(p.numel() for p in trainer.plain.parameters())
     where = f"{ctx.world_size} x {ctx.device.type} ({ctx.backend})"
     if path == "dp":
         where = dp_note()

@@ -1,0 +1,157 @@
+"""The speed knobs on the CPU: each runs, does what it says, and keeps results correct."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import REPO, run_cli, run_distributed, small_run
+from tests.workers import ddp_settings, train_and_return_params
+from train.config import OptimConfig
+from train.loop import scaled_lr
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+SMALL = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
+         "train.epochs=1", "train.max_steps=6", "train.batch_size=96", "run.overwrite=true",
+         "wandb.mode=disabled"]
+
+
+def trained(tmp_path, world_size: int, *extra: str) -> dict[str, torch.Tensor]:
+    return run_distributed(train_and_return_params, world_size,
+                           [*SMALL, *extra, f"run.dir={tmp_path}"])[0]
+
+
+def assert_close(a, b, **tolerance) -> None:
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], **tolerance)
+
+
+@pytest.fixture(scope="module")
+def plain_ddp(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("plain"), 2)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "scratch"])
+def test_accumulating_micro_batches_equals_one_larger_batch(tmp_path, plain_ddp, mode):
+    # 96 per step = 48 per worker = 3 micro-batches of 16 with gradient sync on the last only.
+    accumulated = trained(tmp_path, 2, f"mode={mode}", "train.grad_accum_steps=3")
+    assert_close(accumulated, plain_ddp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hook", ["fp16", "bf16", "powersgd"])
+def test_ddp_communication_hooks_compress_the_gradients(tmp_path, plain_ddp, hook):
+    compressed = trained(tmp_path, 2, f"ddp.comm_hook={hook}", "ddp.powersgd_start_step=2")
+    # Close to the exact sync, but not equal: the gradients did travel compressed.
+    assert_close(compressed, plain_ddp, rtol=0.05, atol=5e-3)
+    assert any(not torch.equal(compressed[k], plain_ddp[k]) for k in plain_ddp)
+
+
+def test_ddp_bucket_and_view_knobs_reach_ddp():
+    small = run_distributed(ddp_settings, 2, [*SMALL, "ddp.bucket_cap_mb=0.1",
+                                              "ddp.gradient_as_bucket_view=false"])[0]
+    large = run_distributed(ddp_settings, 2, [*SMALL, "ddp.bucket_cap_mb=25",
+                                              "ddp.static_graph=true"])[0]
+    assert len(small["bucket_sizes"]) > len(large["bucket_sizes"]) == 1
+    assert sum(small["bucket_sizes"]) == sum(large["bucket_sizes"]) == 129_068 * 4
+    assert large["static_graph"] and not small["static_graph"]
+    assert not any(small["grads_are_bucket_views"])  # gradients copied out of the buckets
+    assert all(large["grads_are_bucket_views"])  # gradients are views into the buckets
+
+
+@pytest.mark.parametrize("extra", [["ddp.static_graph=true"], ["perf.channels_last=true"],
+                                   ["ddp.gradient_as_bucket_view=false"]])
+def test_knobs_that_must_not_change_results(tmp_path, plain_ddp, extra):
+    assert_close(trained(tmp_path, 2, *extra), plain_ddp, rtol=1e-5, atol=1e-6)
+
+
+def test_unused_parameters_get_a_clear_message_and_the_knob_fixes_it(tmp_path):
+    result = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path / "a", "train.max_steps=3",
+                                                          "debug.unused_parameter=true"))
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "got no gradient in step 2" in errors[0]
+    assert "ddp.find_unused_parameters=true" in errors[0]
+    fixed = run_cli("launch", "--cpu", CONFIG, *small_run(
+        tmp_path / "b", "train.max_steps=3", "debug.unused_parameter=true",
+        "ddp.find_unused_parameters=true"))
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_torch_compile_trains_the_same_and_reports_compile_time(tmp_path, plain_ddp):
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}", "perf.compile=on")
+    assert result.returncode == 0, result.stderr
+    assert "torch.compile" in result.stdout
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["compile_time_s"] > 0.5  # counted apart from the epoch's step time
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert saved.keys() == plain_ddp.keys()  # no "_orig_mod." prefix from the compiled module
+    assert_close(saved, plain_ddp, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_auto_follows_the_run_length():
+    from train.config import load_config
+    from train.loop import should_compile
+
+    cfg = load_config(CONFIG)
+    assert should_compile(cfg, 5000) and not should_compile(cfg, 500)
+    cfg.perf.compile = "off"
+    assert not should_compile(cfg, 10**6)
+
+
+def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(tmp_path, plain_ddp):
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
+                     "perf.precision=bf16")
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in saved.values())  # weights stay fp32
+    assert_close(saved, plain_ddp, rtol=0.05, atol=2e-3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("perf.precision=fp16", "perf.precision=fp16 needs a GPU"),
+    ("model.sync_bn=true", "model.sync_bn needs mode ddp on GPUs"),
+])
+def test_gpu_only_knobs_on_the_cpu_are_one_clear_error(tmp_path, override, message):
+    result = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path), override)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_lr_scaling_rules():
+    cfg = OptimConfig(lr=0.1)
+    assert scaled_lr(cfg, 4) == pytest.approx(0.1)
+    cfg.scale_lr = "linear"
+    assert scaled_lr(cfg, 4) == pytest.approx(0.4)
+    cfg.scale_lr = "sqrt"
+    assert scaled_lr(cfg, 4) == pytest.approx(0.2)
+
+
+def test_lr_scaling_applies_to_the_run(tmp_path):
+    result = run_cli("launch", "--cpu", CONFIG, *small_run(
+        tmp_path, "train.max_steps=3", "optim.schedule=constant", "optim.warmup_steps=0",
+        "optim.scale_lr=linear"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["lr"] == pytest.approx(0.2)  # 0.1 x 2 workers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a GPU (CPU twin: fp16 error)")
+def test_fp16_with_grad_scaler_on_gpu(tmp_path):
+    result = run_cli("launch", "--gpus", "1", CONFIG, *small_run(tmp_path, "train.max_steps=4",
+                                                                 "perf.precision=fp16"))
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert "scaler" in saved and saved["scaler"]["scale"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (CPU twin: sync_bn error)")
+def test_sync_batchnorm_on_gpus(tmp_path):
+    result = run_cli("launch", "--gpus", "2", CONFIG, *small_run(
+        tmp_path, "train.max_steps=3", "model.name=resnet18", "model.sync_bn=true",
+        "train.batch_size=16"))
+    assert result.returncode == 0, result.stderr

@@ -1,4 +1,8 @@
-"""Worker functions for tests/test_allreduce.py (run in real gloo processes)."""
+"""Worker functions for tests/test_allreduce.py, run in real gloo processes.
+
+Spawning a process group costs seconds here, so one worker checks everything for its world
+size and returns what it found; torch's own collectives are the reference.
+"""
 
 from __future__ import annotations
 
@@ -11,59 +15,122 @@ from torch import nn
 from train import allreduce
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
-SHAPES = [(0,), (1,), (5,), (7, 3), (2, 3, 5), (1000,), (4097,)]
+# Empty, 0-dim, fewer elements than ranks, not divisible by 2, 3 or 4, several dimensions.
+SHAPES = [(0,), (0, 4), (), (1,), (2,), (5,), (7, 3), (2, 3, 5), (1000,), (4097,)]
+BUCKET_MB = [None, 0.0001, 0.001, 25.0]  # per parameter, tiny, medium, one bucket
+RING_NUMEL = 120  # divisible by 2, 3 and 4: the ring's traffic is exactly 2(n-1)/n of it
 
 
 def _values(shape, dtype, rank: int, seed: int) -> torch.Tensor:
-    """Small integers (exact in every dtype, also when summed), different on every rank."""
-    gen = torch.Generator().manual_seed(seed * 100 + rank)
+    """Small integers, different on every rank: exact in every dtype, also when summed."""
+    gen = torch.Generator().manual_seed(1000 * seed + rank)
     return torch.randint(-8, 9, shape, generator=gen).to(dtype)
 
 
-def compare_with_all_reduce() -> dict:
-    """Both algorithms on every dtype and shape, against dist.all_reduce; also broadcast."""
+def check_all() -> dict:
+    """Everything for this world size: {check: findings}, the same keys on every rank."""
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    mismatches, checked = [], 0
     try:
-        for algorithm, fn in allreduce.ALGORITHMS.items():
-            for dtype in DTYPES:
-                for seed, shape in enumerate(SHAPES):
-                    mine = _values(shape, dtype, rank, seed)
-                    reference = mine.clone()
-                    fn(mine)
-                    dist.all_reduce(reference)
-                    checked += 1
-                    if not torch.equal(mine, reference):
-                        mismatches.append((algorithm, str(dtype), shape))
-            # Random floats: sums in another order, so close rather than equal.
-            mine = torch.randn(3001, generator=torch.Generator().manual_seed(rank))
-            reference = mine.clone()
-            fn(mine)
-            dist.all_reduce(reference)
-            if not torch.allclose(mine, reference, rtol=1e-5, atol=1e-5):
-                mismatches.append((algorithm, "randn", (3001,)))
-            # A non-contiguous tensor is reduced in place too.
-            base = _values((6, 4), torch.float32, rank, 99)
-            view, reference = base.t(), base.t().clone()
-            fn(view)
-            dist.all_reduce(reference)
-            if not torch.equal(base.t(), reference):
-                mismatches.append((algorithm, "transposed", (4, 6)))
-        for shape in SHAPES:
-            for src in range(dist.get_world_size()):
-                mine = _values(shape, torch.float32, rank, 7)
-                expected = _values(shape, torch.float32, src, 7)
-                allreduce.broadcast(mine, src=src)
-                if not torch.equal(mine, expected):
-                    mismatches.append(("broadcast", src, shape))
-        return {"mismatches": mismatches, "checked": checked}
+        return {"allreduce": _allreduce_mismatches(), "broadcast": _broadcast_mismatches(),
+                "group": _group_mismatches(), "ring_sent": _ring_elements_sent(RING_NUMEL),
+                "gradient_sync": {(name, mb): _gradient_sync(name, mb)
+                                  for name in allreduce.ALGORITHMS for mb in BUCKET_MB}}
     finally:
         gc.collect()
         dist.destroy_process_group()
 
 
+def _allreduce_mismatches() -> list[tuple]:
+    """Both algorithms against dist.all_reduce: every dtype and shape, exactly."""
+    rank, mismatches = dist.get_rank(), []
+    for name, fn in allreduce.ALGORITHMS.items():
+        for dtype in DTYPES:
+            for seed, shape in enumerate(SHAPES):
+                mine = _values(shape, dtype, rank, seed)
+                reference = mine.clone()
+                fn(mine)
+                dist.all_reduce(reference)
+                if not (mine.shape == reference.shape and torch.equal(mine, reference)):
+                    mismatches.append((name, str(dtype), shape))
+        # Random floats are summed in another order than gloo's: close, not equal.
+        for dtype in (torch.float32, torch.float64):
+            mine = torch.randn(3001, generator=torch.Generator().manual_seed(rank), dtype=dtype)
+            reference = mine.clone()
+            fn(mine)
+            dist.all_reduce(reference)
+            if not torch.allclose(mine, reference, rtol=1e-6, atol=1e-6):
+                mismatches.append((name, "randn", str(dtype)))
+        # Tensors that are not contiguous are reduced in place too.
+        for base in (_values((6, 4), torch.float32, rank, 99).t(),
+                     _values((2, 3, 5, 4), torch.float32, rank, 98).to(
+                         memory_format=torch.channels_last)):
+            mine, reference = base, base.clone()
+            fn(mine)
+            dist.all_reduce(reference)
+            if not torch.equal(base, reference):
+                mismatches.append((name, "not contiguous", tuple(base.stride())))
+    return mismatches
+
+
+def _broadcast_mismatches() -> list[tuple]:
+    """Every rank as the source, every dtype and shape: each rank ends with src's values."""
+    rank, mismatches = dist.get_rank(), []
+    for src in range(dist.get_world_size()):
+        for dtype in DTYPES:
+            for seed, shape in enumerate(SHAPES):
+                mine = _values(shape, dtype, rank, seed)
+                allreduce.broadcast(mine, src=src)
+                if not torch.equal(mine, _values(shape, dtype, src, seed)):
+                    mismatches.append((src, str(dtype), shape))
+    mine = _values((4, 6), torch.float64, rank, 7).t()
+    allreduce.broadcast(mine, src=0)
+    if not torch.equal(mine, _values((4, 6), torch.float64, 0, 7).t()):
+        mismatches.append((0, "not contiguous", (6, 4)))
+    return mismatches
+
+
+def _group_mismatches() -> list[tuple]:
+    """In a group of ranks 1..n-1 (group ranks differ from global ones; a lone rank at n=2)."""
+    group = dist.new_group(list(range(1, dist.get_world_size())))  # every rank must call it
+    rank, mismatches = dist.get_rank(), []
+    if rank == 0:
+        return mismatches
+    for name, fn in allreduce.ALGORITHMS.items():
+        for seed, shape in enumerate(SHAPES):
+            mine = _values(shape, torch.int64, rank, seed)
+            reference = mine.clone()
+            fn(mine, group=group)
+            dist.all_reduce(reference, group=group)
+            if not torch.equal(mine, reference):
+                mismatches.append((name, shape))
+    for src in range(dist.get_world_size(group)):
+        mine = _values((7, 3), torch.float32, rank, 5)
+        allreduce.broadcast(mine, src=src, group=group)
+        if not torch.equal(mine, _values((7, 3), torch.float32, src + 1, 5)):
+            mismatches.append(("broadcast", src))
+    return mismatches
+
+
+def _ring_elements_sent(numel: int) -> int:
+    """Elements this rank sends during one ring allreduce of `numel` elements."""
+    sent, real = [], dist.P2POp
+
+    def counting(op, tensor, *args, **kwargs):
+        if op is dist.isend:
+            sent.append(tensor.numel())
+        return real(op, tensor, *args, **kwargs)
+
+    dist.P2POp = counting
+    try:
+        allreduce.allreduce_ring(torch.ones(numel))
+    finally:
+        dist.P2POp = real
+    return sum(sent)
+
+
 class Small(nn.Module):
+    """Parameters of 135, 5, 765, 17, 51 and 3 elements, and a frozen layer."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 5, 3)
@@ -73,30 +140,29 @@ class Small(nn.Module):
         self.frozen.requires_grad_(False)
 
 
-def gradient_sync(algorithm: str, bucket_mb: float | None) -> dict:
-    """Every rank has different gradients; after sync all hold the mean, in the same tensors."""
-    dist.init_process_group("gloo")
+def _gradient_sync(algorithm: str, bucket_mb: float | None) -> dict:
+    """Two steps with different gradients on every rank, one missing on some rank each step."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        torch.manual_seed(0)
-        model = Small()
-        params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    model = Small()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sync = allreduce.GradientSync(model.parameters(), algorithm, bucket_mb)
+    buffers = [buffer.data_ptr() for buffer, _ in sync.buckets]
+    errors, same_objects = [], True
+    for step, missing in enumerate([model.fc2.bias, model.conv.bias]):
+        gen = torch.Generator().manual_seed(100 * step + rank)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(rank + 1))
-        model.fc2.bias.grad = None if rank == 1 else model.fc2.bias.grad  # missing on one rank
-        expected = []
-        for p in params:
-            local = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(local)
-            expected.append(local / world)
-        before = [id(p.grad) for p in params]
-        sync = allreduce.GradientSync(model.parameters(), algorithm, bucket_mb)
+            p.grad = torch.randn(p.shape, generator=gen)
+        missing.grad = None if rank == step else missing.grad
+        expected = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for tensor in expected:
+            dist.all_reduce(tensor)
+        before = {p: p.grad for p in params if p.grad is not None}
         sync.sync()
-        same_objects = [id(p.grad) for p in params if p is not model.fc2.bias] == [
-            i for p, i in zip(params, before, strict=True) if p is not model.fc2.bias]
-        errors = [float((p.grad - e).abs().max()) for p, e in zip(params, expected, strict=True)]
-        return {"max_error": max(errors), "same_grad_tensors": same_objects,
-                "bucket_sizes": sync.bucket_sizes, "frozen_grad": model.frozen.weight.grad}
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
+        same_objects &= all(p.grad is grad for p, grad in before.items())
+        errors += [float((p.grad - e / world).abs().max()) for p, e in zip(params, expected,
+                                                                           strict=True)]
+    return {"max_error": max(errors), "same_grad_objects": same_objects,
+            "grads": [p.grad for p in params], "bucket_sizes": sync.bucket_sizes,
+            "buffers_reused": buffers == [buffer.data_ptr() for buffer, _ in sync.buckets],
+            "frozen_grad_is_none": model.frozen.weight.grad is None}

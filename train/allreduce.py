@@ -3,13 +3,15 @@
 Dive into Deep Learning's multi-GPU chapter sums every device's gradients on one device and
 copies the sum back (`allreduce`). Here the devices are torchrun workers, and the only
 primitives are `send`/`recv`/`isend`/`irecv`: no collective from torch.distributed. Two
-algorithms: `naive` (the book's: everything to rank 0 and back; rank 0 moves 2(n-1)·S
-bytes) and `ring` (reduce-scatter then all-gather around a ring; every rank moves
-2(n-1)/n·S bytes, whatever n is). Works on CPU tensors with gloo and CUDA tensors with NCCL.
+algorithms, for a tensor of S bytes on n ranks: `naive` (the book's: everything to rank 0 and
+back; rank 0 sends and receives (n-1)·S bytes each) and `ring` (reduce-scatter then all-gather
+around a ring; every rank sends 2(n-1)/n·S bytes, whatever n is). CPU tensors with gloo and
+CUDA tensors with NCCL alike: no host copies, no `.item()`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -17,6 +19,7 @@ import torch.distributed as dist
 
 
 def _world(group) -> tuple[int, int]:
+    """(this rank, number of ranks) in `group`; None is the default group."""
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -26,7 +29,12 @@ def _peer(group, rank: int) -> int:
 
 
 def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> None:
-    """Send to one neighbour while receiving from the other (both at once: no deadlock)."""
+    """Send to one neighbour while receiving from the other.
+
+    Both are posted together: two blocking sends facing each other would deadlock, and NCCL
+    runs a batch as one group so that neither waits for the other. Empty chunks are skipped on
+    both sides alike (a chunk has the same size on every rank).
+    """
     ops = []
     if send.numel():
         ops.append(dist.P2POp(dist.isend, send, _peer(group, dst), group))
@@ -47,32 +55,34 @@ def _in_place(tensor: torch.Tensor, algorithm: Callable[[torch.Tensor, object], 
         tensor.copy_(flat.view_as(tensor))
 
 
-def broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> None:
-    """In place: every rank ends with `src`'s values (src sends to each rank in turn)."""
+def _broadcast(flat: torch.Tensor, group, src: int) -> None:
     rank, world = _world(group)
-    if world == 1 or tensor.numel() == 0:
+    if rank != src:
+        dist.recv(flat, _peer(group, src), group)
         return
-    if rank == src:
-        requests = [dist.isend(tensor.contiguous(), _peer(group, dst), group)
-                    for dst in range(world) if dst != src]
-        for request in requests:
-            request.wait()
-    elif tensor.is_contiguous():
-        dist.recv(tensor, _peer(group, src), group)
-    else:
-        incoming = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        dist.recv(incoming, _peer(group, src), group)
-        tensor.copy_(incoming)
+    # The source sends to every other rank at once: n-1 messages of the whole tensor.
+    requests = [dist.isend(flat, _peer(group, dst), group) for dst in range(world) if dst != src]
+    for request in requests:
+        request.wait()
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> None:
+    """In place: every rank ends with the values of rank `src` (a rank of `group`)."""
+    world = dist.get_world_size(group)
+    if not 0 <= src < world:
+        raise ValueError(f"broadcast source {src} is not a rank of a group of {world}")
+    if world > 1 and tensor.numel():
+        _in_place(tensor, functools.partial(_broadcast, src=src), group)
 
 
 def _naive(flat: torch.Tensor, group) -> None:
     rank, world = _world(group)
     if rank != 0:
-        # Every rank sends its data to rank 0, then waits for the sum.
+        # Every other rank sends its data to rank 0, then waits for the sum.
         dist.send(flat, _peer(group, 0), group)
         dist.recv(flat, _peer(group, 0), group)
         return
-    # Rank 0 adds everyone's data to its own...
+    # Rank 0 adds everyone's data to its own, one rank after the other (the book's GPU 0)...
     incoming = torch.empty_like(flat)
     for src in range(1, world):
         dist.recv(incoming, _peer(group, src), group)
@@ -91,16 +101,16 @@ def allreduce_naive(tensor: torch.Tensor, group=None) -> None:
 
 def _ring(flat: torch.Tensor, group) -> None:
     rank, world = _world(group)
-    chunks = list(flat.tensor_split(world))  # sizes differ by at most one element
+    chunks = list(flat.tensor_split(world))  # sizes differ by at most one; the first are larger
     right, left = (rank + 1) % world, (rank - 1) % world
-    incoming = torch.empty_like(chunks[0])  # the first chunk is a largest one
+    incoming = torch.empty_like(chunks[0])
     # Reduce-scatter: after n-1 steps rank r holds the full sum of chunk (r+1) mod n.
     for step in range(world - 1):
         send, recv = (rank - step) % world, (rank - step - 1) % world
         buffer = incoming[:chunks[recv].numel()]
         _exchange(chunks[send], right, buffer, left, group)
         chunks[recv] += buffer
-    # All-gather: pass the finished sums around the ring, straight into place.
+    # All-gather: pass the finished sums around the ring, received straight into place.
     for step in range(world - 1):
         send, recv = (rank - step + 1) % world, (rank - step) % world
         _exchange(chunks[send], right, chunks[recv], left, group)
@@ -112,99 +122,102 @@ def allreduce_ring(tensor: torch.Tensor, group=None) -> None:
         _in_place(tensor, _ring, group)
 
 
-ALGORITHMS: dict[str, Callable[..., None]] = {"naive": allreduce_naive, "ring": allreduce_ring}
+ALGORITHMS: dict[str, Callable[[torch.Tensor], None]] = {
+    "naive": allreduce_naive, "ring": allreduce_ring}
 
 
 def split_batch(images: torch.Tensor, labels: torch.Tensor,
                 parts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The book's split_batch: `parts` micro-batches along dim 0, sizes differing by at most
-    one (here for gradient accumulation, inside one worker's share of the batch)."""
+    """The book's split_batch: `parts` micro-batches (views) along dim 0, their sizes in
+    samples differing by at most one; here for gradient accumulation inside one worker."""
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     if not 1 <= parts <= images.shape[0]:
-        raise ValueError(f"cannot split a batch of {images.shape[0]} into {parts} parts")
+        raise ValueError(f"cannot split a batch of {images.shape[0]} samples into {parts} parts")
     return list(zip(images.tensor_split(parts), labels.tensor_split(parts), strict=True))
 
 
 def _buckets(params: list[torch.nn.Parameter],
              bucket_mb: float | None) -> list[list[torch.nn.Parameter]]:
-    """Parameters in reverse registration order (their gradients are ready last to first),
-    grouped by dtype and device into buckets of at most `bucket_mb` MiB."""
-    if bucket_mb is None:
-        return [[p] for p in reversed(params)]
-    cap = bucket_mb * 2**20
+    """Parameters in reverse registration order (backward produces their gradients roughly
+    last to first, as DDP assumes) in buckets of one dtype and device, each of at most
+    `bucket_mb` MiB unless one parameter alone is larger; None: one bucket per parameter."""
+    cap = None if bucket_mb is None else bucket_mb * 2**20  # bytes
     buckets: list[list[torch.nn.Parameter]] = []
-    open_bucket: dict[tuple, list[torch.nn.Parameter]] = {}
-    sizes: dict[tuple, int] = {}
+    filling: dict[tuple, list[torch.nn.Parameter]] = {}  # (dtype, device) -> open bucket
+    filled: dict[tuple, int] = {}  # bytes in it
     for p in reversed(params):
-        key = (p.dtype, p.device)
-        nbytes = p.numel() * p.element_size()
-        if key in open_bucket and sizes[key] + nbytes > cap:
-            del open_bucket[key]
-        if key not in open_bucket:
-            open_bucket[key] = []
-            buckets.append(open_bucket[key])
-            sizes[key] = 0
-        open_bucket[key].append(p)
-        sizes[key] += nbytes
+        key, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
+        if key not in filling or cap is None or filled[key] + nbytes > cap:
+            filling[key], filled[key] = [], 0
+            buckets.append(filling[key])
+        filling[key].append(p)
+        filled[key] += nbytes
     return buckets
 
 
 class GradientSync:
-    """Averages gradients across ranks with one of ALGORITHMS, bucket by bucket."""
+    """Averages gradients across ranks with one of ALGORITHMS, bucket by bucket.
+
+    Every rank must build it from the same parameters in the same order: the messages of the
+    allreduce pair up by position.
+    """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], algorithm: str,
                  bucket_mb: float | None):
+        """`bucket_mb`: MiB of gradients per allreduce; None: one allreduce per parameter."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown allreduce algorithm {algorithm!r}; "
                              f"choose one of {', '.join(ALGORITHMS)}")
-        if bucket_mb is not None and bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be positive; got {bucket_mb}")
+        if bucket_mb is not None and not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be positive (MiB); got {bucket_mb}")
         self.allreduce = ALGORITHMS[algorithm]
-        self.per_parameter = bucket_mb is None
-        self.buckets = _buckets([p for p in params if p.requires_grad], bucket_mb)
         # One flat buffer per bucket, allocated once and reused every step.
-        self.buffers = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype,
-                                    device=b[0].device) for b in self.buckets]
+        trained = [p for p in params if p.requires_grad]
+        self.buckets = [_new_bucket(bucket) for bucket in _buckets(trained, bucket_mb)]
 
     @property
     def bucket_sizes(self) -> list[int]:
-        return [buffer.numel() for buffer in self.buffers]
+        """Elements (not bytes) per bucket, in the order they are synchronized."""
+        return [buffer.numel() for buffer, _ in self.buckets]
 
     def sync(self) -> None:
-        world = dist.get_world_size()
+        """Replace every gradient by its mean over the ranks (after the step's last backward)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
         if world == 1:
             return
-        for params, buffer in zip(self.buckets, self.buffers, strict=True):
-            if self.per_parameter:
-                self._sync_one(params[0], world)
-            else:
-                self._sync_bucket(params, buffer, world)
+        for buffer, views in self.buckets:
+            # Flatten: the bucket's gradients into its buffer.
+            _flatten(views)
+            # Allreduce: one exchange of messages for the whole bucket, then the mean.
+            self.allreduce(buffer)
+            buffer.div_(world)
+            # Copy back INTO each gradient tensor: rebinding p.grad to a temporary instead is
+            # how the book's replicas once drifted apart silently (d2l #955).
+            _copy_back(views)
 
-    def _sync_one(self, p: torch.nn.Parameter, world: int) -> None:
-        # The book's way: one allreduce per gradient tensor, in place.
+
+def _new_bucket(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[tuple]]:
+    """Room for the gradients of `params` end to end (uninitialized, on their device), and
+    (parameter, its slice of it viewed in the parameter's shape) for each."""
+    buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
+                         device=params[0].device)
+    parts = buffer.split([p.numel() for p in params])
+    return buffer, [(p, part.view(p.shape)) for p, part in zip(params, parts, strict=True)]
+
+
+def _flatten(views: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Each gradient into its slice of the bucket; a missing gradient counts as zeros."""
+    for p, view in views:
         if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        self.allreduce(p.grad)
-        p.grad.div_(world)
+            view.zero_()  # not last step's values: the buffer is reused
+        else:
+            view.copy_(p.grad)
 
-    def _sync_bucket(self, params: list[torch.nn.Parameter], buffer: torch.Tensor,
-                     world: int) -> None:
-        # Flatten: the bucket's gradients into one contiguous buffer (missing ones as zeros).
-        offset = 0
-        for p in params:
-            part = buffer[offset:offset + p.numel()]
-            if p.grad is None:
-                part.zero_()
-            else:
-                part.copy_(p.grad.reshape(-1))  # logical order, also for channels_last grads
-            offset += p.numel()
-        # Allreduce: one message exchange for the whole bucket, then the mean.
-        self.allreduce(buffer)
-        buffer.div_(world)
-        # Copy back INTO each gradient tensor; rebinding p.grad to a temporary instead is
-        # how the book's replicas once drifted apart silently (d2l #955).
-        offset = 0
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-            p.grad.copy_(buffer[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+
+def _copy_back(views: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Each slice of the bucket into its gradient tensor, which stays the same object."""
+    for p, view in views:
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(view)

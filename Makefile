@@ -23,7 +23,7 @@ OUT ?=
 LAUNCH_FLAGS = --mode $(MODE) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare plot doctor bench-overhead lint clean
+.PHONY: venv train test compare bench peers plot doctor bench-overhead lint clean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,14 @@ plot: venv
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv
 	$(PY) -m launch.doctor $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
+
+# make bench: scaling, allreduce bandwidth, overlap, overhead, peers -> reports/bench.
+bench: venv
+	$(PY) -m train.bench $(ARGS)
+
+# The optional peers `make bench` compares against (PyTorch Lightning, HF Accelerate).
+peers: venv
+	$(VENV)/bin/pip install --quiet --quiet -r requirements-peers.txt
 
 bench-overhead: venv
 	$(PY) -m train.bench.overhead $(ARGS)

@@ -13,9 +13,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """Build a registered model for inputs of shape (in_channels, image_size, image_size)."""
-    return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int,
+                init: str = "book") -> nn.Module:
+    """Build a registered model for inputs of shape (in_channels, image_size, image_size).
+
+    init "book": weights drawn from N(0, 0.01^2) as in the book (LeNet then needs a few
+    hundred steps before it starts to learn); "torch": PyTorch's default initialization.
+    """
+    model = MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if init == "torch":
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.reset_parameters()
+    return model
 
 
 __all__ = ["MODELS", "LeNet", "build_model", "resnet18"]

@@ -62,4 +62,4 @@ def _initial_params():
     from models import build_model
 
     torch.manual_seed(0)
-    return build_model("lenet", 1, 10, 28).state_dict()
+    return build_model("lenet", 1, 10, 28, init="torch").state_dict()

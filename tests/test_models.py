@@ -37,3 +37,15 @@ def test_models_know_nothing_about_parallelism():
         net = build_model(name, 1, 10, 28)
         assert not isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel))
         assert all(p.device.type == "cpu" for p in net.parameters())
+
+
+def test_book_init_is_small_normal_and_torch_init_is_pytorchs():
+    torch.manual_seed(0)
+    book = build_model("lenet", 1, 10, 28, init="book")
+    torch.manual_seed(0)
+    default = build_model("lenet", 1, 10, 28, init="torch")
+    weight = book.classifier[1].weight
+    assert abs(weight.std().item() - 0.01) < 0.001 and book.classifier[1].bias.abs().max() == 0
+    # PyTorch's Linear init: uniform in +-1/sqrt(fan_in) = +-0.035 for 800 inputs.
+    assert default.classifier[1].weight.abs().max() <= 1 / 800**0.5 + 1e-6
+    assert default.classifier[1].weight.std() > 2 * weight.std()

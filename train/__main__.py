@@ -98,7 +98,7 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Single, run: RunFolde
     train_set, test_set = load_data(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, train_set.channels, train_set.num_classes,
-                        train_set.image_size)
+                        train_set.image_size, init=cfg.model.init)
     return Trainer(
         cfg, ctx, strategy, model,
         train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.seed,

@@ -26,6 +26,7 @@ from train.errors import UserError
 class ModelConfig:
     name: str = "lenet"  # a name in models.MODELS: lenet | resnet18
     sync_bn: bool = False  # SyncBatchNorm across GPUs (ResNet; off as in the book: per-device)
+    init: Literal["book", "torch"] = "torch"  # book: N(0, 0.01) weights; torch: its defaults
 
 
 @dataclass

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from models import LeNet
-from train.config import SyntheticConfig
+from models import build_model
+from train.config import SyntheticConfig, load_config
 from train.data import make_synthetic
+
+
+def lenet() -> torch.nn.Module:
+    """LeNet initialized as configs/default.yaml says (`make train` is what we compare)."""
+    init = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml").model.init
+    return build_model("lenet", 1, 10, 28, init=init)
 
 
 def main() -> None:
@@ -42,7 +49,7 @@ def main() -> None:
     labels = data.labels
 
     torch.manual_seed(0)
-    model = DistributedDataParallel(LeNet())
+    model = DistributedDataParallel(lenet())
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sampler = DistributedSampler(range(len(labels)), num_replicas=world, rank=rank, seed=0,
                                  drop_last=True)

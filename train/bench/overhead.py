@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +28,7 @@ def ours(workers: int, epochs: int, train_samples: int) -> list[float]:
         subprocess.run([sys.executable, "-m", "launch", "--cpu", "--gpus", str(workers),
                         str(REPO / "configs" / "default.yaml"), f"run.dir={tmp}/run",
                         f"train.epochs={epochs}", f"data.synthetic.train_samples={train_samples}",
-                        "data.synthetic.test_samples=1000"],
+                        "data.synthetic.test_samples=1000", "wandb.mode=disabled"],
                        cwd=REPO, check=True, capture_output=True, text=True)
         lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["samples_per_s"] for line in lines]
@@ -37,15 +39,25 @@ def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
                           f"--nproc-per-node={workers}", "-m", "train.bench.minimal_ddp",
                           f"--epochs={epochs}", f"--train-samples={train_samples}"],
                          cwd=REPO, check=True, capture_output=True, text=True,
-                         env={**_env(), "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     return [json.loads(line)["samples_per_s"] for line in out.stdout.splitlines()
             if line.startswith("{")]
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+def measure(rounds: int, epochs: int, workers: int, samples: int) -> dict[str, Any]:
+    """Alternate the two; the median samples/s of each over all counted epochs."""
+    figures: dict[str, list[float]] = {"ours": [], "minimal": []}
+    for r in range(rounds):
+        for name, fn in (("ours", ours), ("minimal", minimal)):
+            epochs_after_warmup = fn(workers, epochs, samples)[1:]
+            figures[name].extend(epochs_after_warmup)
+            print(f"overhead round {r + 1}/{rounds} {name:8s} " +
+                  " ".join(f"{x:,.0f}" for x in epochs_after_warmup) + " samples/s", flush=True)
+    med = {name: statistics.median(values) for name, values in figures.items()}
+    ratio = med["ours"] / med["minimal"]
+    return {"workers": workers, "global_batch": 256, "median_samples_per_s": med,
+            "ratio_ours_over_minimal": ratio, "overhead_percent": (1 - ratio) * 100,
+            "epochs_counted": {k: len(v) for k, v in figures.items()}, "raw": figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,22 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=24_000)
     parser.add_argument("--out", default=str(REPO / "reports" / "overhead"))
     args = parser.parse_args(argv)
-
-    figures: dict[str, list[float]] = {"ours": [], "minimal": []}
-    for r in range(args.rounds):
-        for name, fn in (("ours", ours), ("minimal", minimal)):
-            epochs = fn(args.workers, args.epochs, args.train_samples)[1:]
-            figures[name].extend(epochs)
-            print(f"round {r + 1}/{args.rounds} {name:8s} " +
-                  " ".join(f"{x:,.0f}" for x in epochs) + " samples/s", flush=True)
-    med = {name: statistics.median(values) for name, values in figures.items()}
-    ratio = med["ours"] / med["minimal"]
-    result = {"workers": args.workers, "global_batch": 256, "median_samples_per_s": med,
-              "ratio_ours_over_minimal": ratio, "overhead_percent": (1 - ratio) * 100,
-              "epochs_counted": {k: len(v) for k, v in figures.items()}, "raw": figures}
+    result = measure(args.rounds, args.epochs, args.workers, args.train_samples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    med, ratio = result["median_samples_per_s"], result["ratio_ours_over_minimal"]
     print(f"\nmake train: {med['ours']:,.0f} samples/s   minimal DDP loop: "
           f"{med['minimal']:,.0f} samples/s   ratio {ratio:.3f}  "
           f"(overhead {(1 - ratio) * 100:+.1f}%; target <= 3%)")

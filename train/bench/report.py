@@ -1,0 +1,122 @@
+"""bench.md and bench.png from the figures `make bench` measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 2**10} KiB"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        met = {True: "yes", False: "no", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} |")
+
+    lines += ["", "## Scaling (one thread per worker, LeNet, global batch 256)", "",
+              "| path | workers | samples/s | speedup | efficiency |", "|---|---|---|---|---|"]
+    for path, counts in report["scaling"].items():
+        for n, r in counts.items():
+            lines.append(f"| {path} | {n} | {r['samples_per_s']:,.0f} | {r['speedup']:.2f}x | "
+                         f"{r['efficiency']:.0%} |")
+
+    ar = report["allreduce"]
+    copy = ar["copy_bandwidth_GBps"]
+    n = ar["world_size"]
+    lines += ["", f"## Allreduce, {n} ranks ({ar['device']}; copy bandwidth {copy:.2f} GB/s)", "",
+              "algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests); ring bound = the time "
+              "to move 2(n-1)/n of the bytes at the copy bandwidth; fraction = bound / time.", "",
+              "| size | torch ms | ring ms | naive ms | torch busbw | ring busbw | naive busbw | "
+              "ring / torch | ring vs bound |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in ar["rows"]:
+        bound = 2 * (n - 1) / n * r["bytes"] / (copy * 1e9)
+        lines.append(
+            f"| {_size(r['bytes'])} | {1000 * r['torch']['seconds']:.2f} | "
+            f"{1000 * r['ring']['seconds']:.2f} | {1000 * r['naive']['seconds']:.2f} | "
+            f"{r['torch']['busbw_GBps']:.2f} | {r['ring']['busbw_GBps']:.2f} | "
+            f"{r['naive']['busbw_GBps']:.2f} | "
+            f"{r['ring']['algbw_GBps'] / r['torch']['algbw_GBps']:.2f} | "
+            f"{bound / r['ring']['seconds']:.0%} |")
+
+    s = report["resnet_sync"]
+    lines += ["", f"## ResNet-18 gradients ({s['tensors']} tensors, {s['bytes'] / 1e6:.0f} MB)",
+              "", "| how | ms |", "|---|---|"]
+    for key in ("torch_per_parameter", "torch_flat", "ring_per_parameter", "ring_bucketed_25mb"):
+        lines.append(f"| {key.replace('_', ' ')} | {1000 * s[key]:.1f} |")
+
+    d = report["ddp"]
+    lines += ["", f"## DDP on ResNet-18 (batch {d['batch_per_worker']} per worker)", "",
+              "| bucket_cap_mb | step ms |", "|---|---|"]
+    lines += [f"| {cap} | {1000 * t:.0f} |" for cap, t in d["bucket_sweep_s"].items()]
+    lines += ["", "Overlap: a step with sync takes "
+              f"{1000 * d['step_s']:.0f} ms; without sync (no_sync) "
+              f"{1000 * d['compute_only_s']:.0f} ms; the allreduce of all gradients alone "
+              f"{1000 * d['sync_only_s']:.0f} ms. "
+              f"Hidden behind backward: compute + sync - step = {1000 * d['hidden_sync_s']:.0f} "
+              f"ms, {d['hidden_fraction']:.0%} of the sync."]
+
+    o = report["overhead"]
+    lines += ["", "## Framework overhead (identical knobs, alternating runs)", "",
+              f"`make train` {o['median_samples_per_s']['ours']:,.0f} samples/s, minimal DDP loop "
+              f"{o['median_samples_per_s']['minimal']:,.0f} samples/s: ratio "
+              f"{o['ratio_ours_over_minimal']:.3f} ({o['overhead_percent']:+.1f}% overhead)."]
+    if report["peers"]:
+        lines += ["", "## Against a plain loop and peers (their default settings)", "",
+                  "| loop | samples/s | our epoch time / theirs |", "|---|---|---|"]
+        for name, p in report["peers"].items():
+            if "skipped" in p:
+                lines.append(f"| {name} | skipped: {p['skipped']} | |")
+            else:
+                lines.append(f"| {name} | {p['samples_per_s']:,.0f} | "
+                             f"{p['our_epoch_time_ratio']:.2f} |")
+    lines += ["", f"{report['cores']} cores; {report['seconds']:.0f} s in all."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0][0]
+    for path_name, counts in report["scaling"].items():
+        ax.plot(list(counts), [r["samples_per_s"] for r in counts.values()], marker="o",
+                label=path_name)
+    ax.set(title="scaling (one thread per worker)", xlabel="workers", ylabel="samples/s")
+    ax.legend()
+    ax = axes[0][1]
+    rows = report["allreduce"]["rows"]
+    for name in ("torch", "ring", "naive"):
+        ax.plot([r["bytes"] for r in rows], [r[name]["busbw_GBps"] for r in rows], marker="o",
+                label=name)
+    ax.set(xscale="log", title="allreduce bus bandwidth", xlabel="bytes", ylabel="GB/s")
+    ax.legend()
+    ax = axes[1][0]
+    s = report["resnet_sync"]
+    keys = ("torch_per_parameter", "torch_flat", "ring_per_parameter", "ring_bucketed_25mb")
+    bars = ax.bar(range(4), [1000 * s[k] for k in keys], color=["C0", "C0", "C1", "C1"])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_xticks(range(4), [k.replace("_", "\n") for k in keys], fontsize=8)
+    ax.set(title="ResNet-18 gradient sync", ylabel="ms")
+    ax = axes[1][1]
+    names, ratios = [], []
+    for name, p in report["peers"].items():
+        if "our_epoch_time_ratio" in p:
+            names.append(name)
+            ratios.append(p["our_epoch_time_ratio"])
+    names.append("minimal loop,\nsame knobs")
+    ratios.append(1 / report["overhead"]["ratio_ours_over_minimal"])
+    bars = ax.bar(range(len(names)), ratios)
+    ax.bar_label(bars, fmt="%.2f")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set(title="our epoch time / theirs (lower is faster)", ylabel="ratio")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "default.yaml")
 PATHS = {"ddp": ["--mode", "ddp"], "scratch ring": ["--mode", "scratch", "scratch.algorithm=ring"],
          "scratch naive": ["--mode", "scratch", "scratch.algorithm=naive"]}
-
-
-def spawn(fn: Callable[[], dict], world_size: int, timeout: float = 600) -> dict:
-    """Run `fn` in `world_size` fresh processes with torchrun's variables; rank 0's result."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, queue))
-             for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=timeout) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-    if isinstance(results[0], BaseException):
-        raise results[0]
-    return results[0]
-
-
-def _worker(fn, rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    try:
-        queue.put((rank, fn()))
-    except Exception as exc:  # noqa: BLE001 - handed to the parent
-        queue.put((rank, RuntimeError(f"rank {rank}: {exc!r}")))
 
 
 def launch_epochs(workers: int, *extra: str, epochs: int = 3, samples: int = 12_000) -> float:
@@ -157,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     report: dict[str, Any] = {"cores": cores}
     report["scaling"] = scaling(max(2, min(cores, 4)))
-    report["allreduce"] = spawn(comm.allreduce_sweep, 2)
+    report["allreduce"] = comm.spawn(comm.allreduce_sweep, 2)
     print("bench: allreduce sweep done", flush=True)
-    report["resnet_sync"] = spawn(comm.resnet_gradient_sync, 2)
-    report["ddp"] = spawn(comm.ddp_buckets_and_overlap, 2)
+    report["resnet_sync"] = comm.spawn(comm.resnet_gradient_sync, 2)
+    report["ddp"] = comm.spawn(comm.ddp_buckets_and_overlap, 2)
     print("bench: DDP bucket sweep and overlap done", flush=True)
     report["overhead"] = overhead.measure(args.rounds, epochs=3, workers=2, samples=24_000)
     ours = report["overhead"]["median_samples_per_s"]["ours"]

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +26,36 @@ from models import build_model
 from train import allreduce
 
 SIZES = [4 * 2**10 * 4**i for i in range(8)]  # 4 KiB ... 64 MiB
+
+
+def spawn(fn: Callable[[], dict], world_size: int, timeout: float = 600) -> dict:
+    """Run `fn` in `world_size` fresh processes with torchrun's variables; rank 0's result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, queue))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    if isinstance(results[0], BaseException):
+        raise results[0]
+    return results[0]
+
+
+def _worker(fn, rank: int, world_size: int, port: int, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        queue.put((rank, fn()))
+    except Exception as exc:  # noqa: BLE001 - handed to the parent
+        queue.put((rank, RuntimeError(f"rank {rank}: {exc!r}")))
 
 
 def _setup() -> tuple[int, int, torch.device]:

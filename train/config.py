@@ -32,10 +32,10 @@ class ModelConfig:
 @dataclass
 class SyntheticConfig:
     train_samples: int = 24_000  # generated in memory from `seed`
-    test_samples: int = 5_000
+    test_samples: int = 5_000  # the test set, drawn from the same distribution
     channels: int = 1  # 1x28x28 (Fashion-MNIST-shaped) or 3x32x32 (CIFAR-shaped)
-    image_size: int = 28
-    num_classes: int = 10
+    image_size: int = 28  # pixels per side
+    num_classes: int = 10  # one smooth random prototype per class
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
+    epochs: int = 6  # passes over the training set
     batch_size: int = 256  # GLOBAL batch per optimizer step, split evenly across workers
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     grad_accum_steps: int = 1  # micro-batches per optimizer step (no gradient sync but the last)
@@ -61,9 +61,9 @@ class TrainConfig:
 class OptimConfig:
     lr: float = 0.1  # peak learning rate (after warmup)
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = 5e-4  # L2 penalty, applied by SGD
+    nesterov: bool = False  # Nesterov momentum
+    schedule: Literal["constant", "cosine"] = "cosine"  # after the warmup
     warmup_steps: int = 0  # linear warmup from 0 to `lr` over this many optimizer steps
     min_lr: float = 0.0  # where the cosine schedule ends
     scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
@@ -75,7 +75,7 @@ class PerfConfig:
     channels_last: bool = False  # NHWC memory format for model and inputs
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: runs >= min_steps
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
-                          "max-autotune-no-cudagraphs"] = "default"
+                          "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
     compile_min_steps: int = 2000  # auto compiles runs this long (LeNet breaks even at ~1,600)
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest conv algorithms (GPU)
 
@@ -123,10 +123,10 @@ class DebugConfig:
     """Faults planted on purpose, so tests can show they are caught. Never set in real runs."""
 
     stall_rank: int = -1  # this rank sleeps `stall_seconds` inside step `stall_step` (1-based)
-    stall_step: int = 0
-    stall_seconds: float = 0.0
+    stall_step: int = 0  # see stall_rank
+    stall_seconds: float = 0.0  # see stall_rank
     desync_rank: int = -1  # this rank perturbs its parameters after step `desync_step`
-    desync_step: int = 0
+    desync_step: int = 0  # see desync_rank
     unused_parameter: bool = False  # give the model a parameter its forward never uses
     skip_set_epoch: bool = False  # forget sampler.set_epoch: every epoch the same order
     pad_eval: bool = False  # evaluate with DistributedSampler's padding (duplicates)
@@ -153,11 +153,11 @@ class DistConfig:
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with
     # credentials (WANDB_API_KEY or `wandb login`), else offline into run.dir/wandb
-    project: str = "dptrain"
-    entity: str | None = None
+    project: str = "dptrain"  # the wandb project
+    entity: str | None = None  # team or user; default: your wandb default entity
     name: str | None = None  # default: run.name
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # runs of one group sit side by side (make compare sets it)
+    tags: list[str] = field(default_factory=list)  # free labels
 
 
 @dataclass

@@ -84,8 +84,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m <args>` from the repo (or `cwd`), as a user types it; output captured."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    """`python -m <args>` from the repo (or `cwd`), as a user types it; output captured.
+
+    Hermetic for wandb: no credentials are visible, so `wandb.mode=auto` logs offline."""
+    base = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    full_env = {**base, "NETRC": os.devnull, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([PYTHON, "-m", *args], cwd=cwd or REPO, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
 

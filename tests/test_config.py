@@ -42,7 +42,7 @@ def test_shipped_configs_load_with_the_book_settings():
 def test_default_config_is_lenet_on_synthetic_data_with_ddp():
     cfg = load_config(DEFAULT)
     assert (cfg.mode, cfg.model.name, cfg.data.name, cfg.wandb.mode) == (
-        "ddp", "lenet", "synthetic", "disabled")
+        "ddp", "lenet", "synthetic", "auto")
 
 
 def test_overrides_are_typed_and_nested():

@@ -99,7 +99,9 @@ class Trainer:
         self.state = TrainState()
         self.totals = self._zeros()  # this epoch so far: [loss sum, correct, samples]
         self.timer = StepTimer(ctx.device)
-        self.stop = StopRequest(ctx, grace_s=min(cfg.dist.timeout_s, 30.0))
+        # Agreeing on a stop reads a flag back from the device: on GPUs only every 10 steps.
+        self.stop = StopRequest(ctx, grace_s=min(cfg.dist.timeout_s, 30.0),
+                                every=10 if ctx.device.type == "cuda" else 5)
         self.sync_check = SyncChecker(cfg.check, ctx)
         self.ledger = SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None)
         self.faults = Faults(cfg.debug, ctx)

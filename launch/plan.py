@@ -65,13 +65,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     nproc, note = count_workers(args.gpus, kind)
     backend = backend_for(kind, cfg.dist.backend)
     threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
-    if kind == "cpu" and cfg.mode != "dp":
-        note += f", {threads} thread(s) each ({usable_cores()} usable cores)"
+    note = worker_note(cfg, kind, nproc, note)
     if args.max_restarts < 0:
         raise UserError(f"--max-restarts must not be negative; got {args.max_restarts}")
     worker_args = [str(args.config), *overrides]
     if cfg.mode == "dp":
-        return _dp_plan(args, cfg, kind, nproc, threads, worker_args)
+        return _dp_plan(args, cfg, kind, nproc, threads, worker_args, note)
     check_world_size(cfg, nproc * args.nnodes)
     if args.node_rank == 0:
         check_run_dir(cfg)
@@ -90,20 +89,28 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def _dp_plan(args: argparse.Namespace, cfg: Config, kind: str, gpus: int, threads: int,
-             worker_args: list[str]) -> Plan:
+             worker_args: list[str], note: str) -> Plan:
     """DataParallel: ONE process on one node that drives `gpus` GPUs itself."""
     if args.nnodes > 1:
         raise UserError("mode dp runs one process on one node; several nodes need mode ddp or "
                         "scratch")
     check_run_dir(cfg)
     ensure_available(cfg)
+    return Plan(cfg, 1, 1, 0, kind, "none", usable_cores() if kind == "cpu" else threads, [],
+                worker_args, note)
+
+
+def worker_note(cfg: Config, kind: str, nproc: int, counted: str) -> str:
+    """What the console says about the workers (`counted`: from count_workers)."""
+    if cfg.mode == "dp":
+        if kind == "cpu":
+            return (f"mode dp: one process on the CPU ({usable_cores()} threads); DataParallel "
+                    f"has nothing to split there (no GPUs)")
+        return f"mode dp: one process, DataParallel over {nproc} GPU(s)"
     if kind == "cpu":
-        note = (f"mode dp: one process on the CPU ({threads} threads); DataParallel has "
-                f"nothing to split there (no GPUs)")
-        threads = usable_cores()
-    else:
-        note = f"mode dp: one process, DataParallel over {gpus} GPU(s)"
-    return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, note)
+        threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
+        return f"{counted}, {threads} thread(s) each ({usable_cores()} usable cores)"
+    return counted
 
 
 def count_workers(requested: int | None, kind: str) -> tuple[int, str]:

@@ -113,6 +113,11 @@ def _draw(prototypes: torch.Tensor, n: int, side: int, gen: torch.Generator):
 # --- torchvision -----------------------------------------------------------------------------
 
 
+def torchvision_class(name: str):
+    """The torchvision dataset class behind `data.name` (for its download URLs too)."""
+    return _torchvision_classes()[name]
+
+
 def _torchvision_classes():
     import torchvision.datasets as tvd
 

@@ -299,8 +299,9 @@ class Trainer:
         if train["probe_sync_ms"] is not None:  # DDP: sync hides inside compute; split it out
             timing["sync"] = min(train["probe_sync_ms"], timing["compute"])
             timing["compute"] -= timing["sync"]
+        step_ms = sum(timing[p] for p in PHASES)
         local = torch.tensor([*train["totals"].tolist(), *(timing[p] for p in PHASES),
-                              peak_memory_mb(self.ctx.device)], dtype=torch.float64,
+                              peak_memory_mb(self.ctx.device), step_ms], dtype=torch.float64,
                              device=self.ctx.device)
         high = local[3:].clone()
         if self.ctx.distributed:
@@ -325,7 +326,8 @@ class Trainer:
         for i, phase in enumerate(PHASES):
             record[f"time_{phase}_ms"] = means[i]
             record[f"time_{phase}_ms_max"] = highs[i]
-        record["peak_memory_mb"], record["peak_memory_mb_max"] = means[-1], highs[-1]
+        record["peak_memory_mb"], record["peak_memory_mb_max"] = means[-2], highs[-2]
+        record["time_step_ms_max"] = highs[-1]  # the slowest rank's whole step
         return record
 
     def seen_indices(self) -> list[int]:

@@ -75,7 +75,7 @@ def _teardown() -> None:
     dist.destroy_process_group()
 
 
-def _time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+def time_collective(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median seconds of `fn` over `repeats` runs, all ranks starting together."""
     fn()  # warm-up (connections, allocations)
     times = []
@@ -119,7 +119,7 @@ def allreduce_sweep() -> dict:
             for name, fn in (("torch", lambda t=tensor: dist.all_reduce(t)),
                              ("ring", lambda t=tensor: allreduce.allreduce_ring(t)),
                              ("naive", lambda t=tensor: allreduce.allreduce_naive(t))):
-                seconds = _time(fn, device, repeats)
+                seconds = time_collective(fn, device, repeats)
                 algbw = size / seconds
                 row[name] = {"seconds": seconds, "algbw_GBps": algbw / 1e9,
                              "busbw_GBps": algbw * 2 * (world - 1) / world / 1e9}
@@ -148,11 +148,12 @@ def resnet_gradient_sync() -> dict:
         bucketed = allreduce.GradientSync(params, "ring", 25.0)
         result = {
             "tensors": len(params), "bytes": flat.numel() * 4,
-            "torch_per_parameter": _time(lambda: [dist.all_reduce(p.grad) for p in params],
+            "torch_per_parameter": time_collective(
+                lambda: [dist.all_reduce(p.grad) for p in params],
                                          device, 3),
-            "torch_flat": _time(lambda: dist.all_reduce(flat), device, 3),
-            "ring_per_parameter": _time(per_parameter.sync, device, 3),
-            "ring_bucketed_25mb": _time(bucketed.sync, device, 3),
+            "torch_flat": time_collective(lambda: dist.all_reduce(flat), device, 3),
+            "ring_per_parameter": time_collective(per_parameter.sync, device, 3),
+            "ring_bucketed_25mb": time_collective(bucketed.sync, device, 3),
             "buckets_25mb": len(bucketed.buckets),
         }
         return result
@@ -174,16 +175,16 @@ def ddp_buckets_and_overlap(batch: int = 8) -> dict:
             step = _forward_backward(model, images, labels)
             for _ in range(2):
                 step()  # DDP rebuilds its buckets after the first iteration
-            sweep[cap] = _time(step, device, 3)
+            sweep[cap] = time_collective(step, device, 3)
             del model
         model = DistributedDataParallel(_resnet(device), bucket_cap_mb=25,
                                         device_ids=[rank] if device.type == "cuda" else None)
         step = _forward_backward(model, images, labels)
-        with_sync = _time(step, device, 3)
+        with_sync = time_collective(step, device, 3)
         with model.no_sync():
-            compute_only = _time(step, device, 3)
+            compute_only = time_collective(step, device, 3)
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        sync_only = _time(lambda: dist.all_reduce(flat), device, 3)
+        sync_only = time_collective(lambda: dist.all_reduce(flat), device, 3)
         hidden = max(0.0, compute_only + sync_only - with_sync)
         return {"batch_per_worker": batch, "bucket_sweep_s": sweep, "step_s": with_sync,
                 "compute_only_s": compute_only, "sync_only_s": sync_only,

@@ -1,0 +1,103 @@
+"""`python -m train.plot` on run folders made by the real launcher."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import REPO, run_cli, small_run
+from train.plot import PHASES, load_runs, plot_curves, plot_step_time
+
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    """Two real runs of 2 epochs: 2 CPU workers, and 1 worker."""
+    root = tmp_path_factory.mktemp("runs")
+    made = []
+    for name, flags in (("two-workers", []), ("one-worker", ["--gpus", "1"])):
+        result = run_cli("launch", "--cpu", *flags, CONFIG,
+                         *small_run(root / name, "train.max_steps=8"))
+        assert result.returncode == 0, result.stderr
+        made.append(root / name)
+    return made
+
+
+@pytest.mark.slow
+def test_cli_writes_pngs_into_the_first_run(runs):
+    result = run_cli("train.plot", *map(str, runs))
+    assert result.returncode == 0, result.stderr
+    written = [runs[0] / "plots" / "curves.png", runs[0] / "plots" / "step_time.png"]
+    assert result.stdout.split() == [str(p) for p in written]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= 600 and image.height >= 400
+
+
+@pytest.mark.slow
+def test_out_folder(runs, tmp_path):
+    result = run_cli("train.plot", str(runs[1]), "--out", str(tmp_path / "figs"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png",
+                                                                     "step_time.png"]
+
+
+@pytest.mark.slow
+def test_curves_show_each_runs_metrics(runs):
+    fig = plot_curves(load_runs([str(r) for r in runs]))
+    loss_ax = fig.axes[0]
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    legend = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    for run_dir, workers in zip(runs, ("2 workers", "1 worker"), strict=True):
+        label = f"{run_dir.name} (ddp, {workers})"
+        assert label in legend
+        records = read_metrics(run_dir)
+        assert len(records) == 2
+        for suffix, key in (("", "train_loss"), (": train acc", "train_accuracy"),
+                            (": test acc", "test_accuracy")):
+            line = lines[label + suffix]
+            assert list(line.get_xdata()) == [r["epoch"] for r in records]
+            assert list(line.get_ydata()) == [r[key] for r in records]
+
+
+@pytest.mark.slow
+def test_step_time_bars_are_the_mean_phase_times(runs):
+    fig = plot_step_time(load_runs([str(r) for r in runs]))
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if p.get_width() == pytest.approx(0.6)]
+    assert len(bars) == len(PHASES) * len(runs)
+    texts = [t.get_text() for t in ax.texts]
+    for i, run_dir in enumerate(runs):
+        records = read_metrics(run_dir)
+        heights = [b.get_height() for b in bars[i * len(PHASES):(i + 1) * len(PHASES)]]
+        want = [statistics.fmean(r[f"time_{p}_ms"] for r in records) for p in PHASES]
+        assert heights == pytest.approx(want)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert f"{summary['samples_per_s']:,.0f} samples/s" in texts
+    note = "".join(t.get_text() for t in fig.texts).replace("\n    ", " ")
+    assert f"{runs[0].name}: sync {read_metrics(runs[0])[0]['sync_method']}" in note
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "has no metrics.jsonl"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "is empty"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("{oops\n")), "not valid JSON"),
+], ids=["missing", "no-metrics", "empty", "bad-json"])
+def test_bad_run_is_one_line_and_exit_2(tmp_path, setup, message):
+    run_dir = tmp_path / "run"
+    setup(run_dir)
+    result = run_cli("train.plot", str(run_dir))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr and str(run_dir) in result.stderr

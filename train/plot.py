@@ -1,0 +1,244 @@
+"""`python -m train.plot RUN [RUN ...] [--out DIR]`: PNGs of one or several run folders.
+
+- `curves.png`: train loss, train accuracy and test accuracy per epoch, one colour per run
+  (the plots of Dive into Deep Learning's training chapters);
+- `step_time.png`: milliseconds per step spent waiting for data, in forward+backward, in
+  gradient sync and in the optimizer, as stacked bars (mean over ranks, averaged over epochs),
+  with the slowest rank marked and samples/s above each bar; a note says how each run's sync
+  time was obtained.
+
+Everything is read from the run folders (`metrics.jsonl`, `summary.json`, `config.yaml`);
+nothing is recomputed. The default output folder is `<first RUN>/plots/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.figure import Figure  # no pyplot: no display, no global figure registry
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from train.errors import EXIT_USER_ERROR, UserError
+
+PHASES = ("data", "compute", "sync", "optim")
+PHASE_COLORS = {"data": "#9e9e9e", "compute": "#4c72b0", "sync": "#dd8452", "optim": "#55a868"}
+SLOWEST = "slowest rank's\nwhole step"
+REQUIRED = ("epoch", "train_loss", "train_accuracy", "test_accuracy")
+
+
+@dataclass
+class Run:
+    """One run folder as read from disk: its name, how it ran, and one record per epoch."""
+
+    path: Path
+    name: str
+    mode: str
+    world_size: int
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        workers = "worker" if self.world_size == 1 else "workers"
+        return f"{self.name} ({self.mode}, {self.world_size} {workers})"
+
+    def series(self, key: str) -> list[float]:
+        """One value per epoch (NaN where an epoch lacks the key)."""
+        return [float(r.get(key, math.nan)) for r in self.records]
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; a folder that is missing or holds no epoch yet is a UserError."""
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"run folder {folder} {what}")
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{folder} has no metrics.jsonl (not a run folder, or no epoch finished)")
+    records = _read_records(metrics)
+    config = _read_mapping(folder / "config.yaml", yaml.safe_load)
+    summary = _read_mapping(folder / "summary.json", json.loads)
+    last = records[-1]
+    name = (config.get("run") or {}).get("name") or folder.resolve().name
+    mode = str(last.get("mode") or config.get("mode") or "?")
+    world_size = int(last.get("world_size") or summary.get("world_size") or 1)
+    return Run(folder, str(name), mode, world_size, records, summary)
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    """Several runs; runs that share a name are told apart by their folder."""
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = str(run.path)
+    return runs
+
+
+def _read_records(metrics: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{metrics}: line {number} is not valid JSON") from None
+        missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise UserError(f"{metrics}: line {number} lacks {', '.join(missing)}")
+        records.append(record)
+    if not records:
+        raise UserError(f"{metrics} is empty: the run has not finished an epoch yet")
+    return records
+
+
+def _read_mapping(path: Path, parse) -> dict[str, Any]:
+    """config.yaml and summary.json only add names and throughput: unreadable means absent."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def plot_curves(runs: list[Run]) -> Figure:
+    """Loss (left) and accuracy (right) per epoch; colour = run, line style = what."""
+    fig = Figure(figsize=(11, 4.2))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        epochs = run.series("epoch")
+        # Runs with the same global batch should coincide (that is the point of data
+        # parallelism): earlier runs are drawn wider, so one never hides another.
+        style = {"color": f"C{i % 10}", "lw": 1.5 + 2.0 * (len(runs) - 1 - i), "alpha": 0.85,
+                 "ms": 3 + 2 * (len(runs) - 1 - i)}
+        loss_ax.plot(epochs, run.series("train_loss"), marker="o", label=run.label, **style)
+        acc_ax.plot(epochs, run.series("train_accuracy"), ls="--", marker="o",
+                    label=f"{run.label}: train acc", **style)
+        acc_ax.plot(epochs, run.series("test_accuracy"), ls="-", marker="s",
+                    label=f"{run.label}: test acc", **style)
+    loss_ax.set(xlabel="epoch", ylabel="train loss", title="train loss")
+    loss_ax.legend(fontsize=8)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    # Runs are told apart by colour on the left; here only the line style needs a key.
+    styles = [Line2D([], [], color="black", ls="--", marker="o", ms=3, label="train acc"),
+              Line2D([], [], color="black", ls="-", marker="s", ms=3, label="test acc")]
+    acc_ax.legend(handles=styles, fontsize=8, loc="lower right")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def step_times(run: Run) -> tuple[dict[str, float], float]:
+    """Per-phase ms per step (mean over ranks, averaged over epochs), and the slowest rank's
+    whole step (`time_step_ms_max`), averaged over epochs."""
+    means = {p: _mean(run.series(f"time_{p}_ms")) for p in PHASES}
+    worst = [r["time_step_ms_max"] for r in run.records]
+    return means, _mean(worst)
+
+
+def samples_per_s(run: Run) -> float:
+    """The run's own figure from summary.json; else the mean over epochs."""
+    return float(run.summary.get("samples_per_s") or _mean(run.series("samples_per_s")))
+
+
+def sync_methods(run: Run) -> str:
+    methods = dict.fromkeys(str(r["sync_method"]) for r in run.records if r.get("sync_method"))
+    return "; ".join(methods) or "not recorded"
+
+
+def plot_step_time(runs: list[Run]) -> Figure:
+    """Stacked ms per step per run, the max-over-ranks total marked, samples/s on top."""
+    width = max(8.0, 4.5 + 1.8 * len(runs))
+    chars = int(width * 72 / 4.3)  # 7-point monospace glyphs are about 4.2 points wide
+    note = "\n".join(textwrap.fill(f"{run.name}: sync {sync_methods(run)}", chars,
+                                   subsequent_indent="    ") for run in runs)
+    note_lines = note.count("\n") + 1
+    height = 4.6 + 0.14 * note_lines
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
+    tops = []
+    for x, run in enumerate(runs):
+        means, worst = step_times(run)
+        bottom = 0.0
+        for phase in PHASES:
+            ax.bar(x, means[phase], 0.6, bottom=bottom, color=PHASE_COLORS[phase],
+                   label=phase if x == 0 else "_nolegend_")
+            bottom += means[phase]
+        ax.plot([x - 0.38, x + 0.38], [worst, worst], color="black", ls="--", lw=1.2,
+                label=SLOWEST if x == 0 else "_nolegend_")
+        top = max(bottom, worst)
+        tops.append(top)
+        ax.annotate(f"{samples_per_s(run):,.0f} samples/s", (x, top), xytext=(0, 4),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(runs)), [textwrap.fill(r.label, 22) for r in runs], fontsize=8)
+    for i, tick in enumerate(ax.get_xticklabels()):
+        tick.set_color(f"C{i % 10}")  # the run's colour in curves.png
+    ax.set_xlim(-0.7, len(runs) - 0.3)
+    ax.set_ylim(0, 1.15 * max(tops + [1e-3]))
+    ax.set(ylabel="ms per step (mean over ranks, averaged over epochs)",
+           title="step time: data / compute / sync / optim")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", alpha=0.3)
+    fig.text(0.01, 0.01, note, ha="left", va="bottom", fontsize=7, family="monospace")
+    fig.tight_layout(rect=(0, (0.2 + 0.14 * note_lines) / height, 1, 1))
+    return fig
+
+
+def _mean(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(present) if present else 0.0
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def write_plots(runs: list[Run], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in (("curves.png", plot_curves), ("step_time.png", plot_step_time)):
+        path = out / name
+        make(runs).savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.plot",
+                                     description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (run.dir)")
+    parser.add_argument("--out", default=None, help="output folder (default: <first RUN>/plots)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+        out = Path(args.out) if args.out else runs[0].path / "plots"
+        try:
+            written = write_plots(runs, out)
+        except OSError as exc:
+            raise UserError(f"cannot write the plots into {out}: {exc.strerror or exc}") from None
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

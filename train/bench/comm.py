@@ -149,8 +149,7 @@ def resnet_gradient_sync() -> dict:
         result = {
             "tensors": len(params), "bytes": flat.numel() * 4,
             "torch_per_parameter": time_collective(
-                lambda: [dist.all_reduce(p.grad) for p in params],
-                                         device, 3),
+                lambda: [dist.all_reduce(p.grad) for p in params], device, 3),
             "torch_flat": time_collective(lambda: dist.all_reduce(flat), device, 3),
             "ring_per_parameter": time_collective(per_parameter.sync, device, 3),
             "ring_bucketed_25mb": time_collective(bucketed.sync, device, 3),

@@ -94,6 +94,7 @@ class Trainer:
             cfg.perf.precision)
         self.compile_time_s = 0.0
         self._first_steps_s: list[float] = []
+        self._first_step_timed = False
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, cfg.optim, total_steps=self.total_steps))
         self.state = TrainState()
@@ -223,8 +224,13 @@ class Trainer:
         if not self.compiled or len(self._first_steps_s) >= 2:
             return
         self._first_steps_s.append(step_s)
+        if len(self._first_steps_s) == 1:
+            self._first_step_timed = self.timer.active
         if len(self._first_steps_s) == 2:
             self.compile_time_s = max(0.0, self._first_steps_s[0] - step_s)
+            if self._first_step_timed:  # ...nor as compute time in the step-time breakdown
+                self.timer.seconds["compute"] = max(
+                    0.0, self.timer.seconds["compute"] - self.compile_time_s)
             log.info("torch.compile took about %.1f s (the first step minus the second)",
                      self.compile_time_s)
 
@@ -279,8 +285,8 @@ class Trainer:
     # --- measurements -----------------------------------------------------------------------
 
     def probe_sync(self) -> float | None:
-        self.timer.current = "the DDP sync probe at the epoch's end"
         """For strategies whose sync hides inside backward: an estimate, on a training batch."""
+        self.timer.current = "the DDP sync probe at the epoch's end"
         if not self.strategy.probes_sync:
             return None
         images, labels = next(self.train_data.iterate())

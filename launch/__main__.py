@@ -10,11 +10,14 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 from launch.plan import make_plan, worker_environment
 from train.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, EXPLAINED_EXIT_CODES, UserError
+from train.guards import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +33,38 @@ def main(argv: list[str] | None = None) -> int:
         return run_one_process(plan.worker_args)
     print(f"launch: {plan.note}; {plan.world_size} worker(s) in all, mode {plan.cfg.mode}"
           + (f", up to {args.max_restarts} restart(s)" if args.max_restarts else ""), flush=True)
-    return run_torchrun(plan.torchrun_args, verbose=args.verbose,
-                        rendezvous_timeout_s=plan.cfg.dist.rendezvous_timeout_s)
+    timeout_s = plan.cfg.dist.rendezvous_timeout_s
+    if plan.node_rank > 0 and not node0_answers(plan.rdzv_endpoint, timeout_s):
+        print(f"error: {node0_silent(plan.rdzv_endpoint, timeout_s)}", file=sys.stderr)
+        return 1
+    return run_torchrun(plan.torchrun_args, verbose=args.verbose, rendezvous_timeout_s=timeout_s)
+
+
+def node0_answers(endpoint: str, timeout_s: float) -> bool:
+    """Other nodes: poll node 0's rendezvous port (host:port) for up to `timeout_s` seconds.
+
+    torch's c10d client would wait as long (read_timeout), but prints a C++ stack dump for each
+    failed attempt before its RendezvousConnectionError. Name lookups are retried too: on some
+    clusters node 0's name resolves only once node 0 is up.
+    """
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)),
+                                          timeout=min(5.0, timeout_s)):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+
+def node0_silent(endpoint: str, timeout_s: float | None) -> str:
+    within = f" within {timeout_s:.0f} s (dist.rendezvous_timeout_s)" if timeout_s else ""
+    return (f"no rendezvous answered at {endpoint}{within}, or it went away: node 0 hosts it, "
+            f"so start node 0 with the same command (or check that it is still running), and "
+            f"check that --master-addr/--master-port reach node 0 from this node")
 
 
 def run_torchrun(torchrun_args: list[str], verbose: bool = False,
@@ -39,7 +72,7 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
     """Run torchrun's elastic agent here; return 0, or the failed workers' exit code."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     if not verbose:
@@ -56,18 +89,42 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
         print(f"launch: interrupted by {signal.Signals(exc.sigval).name}; the workers wrote a "
               f"checkpoint at a step boundary: run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except RendezvousTimeoutError:
-        print(f"error: not every node joined the rendezvous within {rendezvous_timeout_s:.0f} s "
-              f"(dist.rendezvous_timeout_s): check that each node runs the same command with "
-              f"its own --node-rank, and that --master-addr/--master-port reach node 0",
+    except RendezvousError as exc:
+        print(f"error: {rendezvous_failure(exc, torchrun_args, rendezvous_timeout_s)}",
               file=sys.stderr)
         return 1
     return 0
 
 
+def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: float | None) -> str:
+    """One line for a rendezvous that failed: what this node waited for, and what to check."""
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousClosedError,
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
+    )
+
+    flag = "--rdzv-endpoint"
+    where = torchrun_args[torchrun_args.index(flag) + 1] if flag in torchrun_args else "?"
+    within = f" within {timeout_s:.0f} s (dist.rendezvous_timeout_s)" if timeout_s else ""
+    check = ("check that each node runs the same command with its own --node-rank, and that "
+             "--master-addr/--master-port reach node 0")
+    if isinstance(exc, RendezvousTimeoutError):  # connected, but the others did not all come
+        return f"not every node joined the rendezvous{within}: {check}"
+    if isinstance(exc, RendezvousConnectionError):  # node 0's store never answered, or went away
+        return node0_silent(where, timeout_s)
+    if isinstance(exc, RendezvousClosedError):
+        return (f"the rendezvous at {where} is closed: the job on node 0 already ended; start "
+                f"every node again together")
+    return f"the rendezvous at {where} failed ({type(exc).__name__}: {exc}); {check}"
+
+
 def run_one_process(worker_args: list[str]) -> int:
     """Mode dp: `python -m train` as one child process; signals are passed on to it."""
-    child = subprocess.Popen([sys.executable, "-m", "train", *worker_args])
+    # A launcher killed with SIGKILL cannot pass anything on: the kernel sends the child SIGTERM
+    # instead (it checkpoints and exits), rather than leaving an orphan that holds the GPUs.
+    child = subprocess.Popen([sys.executable, "-m", "train", *worker_args],
+                             preexec_fn=die_with_parent)
 
     def forward(signum: int, frame: object) -> None:
         child.send_signal(signum)

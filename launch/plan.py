@@ -37,10 +37,16 @@ class Plan:
     torchrun_args: list[str]  # empty for mode dp: one process, no torchrun
     worker_args: list[str]  # what `python -m train` gets: the config and overrides
     note: str  # what the console says about the choice
+    gpus: int = 0  # mode dp: the GPUs its one process drives (0 on the CPU)
 
     @property
     def world_size(self) -> int:
         return self.nproc * self.nnodes
+
+    @property
+    def rdzv_endpoint(self) -> str:
+        """host:port of the c10d rendezvous (on node 0 when there are several nodes)."""
+        return self.torchrun_args[self.torchrun_args.index("--rdzv-endpoint") + 1]
 
 
 def worker_overrides(args: argparse.Namespace) -> list[str]:
@@ -94,10 +100,17 @@ def _dp_plan(args: argparse.Namespace, cfg: Config, kind: str, gpus: int, thread
     if args.nnodes > 1:
         raise UserError("mode dp runs one process on one node; several nodes need mode ddp or "
                         "scratch")
+    if args.max_restarts:
+        raise UserError(f"--max-restarts {args.max_restarts} needs torchrun workers (mode ddp or "
+                        f"scratch); mode dp runs one process without torchrun, which nothing "
+                        f"restarts")
+    if kind == "cpu" and args.gpus not in (None, 1):
+        # For DataParallel --gpus counts the devices of its one process, not processes.
+        note += f"; --gpus {args.gpus} ignored (it counts the GPUs DataParallel drives)"
     check_run_dir(cfg)
     ensure_available(cfg)
     return Plan(cfg, 1, 1, 0, kind, "none", usable_cores() if kind == "cpu" else threads, [],
-                worker_args, note)
+                worker_args, note, gpus=gpus if kind == "cuda" else 0)
 
 
 def worker_note(cfg: Config, kind: str, nproc: int, counted: str) -> str:
@@ -144,9 +157,13 @@ def _rendezvous(args: argparse.Namespace, cfg: Config) -> list[str]:
         require_free_port(port)
     # Node 0 hosts the c10d store; the others connect to it. Every node derives the same id.
     is_host = "true" if args.node_rank == 0 else "false"
+    # join_timeout bounds the wait for the other nodes once connected; read_timeout bounds each
+    # store call, the first connection included: without it a node whose node 0 never comes
+    # waits torch's default 60 s, whatever dist.rendezvous_timeout_s says.
+    timeout = max(1, int(cfg.dist.rendezvous_timeout_s))
     return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{args.master_addr}:{port}",
             "--rdzv-id", f"{cfg.run.name}-{port}",
-            "--rdzv-conf", f"is_host={is_host},join_timeout={int(cfg.dist.rendezvous_timeout_s)}"]
+            "--rdzv-conf", f"is_host={is_host},join_timeout={timeout},read_timeout={timeout}"]
 
 
 def require_free_port(port: int) -> None:
@@ -170,7 +187,7 @@ def worker_environment(plan: Plan) -> dict[str, str]:
     if plan.cfg.mode == "dp" and plan.device_kind == "cuda":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(visible_gpus())]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:plan.nproc])
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:plan.gpus])
     if plan.device_kind == "cpu":
         env["OMP_NUM_THREADS"] = str(plan.threads)
     elif "OMP_NUM_THREADS" not in os.environ:

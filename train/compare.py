@@ -2,11 +2,13 @@
 
     python -m train.compare [--config C] [--workers 1,2] [--epochs N] [--out DIR] [key=value ...]
 
-Runs `python -m launch` for ddp, scratch (ring and naive allreduce) and dp, with 1 and 2
+Runs `python -m launch` for ddp, scratch (ring and naive allreduce) and dp, with 1 and N
 workers (dp: one process), all in one wandb group, and writes into the report folder:
 `compare.md` (the table), `compare.png` (test accuracy per epoch, and throughput) and
-`compare.json` (every figure). Without GPUs: LeNet on the synthetic data, a short run; with
-GPUs: the book's LeNet on Fashion-MNIST.
+`compare.json` (every figure). Without GPUs: LeNet on the synthetic data, a short run, 1 and 2
+CPU workers with one thread each; with GPUs: the book's LeNet on Fashion-MNIST, 1 and every
+visible GPU. Every run trains from scratch (`checkpoint.resume=false`), even into a run folder
+that a previous comparison left behind.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ METHODS = {
     "sync ms/step": "gradient synchronization per step, mean over ranks: measured around our "
                     "allreduce for scratch; for ddp estimated at each epoch end as a step with "
                     "gradient sync minus one under no_sync() (DDP overlaps it with backward, "
-                    "so only the exposed part shows); dp: inside forward/backward, not separable",
+                    "so only the exposed part shows); dp: n/a, inside forward/backward, not "
+                    "separable",
     "speedup": "samples/s over the same path with one worker",
 }
 
@@ -52,13 +55,40 @@ class Result:
         steady = self.records[1:] or self.records
         return statistics.median(r[key] for r in steady)
 
+    @property
+    def sync_separable(self) -> bool:
+        """False for dp, whose gradient sync happens inside forward/backward."""
+        return not self.records[-1]["sync_method"].startswith("included in compute")
+
+
+def default_workers(gpus: int, cpu: bool) -> str:
+    """1 and 2 CPU workers; on GPUs 1 and every visible one (just 1 when only one is visible)."""
+    if cpu:
+        return "1,2"
+    return "1" if gpus == 1 else f"1,{gpus}"
+
+
+def override(overrides: list[str], key: str) -> str | None:
+    """The value the user gave `key` on the command line (the last one wins), or None."""
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == key]
+    return given[-1] if given else None
+
+
+def run_flags(args: argparse.Namespace) -> list[str]:
+    """What every run gets besides its path: a fresh start, and on the CPU one thread per worker
+    (as one device per worker), so that the speedup measures workers, not extra threads."""
+    flags = ["checkpoint.resume=false"]  # else a finished run folder resumes: stale figures
+    if args.cpu and override(args.overrides, "dist.cpu_threads") is None:
+        flags.append("dist.cpu_threads=1")
+    return flags
+
 
 def run_one(path: str, workers: int, args: argparse.Namespace, group: str) -> Result:
     flags, overrides = PATHS[path]
     run_dir = Path(args.out) / "runs" / f"{path.replace(' ', '-')}-{workers}"
     cmd = [sys.executable, "-m", "launch", *flags, "--gpus", str(workers), args.config,
            f"run.dir={run_dir}", "run.overwrite=true", f"train.epochs={args.epochs}",
-           f"wandb.group={group}", *overrides, *args.overrides]
+           f"wandb.group={group}", *run_flags(args), *overrides, *args.overrides]
     if args.cpu:
         cmd.insert(3, "--cpu")
     print(f"compare: {path}, {workers} worker(s) ...", flush=True)
@@ -83,7 +113,7 @@ def table(results: list[Result]) -> list[dict[str, Any]]:
         rows.append({
             "path": r.path, "workers": r.workers, "samples_per_s": speed,
             "epoch_time_s": r.median("epoch_time_s"),
-            "sync_ms_per_step": r.median("time_sync_ms"),
+            "sync_ms_per_step": r.median("time_sync_ms") if r.sync_separable else None,
             "test_accuracy": r.records[-1]["test_accuracy"],
             "speedup": speed / base[r.path] if r.path in base else None,
             "sync_method": r.records[-1]["sync_method"],
@@ -96,8 +126,9 @@ def markdown(rows: list[dict[str, Any]], note: str) -> str:
            "speedup over 1 worker |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "n/a"
+        sync = f"{r['sync_ms_per_step']:.2f}" if r["sync_ms_per_step"] is not None else "n/a"
         out.append(f"| {r['path']} | {r['workers']} | {r['samples_per_s']:,.0f} | "
-                   f"{r['epoch_time_s']:.2f} | {r['sync_ms_per_step']:.2f} | "
+                   f"{r['epoch_time_s']:.2f} | {sync} | "
                    f"{r['test_accuracy']:.2%} | {speedup} |")
     out += ["", note, "", "How each figure is obtained:", ""]
     out += [f"- **{name}**: {how}" for name, how in METHODS.items()]
@@ -137,14 +168,19 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / (
         "lenet_fashion_mnist.yaml" if gpus else "default.yaml")))
-    parser.add_argument("--workers", default="1,2" if gpus < 2 else f"1,{gpus}",
-                        help="comma-separated worker counts (default: 1,2)")
+    parser.add_argument("--workers", default=None,
+                        help="comma-separated worker counts (default: 1,2 CPU workers; on GPUs "
+                             "1 and every visible one)")
     parser.add_argument("--epochs", type=int, default=10 if gpus else 3)
     parser.add_argument("--paths", default=",".join(PATHS), help=f"of {', '.join(PATHS)}")
     parser.add_argument("--cpu", action="store_true", help="CPU workers even with GPUs")
     parser.add_argument("--out", default=str(REPO / "reports" / "compare"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    args.cpu = args.cpu or not gpus or override(args.overrides, "dist.device") == "cpu"
+    args.out = str(Path(args.out).resolve())  # the runs see it from the repo, not from here
+    if args.workers is None:
+        args.workers = default_workers(gpus, args.cpu)
     if not gpus and not any(o.startswith("data.synthetic.train_samples") for o in args.overrides):
         args.overrides.insert(0, "data.synthetic.train_samples=12000")
     workers = [int(w) for w in args.workers.split(",")]
@@ -158,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for path in paths:
         # dp is one process; on the CPU it has nothing to split, so one run says it all.
-        counts = [1] if path == "dp" and not gpus else workers
+        counts = [1] if path == "dp" and args.cpu else workers
         results += [run_one(path, w, args, group) for w in counts]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table(results)
-    device = "GPUs" if gpus and not args.cpu else "CPU workers (gloo), one thread each"
+    threads = override(args.overrides, "dist.cpu_threads") or "1"
+    each = "one thread each" if threads == "1" else f"{threads} threads each"
+    device = f"CPU workers (gloo), {each}" if args.cpu else "GPUs"
     note = (f"{Path(args.config).name}, {args.epochs} epochs, {device}; wandb group {group}. "
             f"The same seed, data, model, loop and global batch in every run.")
     (out / "compare.md").write_text(markdown(rows, note))

@@ -1,15 +1,22 @@
-"""Run code the way users do: in several real gloo processes, or through the real CLI."""
+"""Run code the way users do: in several real gloo processes, or through the real CLI.
+
+The tests see no GPU (`hide_gpus`, called by conftest.py): every test is a CPU twin that runs
+gloo workers, whatever the machine has. GPU tests give their subprocesses the machine's GPUs
+back with `env=gpu_env()`.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import multiprocessing as mp
 import os
 import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,67 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# The machine's CUDA_VISIBLE_DEVICES before the tests hid the GPUs, as JSON (null: unset).
+# An environment variable, so that processes started by the tests know it too.
+ORIGINAL_GPUS = "DPTRAIN_TESTS_CUDA_VISIBLE_DEVICES"
+
+# Environment overrides for a subprocess; None removes the variable.
+Env = Mapping[str, str | None]
+
+
+def hide_gpus() -> None:
+    """Hide every GPU from this process and all it starts, remembering what was visible.
+
+    CUDA reads CUDA_VISIBLE_DEVICES once, when it starts: this must run before anything in
+    this process touches the GPUs. The first call wins, so a nested pytest (or a pytest-xdist
+    worker) still knows the machine's own setting.
+    """
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA started before the tests could hide the GPUs (tests/conftest.py)")
+    os.environ.setdefault(ORIGINAL_GPUS, json.dumps(os.environ.get("CUDA_VISIBLE_DEVICES")))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpu_env(gpus: int | None = None) -> dict[str, str | None]:
+    """Overrides that give a subprocess the machine's GPUs back: all, or the first `gpus`.
+
+    For `run_cli`, `run_single` and `run_distributed` (their `env`)."""
+    saved = os.environ.get(ORIGINAL_GPUS)
+    visible = json.loads(saved) if saved is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus is not None:
+        ids = visible.split(",") if visible is not None else [str(i) for i in range(gpus)]
+        visible = ",".join(ids[:gpus])
+    return {"CUDA_VISIBLE_DEVICES": visible}
+
+
+@functools.cache
+def gpu_count() -> int:
+    """GPUs a subprocess with `gpu_env()` sees; 0 without a CUDA build or driver.
+
+    Counted in a subprocess: this process must never start CUDA (see `hide_gpus`)."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return 0
+    try:
+        result = subprocess.run(
+            [PYTHON, "-c", "import torch; print(torch.cuda.device_count())"],
+            env=environment(gpu_env()), text=True, capture_output=True, timeout=120)
+        return int(result.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
+
+
+def environment(overrides: Env | None = None) -> dict[str, str]:
+    """This process's environment with `overrides` applied (None values removed)."""
+    env = {**os.environ, **(overrides or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def _apply(overrides: Env) -> None:
+    for key, value in overrides.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def free_port() -> int:
@@ -32,7 +100,11 @@ def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue,
+            env: Env) -> None:
+    # Before `fn` runs: nothing in this process has started CUDA yet, so `env` may still
+    # change which GPUs it sees.
+    _apply(env)
     if port:
         os.environ.update(torchrun_env(rank, world_size, port))
     try:
@@ -44,22 +116,25 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_single(fn: Callable[..., Any], *args: Any, timeout: float = 180) -> Any:
+def run_single(fn: Callable[..., Any], *args: Any, timeout: float = 180,
+               env: Env | None = None) -> Any:
     """Call `fn(*args)` in one fresh process without torchrun's variables (no process group)."""
-    return run_distributed(fn, 1, *args, timeout=timeout, launched=False)[0]
+    return run_distributed(fn, 1, *args, timeout=timeout, launched=False, env=env)[0]
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
-                    timeout: float = 180, launched: bool = True) -> list[Any]:
+                    timeout: float = 180, launched: bool = True,
+                    env: Env | None = None) -> list[Any]:
     """Call `fn(*args)` in `world_size` processes that see torchrun's environment variables.
 
     `fn` sets up the process group itself (normally through `train.dist.setup`, the code
-    under test) and must tear it down. Returns each rank's return value, in rank order.
+    under test) and must tear it down. Returns each rank's return value, in rank order, with
+    tensors on the CPU. `env`: environment overrides, e.g. `gpu_env()` (None removes one).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port() if launched else 0
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env or {}))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -71,7 +146,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
             else:
-                results[rank] = torch.load(io.BytesIO(value), weights_only=True)
+                # GPU workers return cuda tensors; this process sees no GPU.
+                results[rank] = torch.load(io.BytesIO(value), map_location="cpu",
+                                           weights_only=True)
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -82,13 +159,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
     return [results[r] for r in range(world_size)]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+def run_cli(*args: str, cwd: Path | None = None, env: Env | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m <args>` from the repo (or `cwd`), as a user types it; output captured.
 
-    Hermetic for wandb: no credentials are visible, so `wandb.mode=auto` logs offline."""
-    base = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    full_env = {**base, "NETRC": os.devnull, "PYTHONPATH": str(REPO), **(env or {})}
+    `env`: overrides, e.g. `gpu_env()` (None removes a variable). Hermetic for wandb: no
+    credentials are visible, so `wandb.mode=auto` logs offline."""
+    full_env = environment({"WANDB_API_KEY": None, "NETRC": os.devnull, "PYTHONPATH": str(REPO),
+                            **(env or {})})
     return subprocess.run([PYTHON, "-m", *args], cwd=cwd or REPO, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
 

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 
 
+def numpy_state(generator: Any) -> list[Any]:
+    """A numpy RandomState's state as tensors and plain values (weights_only-safe)."""
+    return _numpy_state(generator)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's random generators, as tensors and plain values (weights_only-safe)."""
     state: dict[str, Any] = {
@@ -45,15 +50,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    set_numpy_state(state["numpy"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal.tolist()), gauss))
 
 
-def _numpy_state() -> list[Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+def _numpy_state(generator: Any = np.random) -> list[Any]:
+    kind, keys, pos, has_gauss, cached = generator.get_state()
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def set_numpy_state(state: list[Any], generator: Any = np.random) -> None:
+    kind, keys, pos, has_gauss, cached = state
+    generator.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _python_state() -> list[Any]:

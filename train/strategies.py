@@ -11,6 +11,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from train.config import Config
 from train.dist import DistContext, visible_gpus
 from train.errors import UserError
+
+PROBE_PAIRS = 3  # DDP's sync probe: each pair is two extra forward+backward passes per epoch
 
 
 class Single:
@@ -38,6 +41,12 @@ class Single:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def compile(self, model: nn.Module, mode: str) -> nn.Module:
+        """torch.compile around the wrapper: for DDP, dynamo then splits the graph at bucket
+        boundaries so that the allreduce still overlaps backward; compiled inside, DDP would
+        get every gradient at once at the end of one fused backward."""
+        return torch.compile(model, mode=mode)
+
     def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
         """What evaluation runs: the plain module, so no collective hides in its forward (and
         a compiled model is not recompiled for the evaluation batch sizes)."""
@@ -53,6 +62,13 @@ class Single:
     def sync_buffers(self, model: nn.Module) -> None:
         """Make every rank's buffers (BatchNorm statistics) rank 0's, before evaluating."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """This rank's sync state that a checkpoint must carry (a stateful comm hook's)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore what `state_dict` returned on this rank; None: start the state afresh."""
+
     def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float | None:
         """Estimate of the gradient-sync time per step hidden inside backward (None: not needed,
         the loop measures the sync phase directly)."""
@@ -65,7 +81,16 @@ class DDP(Single):
     name = "ddp"
     probes_sync = True
     sync_method = ("estimated: a forward+backward with gradient sync minus one under no_sync(), "
-                   "same batch, median of 5 pairs at each epoch end")
+                   f"same batch, median of {PROBE_PAIRS} pairs at each epoch end")
+
+    def __init__(self, ctx: DistContext, cfg: Config):
+        super().__init__(ctx, cfg)
+        if cfg.ddp.comm_hook == "powersgd":
+            # The hook keeps error feedback and a step count: probing backwards would change
+            # what training computes.
+            self.probes_sync = False
+            self.sync_method = ("included in compute: not estimated with the PowerSGD hook, "
+                                "whose state a probe would advance")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         knobs = self.cfg.ddp
@@ -74,9 +99,28 @@ class DDP(Single):
             model, device_ids=device_ids, bucket_cap_mb=knobs.bucket_cap_mb,
             gradient_as_bucket_view=knobs.gradient_as_bucket_view,
             static_graph=knobs.static_graph, find_unused_parameters=knobs.find_unused_parameters)
-        if knobs.comm_hook != "none":
-            wrapped.register_comm_hook(*comm_hook(knobs))
+        self.powersgd = None
+        if knobs.comm_hook == "powersgd":
+            from train.powersgd import PowerSGD
+
+            self.powersgd = PowerSGD(model, knobs.powersgd_rank, knobs.powersgd_start_step)
+            wrapped.register_comm_hook(self.powersgd.state, self.powersgd.hook)
+        elif knobs.comm_hook != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = {"fp16": default_hooks.fp16_compress_hook,
+                    "bf16": default_hooks.bf16_compress_hook}[knobs.comm_hook]
+            wrapped.register_comm_hook(None, hook)
         return wrapped
+
+    def state_dict(self) -> dict[str, Any] | None:
+        # PowerSGD's step count, error feedback and low-rank factors: without them a resumed
+        # run would redo the warm-up of plain allreduces and lose the accumulated error.
+        return None if self.powersgd is None else self.powersgd.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.powersgd is not None and state is not None:
+            self.powersgd.load_state_dict(state, self.ctx.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
@@ -96,7 +140,7 @@ class DDP(Single):
         plain = self.unwrap(model)
         saved = [b.detach().clone() for b in plain.buffers()]
         deltas = []
-        for _ in range(5):
+        for _ in range(PROBE_PAIRS):
             with model.no_sync():
                 alone = _timed(forward_backward, self.ctx.device)
             deltas.append(_timed(forward_backward, self.ctx.device) - alone)
@@ -118,10 +162,22 @@ class DataParallel(Single):
                    "reduces gradients onto the first GPU in backward")
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        if self.ctx.device.type == "cpu":
+            # DataParallel takes every visible GPU by default: with `--cpu` on a GPU machine it
+            # would demand the model on cuda:0. On the CPU there is nothing to split.
+            return model
         return nn.DataParallel(model)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module
+        return model.module if isinstance(model, nn.DataParallel) else model
+
+    def compile(self, model: nn.Module, mode: str) -> nn.Module:
+        # Dynamo does not trace DataParallel's replicate/scatter threads: compile each replica's
+        # module instead.
+        if isinstance(model, nn.DataParallel):
+            model.module = torch.compile(model.module, mode=mode)
+            return model
+        return super().compile(model, mode)
 
     def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
         return model  # scatter evaluation batches over the GPUs too
@@ -152,19 +208,6 @@ class Scratch(Single):
 
         for buffer in model.buffers():
             allreduce.broadcast(buffer, src=0)
-
-
-def comm_hook(knobs) -> tuple[object, Callable]:
-    """(state, hook) for DDP's register_comm_hook: compress gradients before the allreduce."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
-    if knobs.comm_hook == "powersgd":
-        state = powerSGD_hook.PowerSGDState(process_group=None,
-                                            matrix_approximation_rank=knobs.powersgd_rank,
-                                            start_powerSGD_iter=knobs.powersgd_start_step)
-        return state, powerSGD_hook.powerSGD_hook
-    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
-    return None, hooks[knobs.comm_hook]
 
 
 def make_strategy(cfg: Config, ctx: DistContext) -> Single:

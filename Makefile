@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 # Run knobs (README: "Make variables").
 GPUS ?=
-MODE ?= ddp
+MODE ?=
 RESTARTS ?= 0
 CONFIG ?= configs/default.yaml
 ARGS ?=
@@ -20,7 +20,7 @@ RUN2 ?=
 RUN3 ?=
 OUT ?=
 
-LAUNCH_FLAGS = --mode $(MODE) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
+LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
 .PHONY: venv train test compare bench peers plot doctor bench-overhead lint clean

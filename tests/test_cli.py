@@ -8,9 +8,8 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO, run_cli, small_run
+from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, small_run
 from train.config import identity, load_config
-from train.dist import visible_gpus
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -57,7 +56,8 @@ def test_the_default_config_learns_far_above_chance(tmp_path):
 
 
 def test_torchrun_directly_runs_the_same_workers(tmp_path):
-    result = run_cli("torch.distributed.run", "--nproc-per-node=2", "-m", "train", CONFIG,
+    result = run_cli("torch.distributed.run", "--nproc-per-node=2",
+                     f"--master-port={free_port()}", "-m", "train", CONFIG,
                      *small_run(tmp_path, "train.max_steps=3"), cwd=REPO)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -83,8 +83,6 @@ def test_one_process_without_torchrun(tmp_path):
     (["--nnodes", "2", CONFIG], "several nodes need --master-addr"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    if "dist.device=cuda" in args and visible_gpus():
-        pytest.skip("GPUs are visible here")
     result = run_cli("launch", *args, f"run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = error_lines(result.stderr)
@@ -92,9 +90,11 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 
-@pytest.mark.skipif(visible_gpus() == 0, reason="needs a GPU (CPU twin: dist.device=cuda above)")
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 1, reason="needs a GPU (CPU twin: dist.device=cuda above)")
 def test_more_gpus_than_visible_is_refused(tmp_path):
-    result = run_cli("launch", "--gpus", str(visible_gpus() + 1), CONFIG, f"run.dir={tmp_path}")
+    result = run_cli("launch", "--gpus", str(gpu_count() + 1), CONFIG, f"run.dir={tmp_path}",
+                     env=gpu_env())
     assert result.returncode == 2
     assert "GPUs asked (--gpus/GPUS) but only" in result.stderr
 
@@ -116,14 +116,37 @@ def test_a_folder_holding_a_different_run_is_left_alone(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["max_steps"] == 3
 
 
-def test_workers_that_find_bad_input_report_it_once(tmp_path):
+def test_an_overwrite_that_fails_on_bad_input_leaves_the_old_run(tmp_path):
+    """The old run goes only once the new one has passed every check, also those that only the
+    workers can make (here: through torchrun directly, a training set below one batch)."""
+    first = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    failed = run_cli("torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+                     "-m", "train", CONFIG, *small_run(tmp_path, "run.overwrite=true",
+                                                       "data.synthetic.train_samples=100"))
+    assert failed.returncode != 0
+    assert "smaller than one global batch" in failed.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("workers, overrides, message", [
+    (2, ["data.name=mnist", "data.root={tmp}/none", "data.download=false"],
+     "dataset mnist cannot be read"),
+    (3, [], "train.batch_size=256 (the global batch) is not divisible by 3 workers"),
+    (2, ["data.synthetic.train_samples=200"],
+     "the training set (200 samples) is smaller than one global batch (256)"),
+    (2, ["perf.precision=fp16"], "perf.precision=fp16 needs a GPU"),
+])
+def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides, message):
     """Through torchrun directly (no launcher checks): one line, from one process."""
-    result = run_cli("torch.distributed.run", "--nproc-per-node=2", "-m", "train", CONFIG,
-                     f"run.dir={tmp_path}", "data.name=mnist", f"data.root={tmp_path / 'none'}",
-                     "data.download=false")
+    result = run_cli("torch.distributed.run", f"--nproc-per-node={workers}",
+                     f"--master-port={free_port()}", "-m", "train", CONFIG,
+                     f"run.dir={tmp_path}", "wandb.mode=disabled",
+                     *(o.format(tmp=tmp_path) for o in overrides))
     assert result.returncode != 0
     reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(reported) == 1 and "dataset mnist cannot be read" in reported[0]
+    assert len(reported) == 1 and message in reported[0], result.stderr
 
 
 def test_launcher_exit_code_is_non_zero_when_a_worker_fails():
@@ -133,3 +156,33 @@ def test_launcher_exit_code_is_non_zero_when_a_worker_fails():
                          "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",
                          str(REPO / "tests" / "crash_worker.py"), "3"])
     assert code == 3
+
+
+def test_restarts_with_mode_dp_are_refused(tmp_path):
+    result = run_cli("launch", "--mode", "dp", "--max-restarts", "2", CONFIG,
+                     f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "--max-restarts 2 needs torchrun workers" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_dp_on_the_cpu_runs_one_process_and_says_gpus_is_ignored(tmp_path):
+    result = run_cli("launch", "--cpu", "--mode", "dp", "--gpus", "3", CONFIG,
+                     *small_run(tmp_path, "train.max_steps=2"))
+    assert result.returncode == 0, result.stderr
+    note = result.stdout.splitlines()[0]
+    assert note.startswith("launch: mode dp: one process on the CPU"), note
+    assert "--gpus 3 ignored" in note
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["world_size"], summary["mode"]) == (1, "dp")
+
+
+def test_dp_on_gpus_makes_the_asked_gpus_visible_to_its_one_process(monkeypatch):
+    """--gpus N with mode dp: N devices for DataParallel in one process (CPU-checkable)."""
+    from launch.plan import Plan, worker_environment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    cfg = load_config(CONFIG, ["mode=dp"])
+    plan = Plan(cfg, 1, 1, 0, "cuda", "none", 4, [], [], "", gpus=2)
+    assert worker_environment(plan)["CUDA_VISIBLE_DEVICES"] == "3,5"

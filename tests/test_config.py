@@ -88,6 +88,8 @@ def test_run_name_and_dir_default_from_the_config_file(tmp_path):
     ("model.name=vgg", "model.name 'vgg' is unknown; choose one of lenet, resnet18"),
     ("data.name=imagenet", "data.name 'imagenet' is unknown"),
     ("wandb.tags=a", "wandb.tags expects a list"),
+    ("scratch.bucket_mb=.nan", "scratch.bucket_mb expects a finite number"),
+    ("optim.lr=.inf", "optim.lr expects a finite number"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(UserError, match=None) as info:

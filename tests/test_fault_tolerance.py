@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import PYTHON, REPO, free_port, run_cli
+from tests.helpers import PYTHON, REPO, free_port, gpu_count, gpu_env, run_cli, run_single
 from train.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
@@ -94,6 +95,25 @@ def test_interrupt_checkpoints_at_a_step_boundary_and_resume_is_bitwise(tmp_path
     assert_bitwise_equal(params(tmp_path), params(uninterrupted))
     assert _summary(tmp_path)["steps"] == 48  # no step done twice, none skipped
     assert _metrics(tmp_path) == _metrics(uninterrupted)  # epoch figures survive the stop
+
+
+def test_a_stop_at_an_epochs_last_step_finishes_that_epoch_first(tmp_path):
+    # 10 steps per epoch; a SIGTERM after step 8 is agreed on at step 10, the epoch's last.
+    short = ["data.synthetic.train_samples=1280", "train.epochs=3"]
+    whole = run_cli("launch", "--cpu", CONFIG, *RUN, *short, f"run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    run_dir = tmp_path / "stopped"
+    stopped = run_cli("launch", "--cpu", CONFIG, *RUN, *short, f"run.dir={run_dir}",
+                      "debug.sigterm_rank=1", "debug.sigterm_step=8")
+    assert stopped.returncode == 130, stopped.stderr
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["batch_in_epoch"]) == (1, 10, 0)
+    assert len(_metrics(run_dir)) == 1  # the epoch was evaluated and recorded before stopping
+
+    again = run_cli("launch", "--cpu", CONFIG, *RUN, *short, f"run.dir={run_dir}")
+    assert again.returncode == 0, again.stderr
+    assert _metrics(run_dir) == _metrics(tmp_path / "whole")
+    assert_bitwise_equal(params(run_dir), params(tmp_path / "whole"))
 
 
 def _wait_for_steps(proc: subprocess.Popen) -> None:
@@ -194,12 +214,19 @@ def test_checkpoint_holds_the_full_state_and_loads_on_the_workers_device(uninter
     assert all(t.device.type == "cpu" for t in saved["model"].values())
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CPU twin above)")
-def test_checkpoint_loads_onto_the_given_gpu_not_gpu0(uninterrupted):
+def devices_after_loading_onto_the_last_gpu(folder: Path) -> tuple[str, list[str]]:
+    """In a process that sees the GPUs: the device asked for, and where the weights landed."""
     device = torch.device("cuda", torch.cuda.device_count() - 1)
-    _, saved = Checkpoints(uninterrupted / "checkpoints", keep=2).load_latest(device)
-    assert all(t.device == device for t in saved["model"].values())
+    _, saved = Checkpoints(folder, keep=2).load_latest(device)
+    return str(device), sorted({str(t.device) for t in saved["model"].values()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 1, reason="needs a GPU (CPU twin above)")
+def test_checkpoint_loads_onto_the_given_gpu_not_gpu0(uninterrupted):
+    device, landed = run_single(devices_after_loading_onto_the_last_gpu,
+                                uninterrupted / "checkpoints", env=gpu_env())
+    assert landed == [device]
 
 
 def test_resuming_with_another_world_size_is_refused_unless_allowed(tmp_path, uninterrupted):
@@ -270,3 +297,85 @@ def test_a_busy_explicit_port_is_a_clear_error_and_the_default_finds_a_free_one(
                        f"run.dir={tmp_path / 'b'}")
         assert fine.returncode == 0, fine.stderr
 
+
+def test_a_node_whose_node_0_never_comes_fails_after_the_rendezvous_timeout(tmp_path):
+    port = free_port()  # nothing listens there: node 0 never started
+    started = time.monotonic()
+    result = run_cli("launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "1",
+                     "--master-addr", "127.0.0.1", "--master-port", str(port), CONFIG, *RUN,
+                     f"run.dir={tmp_path}", "dist.rendezvous_timeout_s=5", timeout=120)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # no traceback, no C++ stack dump
+    assert lines[0].startswith(f"error: no rendezvous answered at 127.0.0.1:{port} within 5 s")
+    assert time.monotonic() - started < 40  # torch's c10d client alone waits 60 s by default
+
+
+def test_torchruns_own_wait_for_node_0_follows_the_rendezvous_timeout(tmp_path, capsys):
+    """Past the launcher's own wait (node 0 went away just after answering), torch's c10d
+    client gives up after read_timeout = dist.rendezvous_timeout_s, not its default 60 s."""
+    from launch.__main__ import parse_args, run_torchrun
+    from launch.plan import make_plan
+
+    port = free_port()
+    plan = make_plan(parse_args([
+        "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+        "127.0.0.1", "--master-port", str(port), CONFIG, *RUN, f"run.dir={tmp_path}",
+        "dist.rendezvous_timeout_s=3"]))
+    started = time.monotonic()
+    assert run_torchrun(plan.torchrun_args, rendezvous_timeout_s=3) == 1
+    assert time.monotonic() - started < 30
+    assert f"no rendezvous answered at 127.0.0.1:{port} within 3 s" in capsys.readouterr().err
+
+
+def test_a_killed_dp_launcher_leaves_no_orphan(tmp_path):
+    proc = start(tmp_path, "--mode", "dp")
+    _wait_for_steps(proc)
+    children = workers_of(proc)
+    assert children
+    proc.kill()  # SIGKILL: the launcher cannot pass anything on
+    try:
+        assert_all_gone(children, within=30)
+    finally:
+        for child in children:  # never leave one behind, even when the test fails
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    out, err = proc.communicate(timeout=30)
+    assert "interrupted (signal 15)" in out + err  # SIGTERM: it stopped and checkpointed
+
+
+def test_nodes_that_see_different_run_folders_are_stopped_before_training(tmp_path,
+                                                                         uninterrupted):
+    """One node finds a checkpoint, the other (no shared file system) finds none. (c10d hands
+    out ranks in arrival order: either node may hold rank 0.)"""
+    port = str(free_port())
+    folders = {0: uninterrupted, 1: tmp_path / "elsewhere"}
+    nodes = [subprocess.Popen(
+        [PYTHON, "-m", "launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank),
+         "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *RUN,
+         f"run.dir={folders[rank]}", "run.name=same-job"], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        for rank in (0, 1)]
+    results = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [2, 2]
+    errors = "".join(err for _, err in results)
+    assert ("rank 0 resumes from step_00000048.pt but rank 1 from nothing" in errors
+            or "rank 0 resumes from nothing but rank 1 from step_00000048.pt" in errors), errors
+    assert "shared file system" in errors
+    assert not (folders[1] / "checkpoints").exists()  # nothing trained from step 0
+
+
+@pytest.mark.parametrize("change", ["train.batch_size=64", "seed=1",
+                                    "data.synthetic.train_samples=1024"])
+def test_allowed_changes_cannot_move_a_position_inside_an_epoch(change):
+    from train.config import identity, load_config
+    from train.errors import UserError
+    from train.loop import check_resumable
+
+    old = load_config(CONFIG, RUN)
+    state = {"config": identity(old), "world_size": 2, "batch_in_epoch": 5}
+    new = load_config(CONFIG, [*RUN, change, "checkpoint.allow_changes=true"])
+    with pytest.raises(UserError, match=f"{change.split('=')[0]} changed"):
+        check_resumable(new, 2, state, "checkpoint x")
+    state["batch_in_epoch"] = 0  # at an epoch's end the same change is fine
+    check_resumable(new, 2, state, "checkpoint x")

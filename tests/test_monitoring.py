@@ -73,6 +73,9 @@ def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, wandb_run):
     assert "resumed from" in again.stdout
     ids = {read_offline_run(f).run_id for f in offline_runs(run_dir)}
     assert len(offline_runs(run_dir)) == 2 and len(ids) == 1
+    first, second = (f.parent for f in offline_runs(run_dir))
+    # Both segments are uploaded, in order, the second appended to the first.
+    assert f"wandb sync {first} && wandb sync --append {second}" in again.stdout
 
 
 def test_plain_progress_lines_without_a_terminal_and_silent_other_ranks(wandb_run):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.helpers import REPO, run_cli, run_distributed, run_single, small_run
+from tests.helpers import REPO, free_port, run_cli, run_distributed, run_single, small_run
 from tests.workers import train_and_return_params
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,8 @@ def test_bad_path_input_is_one_line(tmp_path, args, message):
 
 
 def test_dp_under_torchrun_with_several_workers_is_refused_once(tmp_path):
-    result = run_cli("torch.distributed.run", "--nproc-per-node=2", "-m", "train", CONFIG,
+    result = run_cli("torch.distributed.run", "--nproc-per-node=2",
+                     f"--master-port={free_port()}", "-m", "train", CONFIG,
                      *small_run(tmp_path), "mode=dp")
     assert result.returncode != 0
     reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -79,15 +79,17 @@ def test_cifar10_reads_python_batches(tmp_path):
     assert train.mean.shape == (1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("name, folder", [("fashion_mnist", "FashionMNIST/raw"),
-                                          ("cifar10", "cifar-10-batches-py")])
-def test_missing_dataset_offline_is_one_clear_error(tmp_path, name, folder):
+@pytest.mark.parametrize("name, folder, files", [
+    ("fashion_mnist", "FashionMNIST/raw", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    ("cifar10", "cifar-10-batches-py", ["data_batch_5", "test_batch", "batches.meta"])])
+def test_missing_dataset_offline_is_one_clear_error(tmp_path, name, folder, files):
     cfg = load_config(DEFAULT_CONFIG, [f"data.name={name}", f"data.root={tmp_path}",
                                        "data.download=false"])
     with pytest.raises(UserError) as info:
         ensure_available(cfg)
     message = str(info.value)
     assert str(tmp_path / folder) in message and "put " in message
+    assert all(f in message for f in files)  # every file the loader reads is named
     assert "\n" not in message
 
 

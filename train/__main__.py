@@ -64,15 +64,18 @@ def report(exc: UserError, ctx: DistContext | None) -> None:
 
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
-    check_world_size(cfg, ctx.world_size)
-    for warning in check_device_options(cfg, ctx.device.type):
-        log.warning("%s", warning)
+    # The same checks on every rank: agreed, so that one process reports them.
+    agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
+    for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
+        if ctx.is_main:
+            log.warning("%s", warning)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
     trainer = build_trainer(cfg, ctx, strategy, run)
     resumed = agree(ctx, lambda: resume(cfg, ctx, trainer, run))
+    check_same_start(ctx, resumed, cfg.run.dir)
     run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
     log.info(describe(cfg, ctx, trainer))
     if resumed and trainer.state.step >= trainer.total_steps:
@@ -112,7 +115,7 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Single, run: RunFolde
 
 def resume(cfg: Config, ctx: DistContext, trainer: Trainer, run: RunFolder) -> Path | None:
     """Load the newest valid checkpoint of `run.dir` into `trainer`, if resuming is on."""
-    if not cfg.checkpoint.resume:
+    if not cfg.checkpoint.resume or run.replace:  # a run being replaced is not continued
         return None
     found = trainer.checkpoints.load_latest(ctx.device)
     if found is None:
@@ -121,6 +124,20 @@ def resume(cfg: Config, ctx: DistContext, trainer: Trainer, run: RunFolder) -> P
     check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}")
     trainer.restore(state)
     return path
+
+
+def check_same_start(ctx: DistContext, resumed: Path | None, run_dir: str) -> None:
+    """Every rank must continue from the same checkpoint: a node that cannot see run.dir (no
+    shared file system) would start from step 0 while the others resume, and hang later."""
+    if not ctx.distributed:
+        return
+    names: list[str | None] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(names, resumed.name if resumed else None)
+    for rank, name in enumerate(names):
+        if name != names[0]:
+            raise UserError(f"rank 0 resumes from {names[0] or 'nothing'} but rank {rank} from "
+                            f"{name or 'nothing'} in {run_dir}: run.dir must be a folder every "
+                            f"node sees alike (a shared file system)", agreed=True)
 
 
 def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:

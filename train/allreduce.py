@@ -146,6 +146,11 @@ ALGORITHMS: dict[str, Callable[[torch.Tensor], None]] = {
     "naive": allreduce_naive, "ring": allreduce_ring}
 
 
+def allreduce(tensor: torch.Tensor, algorithm: str = "ring", group=None) -> None:
+    """The book's `allreduce`, across ranks: in place, every rank ends with the SUM."""
+    ALGORITHMS[algorithm](tensor, group)
+
+
 def split_batch(images: torch.Tensor, labels: torch.Tensor,
                 parts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The book's split_batch: `parts` micro-batches (views) along dim 0, their sizes in
@@ -191,7 +196,7 @@ class GradientSync:
                              f"choose one of {', '.join(ALGORITHMS)}")
         if bucket_mb is not None and not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be positive (MiB); got {bucket_mb}")
-        self.allreduce = ALGORITHMS[algorithm]
+        self.algorithm = algorithm
         # One flat buffer per bucket, allocated once and reused every step.
         trained = [p for p in params if p.requires_grad]
         self.buckets = [_new_bucket(bucket) for bucket in _buckets(trained, bucket_mb)]
@@ -210,7 +215,7 @@ class GradientSync:
             # Flatten: the bucket's gradients into its buffer.
             _flatten(views)
             # Allreduce: one exchange of messages for the whole bucket, then the mean.
-            self.allreduce(buffer)
+            allreduce(buffer, self.algorithm)
             buffer.div_(world)
             # Copy back INTO each gradient tensor: rebinding p.grad to a temporary instead is
             # how the book's replicas once drifted apart silently (d2l #955).
@@ -236,8 +241,13 @@ def _flatten(views: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
 
 
 def _copy_back(views: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-    """Each slice of the bucket into its gradient tensor, which stays the same object."""
+    """Each slice of the bucket into its gradient tensor, which stays the same object.
+
+    A parameter that got no gradient on this rank gets one only if another rank's was not
+    zero: one that no rank used keeps none, so SGD leaves it alone, as with DDP."""
     for p, view in views:
         if p.grad is None:
+            if not view.any():  # a device sync, but only on this rare path
+                continue
             p.grad = torch.empty_like(p)
         p.grad.copy_(view)

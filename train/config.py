@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -130,6 +131,8 @@ class DebugConfig:
     unused_parameter: bool = False  # give the model a parameter its forward never uses
     skip_set_epoch: bool = False  # forget sampler.set_epoch: every epoch the same order
     pad_eval: bool = False  # evaluate with DistributedSampler's padding (duplicates)
+    sigterm_rank: int = -1  # this rank sends itself SIGTERM after step `sigterm_step`
+    sigterm_step: int = 0  # see sigterm_rank (a preemption notice at a known step)
 
 
 @dataclass
@@ -191,6 +194,7 @@ NON_IDENTITY_KEYS = frozenset({
     "check.sample_ledger", "log.progress", "log.every_steps", "wandb.mode", "wandb.project",
     "wandb.entity", "wandb.name", "wandb.group", "wandb.tags", "debug.stall_rank",
     "debug.stall_step", "debug.stall_seconds", "debug.desync_rank", "debug.desync_step",
+    "debug.sigterm_rank", "debug.sigterm_step",
 })
 
 
@@ -443,6 +447,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
     )
     if not ok:
         raise UserError(f"{source}: {key} expects {_type_name(tp)}; got {value!r}")
+    if tp is float and not math.isfinite(value):  # YAML reads .nan and .inf as numbers
+        raise UserError(f"{source}: {key} expects a finite number; got {value!r}")
     return float(value) if tp is float else value
 
 

@@ -145,8 +145,8 @@ _EXPECTED_FILES = {
                       "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (IDX files, unzipped)"),
     "mnist": ("MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, "
               "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (IDX files, unzipped)"),
-    "cifar10": ("cifar-10-batches-py", "data_batch_1 ... data_batch_5 and test_batch "
-                "(the python version, cifar-10-python.tar.gz, extracted)"),
+    "cifar10": ("cifar-10-batches-py", "data_batch_1 ... data_batch_5, test_batch and "
+                "batches.meta (the python version, cifar-10-python.tar.gz, extracted)"),
 }
 
 
@@ -318,7 +318,7 @@ def train_batches(data: TensorData, rank: int, world_size: int, global_batch: in
                       channels_last=channels_last)
     if len(batches) == 0:
         raise UserError(f"the training set ({len(data)} samples) is smaller than one global batch "
-                        f"({global_batch}); lower train.batch_size")
+                        f"({global_batch}); lower train.batch_size", agreed=True)  # every rank
     return batches
 
 

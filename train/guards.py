@@ -184,3 +184,5 @@ class Faults:
         if self.rank == self.cfg.desync_rank and step == self.cfg.desync_step:
             with torch.no_grad():
                 next(model.parameters()).add_(1e-3)
+        if self.rank == self.cfg.sigterm_rank and step == self.cfg.sigterm_step:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -84,10 +84,9 @@ class Trainer:
         # maybe compiled, wrapped by the strategy.
         self.plain = prepare_model(model, cfg, ctx)
         self.compiled = should_compile(cfg, self.total_steps)
-        core = self.plain
+        self.model = strategy.wrap(self.plain)
         if self.compiled:
-            core = torch.compile(self.plain, mode=cfg.perf.compile_mode)
-        self.model = strategy.wrap(core)
+            self.model = strategy.compile(self.model, cfg.perf.compile_mode)
         self.optimizer = build_optimizer(cfg.optim, self.plain, ctx.world_size)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.perf.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -134,8 +133,9 @@ class Trainer:
                 f"died ({detail})") from None
 
     def _fit(self) -> dict[str, Any]:
-        started = time.perf_counter()
+        started, trained = time.perf_counter(), False
         while self.state.epoch < self.cfg.train.epochs and self.state.step < self.total_steps:
+            trained = True
             train = self.train_epoch()
             test = self.evaluate()
             record = self.epoch_record(train, test)
@@ -145,8 +145,15 @@ class Trainer:
             self.run.log_epoch(record)
             self.monitor.log_epoch(record)
             self.save_checkpoint()
+            # A stop asked for in the epoch's last step or in evaluation takes effect here,
+            # after the epoch is recorded and saved whole (every rank checks alike).
+            unfinished = self.state.epoch < self.cfg.train.epochs and \
+                self.state.step < self.total_steps
+            if unfinished and self.stop.should_stop(self.state.step, force_check=True):
+                self.interrupt()
         summary = self.summary(time.perf_counter() - started)
-        self.run.finish(summary)
+        if trained:  # a complete run started again keeps the summary of the run that trained
+            self.run.finish(summary)
         return summary
 
     def train_epoch(self) -> dict[str, Any]:
@@ -177,17 +184,21 @@ class Trainer:
             self.after_step(loss)
             if self.state.step % self.cfg.log.every_steps == 0:
                 window = self.log_step(loss, window)
-            if self.stop.should_stop(self.state.step):
+            epoch_done = self.state.batch_in_epoch == self.steps_per_epoch or \
+                self.state.step == self.total_steps
+            if self.stop.should_stop(self.state.step) and not epoch_done:
                 self.save_checkpoint()
-                raise Interrupted(self.stop.requested, self.state.step)
+                self.interrupt()
         seconds = time.perf_counter() - start - self.compile_time_s
         self.compile_time_s, compile_s = 0.0, self.compile_time_s
         done = self.state.batch_in_epoch - first
         self.ledger.check_train(epoch + 1, self.seen_indices(), self.state.batch_in_epoch,
                                 self.cfg.train.batch_size)
+        probe_started = time.perf_counter()
+        probe_sync_ms = self.probe_sync()
         return {"seconds": seconds, "steps": done, "timing": self.timer.per_step_ms(),
-                "totals": self.totals.clone(), "probe_sync_ms": self.probe_sync(),
-                "compile_s": compile_s}
+                "totals": self.totals.clone(), "probe_sync_ms": probe_sync_ms,
+                "probe_s": time.perf_counter() - probe_started, "compile_s": compile_s}
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in
@@ -234,6 +245,14 @@ class Trainer:
             log.info("torch.compile took about %.1f s (the first step minus the second)",
                      self.compile_time_s)
 
+    def interrupt(self) -> None:
+        """Leave after a stop request, once the checkpoint just saved is on disk everywhere."""
+        if self.ctx.distributed:
+            # Schedulers end the whole job at the first process that exits (srun
+            # --kill-on-bad-exit): the others must not leave while rank 0 is still writing.
+            dist.barrier()
+        raise Interrupted(self.stop.requested, self.state.step)
+
     def after_step(self, loss: torch.Tensor) -> None:
         self.state.step += 1
         self.state.batch_in_epoch += 1
@@ -241,7 +260,10 @@ class Trainer:
         self.faults.after_step(self.plain, self.state.step)
         self.sync_check.after_step(self.plain, self.state.step)
         every = self.cfg.checkpoint.every_steps
-        if every and self.state.step % every == 0 and self.state.step < self.total_steps:
+        # The epoch's last step is saved at the epoch's end, with its evaluation.
+        inside = self.state.batch_in_epoch < self.steps_per_epoch and \
+            self.state.step < self.total_steps
+        if every and self.state.step % every == 0 and inside:
             self.save_checkpoint()
 
     def log_step(self, loss: torch.Tensor, since: tuple[float, int]) -> tuple[float, int]:
@@ -329,6 +351,8 @@ class Trainer:
         }
         if self.compiled:
             record["compile_time_s"] = train["compile_s"]
+        if self.strategy.probes_sync:  # spent after the epoch's steps, not in epoch_time_s
+            record["probe_time_s"] = train["probe_s"]
         for i, phase in enumerate(PHASES):
             record[f"time_{phase}_ms"] = means[i]
             record[f"time_{phase}_ms_max"] = highs[i]
@@ -368,10 +392,15 @@ class Trainer:
         """Every rank contributes its RNG state and running totals; the main worker writes."""
         self.timer.current = "saving a checkpoint"
         mine = {"rng": ckpt.rng_state(), "totals": self.totals.cpu()}
+        sync_state = self.strategy.state_dict()
+        if sync_state is not None:
+            mine["sync"] = sync_state
         ranks: list[Any] = [mine]
         if self.ctx.distributed:
-            ranks = [None] * self.ctx.world_size
-            dist.all_gather_object(ranks, mine)
+            # Only the main worker writes: gather to it alone (error feedback can be as large
+            # as the gradients).
+            ranks = [None] * self.ctx.world_size if self.ctx.is_main else None
+            dist.gather_object(mine, ranks, dst=0)
         if not self.ctx.is_main:
             return
         self.checkpoints.save({
@@ -398,6 +427,7 @@ class Trainer:
         if len(ranks) == self.ctx.world_size:
             ckpt.set_rng_state(ranks[self.ctx.rank]["rng"])
             self.totals = ranks[self.ctx.rank]["totals"].to(self.totals)
+            self.strategy.load_state_dict(ranks[self.ctx.rank].get("sync"))
         elif self.ctx.is_main:  # another world size: the epoch's totals so far go to rank 0
             self.totals = sum(r["totals"] for r in ranks).to(self.totals)
         self.wandb_run_id = state.get("wandb_run_id")
@@ -447,6 +477,16 @@ def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: 
     from train.config import describe_differences
 
     if cfg.checkpoint.allow_changes:
+        # Inside an epoch the position is a count of steps over one shuffled order: with
+        # another batch size, dataset or seed it no longer says which samples were seen.
+        old, new = state["config"], identity(cfg)
+        moved = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+                 and (k in ("train.batch_size", "seed") or k.startswith("data."))]
+        if state["batch_in_epoch"] and moved:
+            raise UserError(f"{where} stopped inside an epoch ({state['batch_in_epoch']} steps "
+                            f"into it) and {', '.join(moved)} changed, so the samples it already "
+                            f"trained on are unknown; keep those keys, or set "
+                            f"checkpoint.resume=false to start over")
         return
     if state["config"] != identity(cfg):
         raise UserError(f"{where} was written with another config "

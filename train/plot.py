@@ -149,7 +149,7 @@ def step_times(run: Run) -> tuple[dict[str, float], float]:
     """Per-phase ms per step (mean over ranks, averaged over epochs), and the slowest rank's
     whole step (`time_step_ms_max`), averaged over epochs."""
     means = {p: _mean(run.series(f"time_{p}_ms")) for p in PHASES}
-    worst = [r["time_step_ms_max"] for r in run.records]
+    worst = [r.get("time_step_ms_max", math.nan) for r in run.records]  # older runs lack it
     return means, _mean(worst)
 
 

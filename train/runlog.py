@@ -60,15 +60,6 @@ def check_run_dir(cfg: Config) -> bool:
     return False
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create `run.dir` (clearing it first when the user asked to overwrite a different run)."""
-    folder = Path(cfg.run.dir)
-    if check_run_dir(cfg):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def _saved_identity(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -91,15 +82,21 @@ class RunFolder:
     """The main worker's view of `run.dir`: config.yaml, metrics.jsonl, summary.json and
     checkpoints/."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, replace: bool = False):
         self.folder = folder
+        self.replace = replace  # it holds another run, to be cleared when training starts
         self.metrics_path = folder / "metrics.jsonl"
         self.checkpoint_dir = folder / "checkpoints"
 
     def start(self, cfg: Config, resumed_epochs: int | None = None) -> None:
         """Write the resolved config. A resumed run keeps the metrics of the epochs it does not
         repeat; a run that starts over drops the previous attempt's metrics and checkpoints
-        (which a later resume would otherwise take for its own)."""
+        (which a later resume would otherwise take for its own). The run being replaced goes
+        only now, once data, model and checkpoint checks have passed."""
+        if self.replace:
+            shutil.rmtree(self.folder)
+            self.replace = False
+        self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(self.folder / "config.yaml", lambda p: p.write_text(config_mod.to_yaml(cfg)))
         if resumed_epochs is None:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
@@ -126,8 +123,8 @@ class RunFolder:
 class NullRun(RunFolder):
     """What non-main ranks write: nothing."""
 
-    def __init__(self, folder: Path) -> None:
-        super().__init__(folder)  # they may read (checkpoints), never write
+    def __init__(self, folder: Path, replace: bool = False) -> None:
+        super().__init__(folder, replace)  # they may read (checkpoints), never write
 
     def start(self, cfg: Config, resumed_epochs: int | None = None) -> None:
         pass
@@ -144,4 +141,7 @@ class NullRun(RunFolder):
 
 
 def open_run(cfg: Config, ctx: DistContext) -> RunFolder:
-    return RunFolder(prepare_run_dir(cfg)) if ctx.is_main else NullRun(Path(cfg.run.dir))
+    """Check `run.dir` on every rank (all must agree whether an old run is replaced, and so
+    not resumed); nothing on disk changes before `start`."""
+    replace = check_run_dir(cfg)
+    return (RunFolder if ctx.is_main else NullRun)(Path(cfg.run.dir), replace)

@@ -110,5 +110,13 @@ class WandbSink:
     def close(self) -> None:
         self.run.finish()
         if self.mode == "offline":
-            folder = self.run.dir.rsplit("/files", 1)[0]
-            log.info("wandb: upload this run with: wandb sync %s", folder)
+            log.info("wandb: upload this run with: %s", sync_commands(Path(self.run.dir).parent))
+
+
+def sync_commands(segment: Path) -> str:
+    """`wandb sync` for an offline run; a resumed job leaves one folder per segment (same run
+    id): the first is synced as is, the later ones appended in order (`wandb sync --append`)."""
+    run_id = segment.name.rsplit("-", 1)[-1]
+    segments = sorted(segment.parent.glob(f"offline-run-*-{run_id}"))
+    return " && ".join(f"wandb sync {'--append ' if i else ''}{s}"
+                       for i, s in enumerate(segments or [segment]))

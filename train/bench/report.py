@@ -18,6 +18,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} |")
 
     lines += ["", "## Scaling (one thread per worker, LeNet, global batch 256)", "",
+              "dp is one process whatever the number of devices; on CPUs it has nothing to "
+              "split, so it has no row here (`make compare` shows it).", "",
               "| path | workers | samples/s | speedup | efficiency |", "|---|---|---|---|---|"]
     for path, counts in report["scaling"].items():
         for n, r in counts.items():
@@ -63,9 +65,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Framework overhead (identical knobs, alternating runs)", "",
               f"`make train` {o['median_samples_per_s']['ours']:,.0f} samples/s, minimal DDP loop "
               f"{o['median_samples_per_s']['minimal']:,.0f} samples/s: ratio "
-              f"{o['ratio_ours_over_minimal']:.3f} ({o['overhead_percent']:+.1f}% overhead)."]
+              f"{o['ratio_ours_over_minimal']:.3f} ({o['overhead_percent']:+.1f}% overhead), "
+              f"step throughput of both. Counting the DDP sync probe that ends each of our "
+              f"epochs: {o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s."]
     if report["peers"]:
         lines += ["", "## Against a plain loop and peers (their default settings)", "",
+                  "Our side: whole epochs of `make train` (steps and the sync probe), "
+                  f"{o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s.", "",
                   "| loop | samples/s | our epoch time / theirs |", "|---|---|---|"]
         for name, p in report["peers"].items():
             if "skipped" in p:

@@ -140,6 +140,7 @@ def figure(results: list[Result], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
@@ -147,9 +148,10 @@ def figure(results: list[Result], path: Path) -> None:
         left.plot(epochs, [x["test_accuracy"] for x in r.records], marker="o",
                   label=f"{r.path}, {r.workers} worker(s)")
     left.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy per epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    labels = [f"{r.path}\n{r.workers}w" for r in results]
+    labels = [f"{r.path.replace(' ', chr(10))}\n{r.workers}w" for r in results]
     speeds = [r.median("samples_per_s") for r in results]
     bars = right.bar(range(len(results)), speeds, color=[f"C{i}" for i in range(len(results))])
     right.bar_label(bars, labels=[f"{s:,.0f}" for s in speeds], fontsize=8)

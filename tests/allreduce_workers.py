@@ -41,7 +41,19 @@ def check_all() -> dict:
 
 
 def _allreduce_mismatches() -> list[tuple]:
-    """Both algorithms against dist.all_reduce: every dtype and shape, exactly."""
+    """Both algorithms against dist.all_reduce: every dtype and shape, exactly; once with the
+    ring's chunks in one segment each, once cut into many uneven segments."""
+    mismatches = []
+    for segment in (allreduce.SEGMENT, 7):
+        default, allreduce.SEGMENT = allreduce.SEGMENT, segment
+        try:
+            mismatches += [(f"segment {segment}", *m) for m in _mismatches()]
+        finally:
+            allreduce.SEGMENT = default
+    return mismatches
+
+
+def _mismatches() -> list[tuple]:
     rank, mismatches = dist.get_rank(), []
     for name, fn in allreduce.ALGORITHMS.items():
         for dtype in DTYPES:

@@ -44,6 +44,28 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group)
         request.wait()
 
 
+SEGMENT = 2**19  # elements: a chunk travels in pieces so that adding one overlaps the next
+
+
+def _exchange_and_add(send: torch.Tensor, dst: int, buffer: torch.Tensor, src: int,
+                      target: torch.Tensor, group) -> None:
+    """`_exchange`, then `target += buffer`, in segments: each received segment is added while
+    the next ones are still in flight (gloo moves them on its own threads). Both neighbours cut
+    a chunk alike, since a chunk has the same size on every rank."""
+    sends = send.split(SEGMENT) if send.numel() else ()
+    parts = []
+    if buffer.numel():
+        parts = list(zip(buffer.split(SEGMENT), target.split(SEGMENT), strict=True))
+    ops = [dist.P2POp(dist.isend, s, _peer(group, dst), group) for s in sends]
+    ops += [dist.P2POp(dist.irecv, part, _peer(group, src), group) for part, _ in parts]
+    requests = dist.batch_isend_irecv(ops) if ops else []
+    for request, (part, into) in zip(requests[len(sends):], parts, strict=True):
+        request.wait()
+        into += part
+    for request in requests[:len(sends)]:
+        request.wait()
+
+
 def _in_place(tensor: torch.Tensor, algorithm: Callable[[torch.Tensor, object], None],
               group) -> None:
     """Run `algorithm` on a flat contiguous view; copy back if `tensor` was not contiguous."""
@@ -128,8 +150,7 @@ def _ring(flat: torch.Tensor, group) -> None:
     for step in range(world - 1):
         send, recv = (rank - step) % world, (rank - step - 1) % world
         buffer = incoming[:chunks[recv].numel()]
-        _exchange(chunks[send], right, buffer, left, group)
-        chunks[recv] += buffer
+        _exchange_and_add(chunks[send], right, buffer, left, chunks[recv], group)
     # All-gather: pass the finished sums around the ring, received straight into place.
     for step in range(world - 1):
         send, recv = (rank - step + 1) % world, (rank - step) % world

@@ -15,7 +15,13 @@ import torch
 
 from models import build_model
 from train import dist
-from train.config import Config, check_device_options, check_world_size, load_config
+from train.config import (
+    Config,
+    check_device_options,
+    check_world_size,
+    load_config,
+    use_channels_last,
+)
 from train.data import TensorData, eval_batches, load_datasets, place, train_batches
 from train.dist import DistContext, agree
 from train.errors import EXIT_INTERRUPTED, UserError
@@ -99,15 +105,16 @@ def train(cfg: Config, ctx: DistContext) -> None:
 def build_trainer(cfg: Config, ctx: DistContext, strategy: Single, run: RunFolder) -> Trainer:
     """Data, model and loop for this worker (the same on every path)."""
     train_set, test_set = load_data(cfg, ctx)
+    nhwc = use_channels_last(cfg, ctx.device.type)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, train_set.channels, train_set.num_classes,
                         train_set.image_size, init=cfg.model.init)
     return Trainer(
         cfg, ctx, strategy, model,
         train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.seed,
-                      ctx.device, channels_last=cfg.perf.channels_last),
+                      ctx.device, channels_last=nhwc),
         eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size, ctx.device,
-                     pad=cfg.debug.pad_eval, channels_last=cfg.perf.channels_last),
+                     pad=cfg.debug.pad_eval, channels_last=nhwc),
         run,
         Monitor([Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []),
     )
@@ -162,7 +169,7 @@ def describe(cfg: Config, ctx: DistContext, trainer: Trainer) -> str:
     if path == "scratch":
         bucket = "per parameter" if cfg.scratch.per_parameter else f"{cfg.scratch.bucket_mb} MiB"
         where += f"; our {cfg.scratch.algorithm} allreduce, buckets {bucket}"
-    knobs = [f"{cfg.perf.precision}"] + (["channels_last"] if cfg.perf.channels_last else [])
+    knobs = [cfg.perf.precision] + (["channels_last"] if trainer.channels_last else [])
     knobs += ["torch.compile"] if trainer.compiled else []
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")

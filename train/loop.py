@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import checkpoint as ckpt
-from train.config import Config, OptimConfig, identity
+from train.config import Config, OptimConfig, identity, use_channels_last
 from train.data import Batches
 from train.dist import DistContext
 from train.errors import CheckFailed, UserError
@@ -83,6 +83,7 @@ class Trainer:
         # `plain` is the model itself (saved, evaluated, checked); `model` is what trains:
         # maybe compiled, wrapped by the strategy.
         self.plain = prepare_model(model, cfg, ctx)
+        self.channels_last = use_channels_last(cfg, ctx.device.type)
         self.compiled = should_compile(cfg, self.total_steps)
         self.model = strategy.wrap(self.plain)
         if self.compiled:
@@ -443,7 +444,7 @@ def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
     if cfg.model.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
-    if cfg.perf.channels_last:
+    if use_channels_last(cfg, ctx.device.type):
         model = model.to(memory_format=torch.channels_last)
     return model
 

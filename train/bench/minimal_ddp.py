@@ -1,7 +1,8 @@
 """The smallest honest DDP loop, for comparison: what a person writes from the PyTorch tutorial.
 
-Same data (the synthetic set, in memory), same model, same global batch, same threads and
-denormal flushing as `make train`; none of the project's loop, strategies or bookkeeping.
+Same data (the synthetic set, in memory), same model, same global batch, same threads,
+denormal flushing and memory format (NHWC on the CPU) as `make train`; none of the project's
+loop, strategies or bookkeeping.
 Run with torchrun; prints one JSON line per epoch from rank 0.
 
     torchrun --nproc-per-node 2 -m train.bench.minimal_ddp --epochs 3
@@ -46,10 +47,11 @@ def main() -> None:
     data, _ = make_synthetic(SyntheticConfig(train_samples=args.train_samples, test_samples=1), 0)
     images = data.images.float().div_(255)
     images = (images - images.mean()) / images.std()
+    images = images.contiguous(memory_format=torch.channels_last)
     labels = data.labels
 
     torch.manual_seed(0)
-    model = DistributedDataParallel(lenet())
+    model = DistributedDataParallel(lenet().to(memory_format=torch.channels_last))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sampler = DistributedSampler(range(len(labels)), num_replicas=world, rank=rank, seed=0,
                                  drop_last=True)

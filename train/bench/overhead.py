@@ -22,18 +22,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def ours(workers: int, epochs: int, train_samples: int) -> list[float]:
-    """samples/s of each epoch of `python -m launch` (what `make train` runs)."""
-    return [r["samples_per_s"] for r in ours_records(workers, epochs, train_samples)]
-
-
-def ours_records(workers: int, epochs: int, train_samples: int) -> list[dict[str, Any]]:
+def ours_records(workers: int, epochs: int, train_samples: int,
+                 *extra: str) -> list[dict[str, Any]]:
     """The metrics.jsonl records of a `python -m launch` run (what `make train` runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "launch", "--cpu", "--gpus", str(workers),
                         str(REPO / "configs" / "default.yaml"), f"run.dir={tmp}/run",
                         f"train.epochs={epochs}", f"data.synthetic.train_samples={train_samples}",
-                        "data.synthetic.test_samples=1000", "wandb.mode=disabled"],
+                        "data.synthetic.test_samples=1000", "wandb.mode=disabled", *extra],
                        cwd=REPO, check=True, capture_output=True, text=True)
         lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -49,6 +45,12 @@ def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
             if line.startswith("{")]
 
 
+def whole_epoch_samples_per_s(record: dict[str, Any]) -> float:
+    """An epoch's samples/s counting the DDP sync probe that follows its steps."""
+    return record["samples_per_s"] * record["epoch_time_s"] / (
+        record["epoch_time_s"] + record.get("probe_time_s", 0.0))
+
+
 def measure(rounds: int, epochs: int, workers: int, samples: int) -> dict[str, Any]:
     """Alternate the two; the median samples/s of each over all counted epochs."""
     figures: dict[str, list[float]] = {"ours": [], "minimal": [], "ours_whole_epoch": []}
@@ -58,9 +60,7 @@ def measure(rounds: int, epochs: int, workers: int, samples: int) -> dict[str, A
             if name == "ours":
                 # The whole epoch also pays for the DDP sync probe run after its steps.
                 figures["ours_whole_epoch"].extend(
-                    r["samples_per_s"] * r["epoch_time_s"]
-                    / (r["epoch_time_s"] + r.get("probe_time_s", 0.0))
-                    for r in epochs_after_warmup)
+                    whole_epoch_samples_per_s(r) for r in epochs_after_warmup)
                 epochs_after_warmup = [r["samples_per_s"] for r in epochs_after_warmup]
             figures[name].extend(epochs_after_warmup)
             print(f"overhead round {r + 1}/{rounds} {name:8s} " +

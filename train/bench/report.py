@@ -93,6 +93,7 @@ def figure(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0][0]
@@ -100,6 +101,7 @@ def figure(report: dict[str, Any], path: Path) -> None:
         ax.plot(list(counts), [r["samples_per_s"] for r in counts.values()], marker="o",
                 label=path_name)
     ax.set(title="scaling (one thread per worker)", xlabel="workers", ylabel="samples/s")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     ax = axes[0][1]
     rows = report["allreduce"]["rows"]

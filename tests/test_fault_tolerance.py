@@ -258,17 +258,23 @@ def test_resuming_with_another_config_names_the_difference(tmp_path):
     assert "checkpoint.allow_changes=true" in refused.stderr
 
 
-def test_two_launchers_act_as_two_nodes(tmp_path, uninterrupted):
+def two_nodes(*per_node: list[str], timeout: float = 240) -> list[tuple[int, str]]:
+    """Two launchers on this machine acting as nodes 0 and 1 of one job, each with its own
+    overrides; (exit code, stderr) of each."""
     port = str(free_port())
     nodes = [subprocess.Popen(
         [PYTHON, "-m", "launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank),
-         "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *RUN,
-         f"run.dir={tmp_path}", "dist.cpu_threads=1"], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        for rank in (0, 1)]
-    results = [node.communicate(timeout=240) for node in nodes]
-    for node, (_, err) in zip(nodes, results, strict=True):
-        assert node.returncode == 0, err
+         "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *RUN, *extra], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}) for rank, extra in enumerate(per_node)]
+    outputs = [node.communicate(timeout=timeout) for node in nodes]
+    return [(node.returncode, err) for node, (_, err) in zip(nodes, outputs, strict=True)]
+
+
+def test_two_launchers_act_as_two_nodes(tmp_path, uninterrupted):
+    same = [f"run.dir={tmp_path}", "dist.cpu_threads=1"]
+    for code, err in two_nodes(same, same):
+        assert code == 0, err
     assert _summary(tmp_path)["world_size"] == 2
     # One thread per worker, as in the one-node run: the same arithmetic, the same result.
     assert_bitwise_equal(params(tmp_path), params(uninterrupted))
@@ -348,21 +354,15 @@ def test_nodes_that_see_different_run_folders_are_stopped_before_training(tmp_pa
                                                                          uninterrupted):
     """One node finds a checkpoint, the other (no shared file system) finds none. (c10d hands
     out ranks in arrival order: either node may hold rank 0.)"""
-    port = str(free_port())
-    folders = {0: uninterrupted, 1: tmp_path / "elsewhere"}
-    nodes = [subprocess.Popen(
-        [PYTHON, "-m", "launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank),
-         "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *RUN,
-         f"run.dir={folders[rank]}", "run.name=same-job"], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        for rank in (0, 1)]
-    results = [node.communicate(timeout=180) for node in nodes]
-    assert [node.returncode for node in nodes] == [2, 2]
+    elsewhere = tmp_path / "elsewhere"
+    results = two_nodes([f"run.dir={uninterrupted}", "run.name=same-job"],
+                        [f"run.dir={elsewhere}", "run.name=same-job"], timeout=180)
+    assert [code for code, _ in results] == [2, 2]
     errors = "".join(err for _, err in results)
     assert ("rank 0 resumes from step_00000048.pt but rank 1 from nothing" in errors
             or "rank 0 resumes from nothing but rank 1 from step_00000048.pt" in errors), errors
     assert "shared file system" in errors
-    assert not (folders[1] / "checkpoints").exists()  # nothing trained from step 0
+    assert not (elsewhere / "checkpoints").exists()  # nothing trained from step 0
 
 
 @pytest.mark.parametrize("change", ["train.batch_size=64", "seed=1",

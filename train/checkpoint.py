@@ -29,16 +29,11 @@ log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 
 
-def numpy_state(generator: Any) -> list[Any]:
-    """A numpy RandomState's state as tensors and plain values (weights_only-safe)."""
-    return _numpy_state(generator)
-
-
 def rng_state() -> dict[str, Any]:
     """This process's random generators, as tensors and plain values (weights_only-safe)."""
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": _numpy_state(),
+        "numpy": numpy_state(),
         "python": _python_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -55,7 +50,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal.tolist()), gauss))
 
 
-def _numpy_state(generator: Any = np.random) -> list[Any]:
+def numpy_state(generator: Any = np.random) -> list[Any]:
+    """A numpy RandomState's state as tensors and plain values (weights_only-safe)."""
     kind, keys, pos, has_gauss, cached = generator.get_state()
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
 

@@ -82,8 +82,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         # `plain` is the model itself (saved, evaluated, checked); `model` is what trains:
         # maybe compiled, wrapped by the strategy.
-        self.plain = prepare_model(model, cfg, ctx)
         self.channels_last = use_channels_last(cfg, ctx.device.type)
+        self.plain = prepare_model(model, cfg, ctx, self.channels_last)
         self.compiled = should_compile(cfg, self.total_steps)
         self.model = strategy.wrap(self.plain)
         if self.compiled:
@@ -437,14 +437,15 @@ class Trainer:
         return torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
 
 
-def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
+def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext,
+                  channels_last: bool) -> nn.Module:
     """The model on its device, in the memory format and with the norm layers asked for."""
     if cfg.debug.unused_parameter:
         model.unused = nn.Linear(2, 2)  # planted: forward never calls it
     if cfg.model.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
-    if use_channels_last(cfg, ctx.device.type):
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -40,11 +40,11 @@ test: venv
 
 # make compare [ARGS="--workers 1,2 --epochs 3"]: every path side by side, into reports/compare.
 compare: venv
-	$(PY) -m train.compare $(ARGS)
+	$(PY) -m tools.compare $(ARGS)
 
 # make plot RUN=runs/a [RUN2=runs/b RUN3=runs/c] [OUT=folder]: PNGs of one or several runs.
 plot: venv
-	$(PY) -m train.plot $(RUN) $(RUN2) $(RUN3) $(if $(OUT),--out $(OUT))
+	$(PY) -m tools.plot $(RUN) $(RUN2) $(RUN3) $(if $(OUT),--out $(OUT))
 
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv
@@ -52,14 +52,14 @@ doctor: venv
 
 # make bench: scaling, allreduce bandwidth, overlap, overhead, peers -> reports/bench.
 bench: venv
-	$(PY) -m train.bench $(ARGS)
+	$(PY) -m tools.bench $(ARGS)
 
 # The optional peers `make bench` compares against (PyTorch Lightning, HF Accelerate).
 peers: venv
 	$(VENV)/bin/pip install --quiet --quiet -r requirements-peers.txt
 
 bench-overhead: venv
-	$(PY) -m train.bench.overhead $(ARGS)
+	$(PY) -m tools.bench.overhead $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

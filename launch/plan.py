@@ -1,28 +1,31 @@
-"""Decide how many workers, on which devices, and build torchrun's arguments.
+"""Every decision and check before any worker starts, once, in one process.
 
-Everything that can be checked before starting workers is checked here, once, in one process,
-so that bad input gets one clear line instead of a report from every rank.
+`plan_job` (launch/checks.py) decides the config, the device and the worker count; the checks
+there each return a verdict and a detail. The launcher runs them in `LAUNCH_ORDER` and stops at
+the first FAIL with one line; the doctor runs all of them as the rows of its table. `make_plan`
+then builds torchrun's arguments (or, for mode dp, the one process's).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import Config, check_device_options, check_world_size, load_config
-from train.data import ensure_available
-from train.dist import backend_for, resolve_device_kind, usable_cores, visible_gpus
-from train.errors import UserError
-from train.runlog import check_run_dir
+from common.errors import UserError
+from common.host import backend_for, threads_per_worker, usable_cores, visible_gpus
+from common.schema import Config
+from launch.checks import CHECKS, FAIL, run_check
+from launch.job import Job, plan_job, worker_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CPU_WORKERS = 2
-DEFAULT_MASTER_PORT = 29500
+
 SHUTDOWN_TIMEOUT_S = 30  # after SIGTERM, workers get this long to checkpoint before SIGKILL
+# Cheap checks first; the dataset one may download.
+LAUNCH_ORDER = ("GPUs", "device options", "backend", "batch", "run folder", "wandb", "disk",
+                "rendezvous port", "dataset")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Plan:
     nnodes: int
     node_rank: int
     device_kind: str  # "cuda" or "cpu"
-    backend: str
+    backend: str  # the workers' process-group backend ("none" for mode dp)
     threads: int  # intra-op threads per CPU worker
     torchrun_args: list[str]  # empty for mode dp: one process, no torchrun
     worker_args: list[str]  # what `python -m train` gets: the config and overrides
@@ -49,134 +52,49 @@ class Plan:
         return self.torchrun_args[self.torchrun_args.index("--rdzv-endpoint") + 1]
 
 
-def worker_overrides(args: argparse.Namespace) -> list[str]:
-    """The user's overrides plus those the launcher's own flags imply."""
-    extra = []
-    if args.mode:
-        extra.append(f"mode={args.mode}")
-    if args.cpu:
-        extra.append("dist.device=cpu")
-    return [*args.overrides, *extra]
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
-    overrides = worker_overrides(args)
-    cfg = load_config(args.config, overrides)
-    if args.nnodes < 1:
-        raise UserError(f"--nnodes must be at least 1; got {args.nnodes}")
-    if not 0 <= args.node_rank < args.nnodes:
-        raise UserError(f"--node-rank must be in 0..{args.nnodes - 1}; got {args.node_rank}")
-    kind = resolve_device_kind(cfg.dist.device)
-    check_device_options(cfg, kind)
-    nproc, note = count_workers(args.gpus, kind)
-    backend = backend_for(kind, cfg.dist.backend)
-    threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
-    note = worker_note(cfg, kind, nproc, note)
-    if args.max_restarts < 0:
-        raise UserError(f"--max-restarts must not be negative; got {args.max_restarts}")
-    worker_args = [str(args.config), *overrides]
-    if cfg.mode == "dp":
-        return _dp_plan(args, cfg, kind, nproc, threads, worker_args, note)
-    check_world_size(cfg, nproc * args.nnodes)
-    if args.node_rank == 0:
-        check_run_dir(cfg)
-    ensure_available(cfg)  # every node reads its own copy of the files
+    """Decide, check (the first FAIL is a UserError), then say how to start the workers."""
+    job = plan_job(args)
+    for name in LAUNCH_ORDER:
+        verdict, detail = run_check(CHECKS[name], job, raise_errors=True)
+        if verdict == FAIL:
+            raise UserError(detail)
+    cfg, kind = job.cfg, job.kind
+    worker_args = [str(args.config), *worker_overrides(args)]
+    if job.dp:
+        threads = usable_cores() if kind == "cpu" else threads_per_worker(0, job.nproc)
+        return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, job.note,
+                    gpus=job.nproc if kind == "cuda" else 0)
     torchrun_args = [
         "--nnodes", str(args.nnodes),
-        "--nproc-per-node", str(nproc),
-        *_rendezvous(args, cfg),
+        "--nproc-per-node", str(job.nproc),
+        *_rendezvous(job),
         "--max-restarts", str(args.max_restarts),
         "--monitor-interval", "0.5",
         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
         "-m", "train", *worker_args,
     ]
-    return Plan(cfg, nproc, args.nnodes, args.node_rank, kind, backend, threads, torchrun_args,
-                worker_args, note)
+    threads = threads_per_worker(cfg.dist.cpu_threads, job.nproc)
+    return Plan(cfg, job.nproc, args.nnodes, args.node_rank, kind,
+                backend_for(kind, cfg.dist.backend), threads, torchrun_args, worker_args, job.note)
 
 
-def _dp_plan(args: argparse.Namespace, cfg: Config, kind: str, gpus: int, threads: int,
-             worker_args: list[str], note: str) -> Plan:
-    """DataParallel: ONE process on one node that drives `gpus` GPUs itself."""
-    if args.nnodes > 1:
-        raise UserError("mode dp runs one process on one node; several nodes need mode ddp or "
-                        "scratch")
-    if args.max_restarts:
-        raise UserError(f"--max-restarts {args.max_restarts} needs torchrun workers (mode ddp or "
-                        f"scratch); mode dp runs one process without torchrun, which nothing "
-                        f"restarts")
-    if kind == "cpu" and args.gpus not in (None, 1):
-        # For DataParallel --gpus counts the devices of its one process, not processes.
-        note += f"; --gpus {args.gpus} ignored (it counts the GPUs DataParallel drives)"
-    check_run_dir(cfg)
-    ensure_available(cfg)
-    return Plan(cfg, 1, 1, 0, kind, "none", usable_cores() if kind == "cpu" else threads, [],
-                worker_args, note, gpus=gpus if kind == "cuda" else 0)
-
-
-def worker_note(cfg: Config, kind: str, nproc: int, counted: str) -> str:
-    """What the console says about the workers (`counted`: from count_workers)."""
-    if cfg.mode == "dp":
-        if kind == "cpu":
-            return (f"mode dp: one process on the CPU ({usable_cores()} threads); DataParallel "
-                    f"has nothing to split there (no GPUs)")
-        return f"mode dp: one process, DataParallel over {nproc} GPU(s)"
-    if kind == "cpu":
-        threads = cfg.dist.cpu_threads or max(1, usable_cores() // nproc)
-        return f"{counted}, {threads} thread(s) each ({usable_cores()} usable cores)"
-    return counted
-
-
-def count_workers(requested: int | None, kind: str) -> tuple[int, str]:
-    """Workers on this node and the sentence that says why (more GPUs than visible: error)."""
-    gpus = visible_gpus()
-    if requested is not None and requested < 1:
-        raise UserError(f"--gpus must be at least 1; got {requested}")
-    if kind == "cuda":
-        if requested is not None and requested > gpus:
-            raise UserError(f"{requested} GPUs asked (--gpus/GPUS) but only {gpus} visible")
-        n = requested or gpus
-        return n, f"{n} GPU worker(s) with nccl, one per GPU ({gpus} visible)"
-    n = requested or DEFAULT_CPU_WORKERS
-    why = "no GPU visible" if gpus == 0 else "CPU asked (--cpu / dist.device=cpu)"
-    return n, f"{why}: {n} CPU worker(s) with gloo"
-
-
-def _rendezvous(args: argparse.Namespace, cfg: Config) -> list[str]:
+def _rendezvous(job: Job) -> list[str]:
+    args = job.args
     if args.nnodes == 1:
         # Standalone: a c10d store on 127.0.0.1, on a port the OS picks unless one is given.
         port = args.master_port if args.master_port is not None else 0
-        if port:
-            require_free_port(port)
         return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                 "--rdzv-id", uuid.uuid4().hex, "--local-addr", "127.0.0.1"]
-    if not args.master_addr:
-        raise UserError("several nodes need --master-addr (MASTER_ADDR): the address of node 0, "
-                        "reachable from every node")
-    port = args.master_port or DEFAULT_MASTER_PORT
-    if args.node_rank == 0:
-        require_free_port(port)
     # Node 0 hosts the c10d store; the others connect to it. Every node derives the same id.
     is_host = "true" if args.node_rank == 0 else "false"
     # join_timeout bounds the wait for the other nodes once connected; read_timeout bounds each
     # store call, the first connection included: without it a node whose node 0 never comes
     # waits torch's default 60 s, whatever dist.rendezvous_timeout_s says.
-    timeout = max(1, int(cfg.dist.rendezvous_timeout_s))
-    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{args.master_addr}:{port}",
-            "--rdzv-id", f"{cfg.run.name}-{port}",
+    timeout = max(1, int(job.cfg.dist.rendezvous_timeout_s))
+    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{args.master_addr}:{job.master_port}",
+            "--rdzv-id", f"{job.cfg.run.name}-{job.master_port}",
             "--rdzv-conf", f"is_host={is_host},join_timeout={timeout},read_timeout={timeout}"]
-
-
-def require_free_port(port: int) -> None:
-    if not 0 < port < 65536:
-        raise UserError(f"--master-port must be in 1..65535; got {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("", port))
-        except OSError:
-            raise UserError(f"port {port} is already in use (another job on this node?); choose "
-                            f"another --master-port / MASTER_PORT, or leave it unset on a single "
-                            f"node to get a free one") from None
 
 
 def worker_environment(plan: Plan) -> dict[str, str]:
@@ -191,5 +109,5 @@ def worker_environment(plan: Plan) -> dict[str, str]:
     if plan.device_kind == "cpu":
         env["OMP_NUM_THREADS"] = str(plan.threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // plan.nproc))
+        env["OMP_NUM_THREADS"] = str(threads_per_worker(0, plan.nproc))
     return env

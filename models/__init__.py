@@ -14,7 +14,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int,
-                init: str = "book") -> nn.Module:
+                init: str = "torch") -> nn.Module:
     """Build a registered model for inputs of shape (in_channels, image_size, image_size).
 
     init "book": weights drawn from N(0, 0.01^2) as in the book (LeNet then needs a few

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train import allreduce
+from train.strategies import allreduce
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
 # Empty, 0-dim, fewer elements than ranks, not divisible by 2, 3 or 4, several dimensions.

@@ -8,28 +8,26 @@ back with `env=gpu_env()`.
 from __future__ import annotations
 
 import functools
-import io
 import json
-import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
-import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from common.spawn import Env, SpawnError, free_port, spawn
+
+__all__ = ["REPO", "PYTHON", "free_port", "gpu_count", "gpu_env", "hide_gpus", "run_cli",
+           "run_distributed", "run_single", "small_run"]
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 # The machine's CUDA_VISIBLE_DEVICES before the tests hid the GPUs, as JSON (null: unset).
 # An environment variable, so that processes started by the tests know it too.
 ORIGINAL_GPUS = "DPTRAIN_TESTS_CUDA_VISIBLE_DEVICES"
-
-# Environment overrides for a subprocess; None removes the variable.
-Env = Mapping[str, str | None]
 
 
 def hide_gpus() -> None:
@@ -79,43 +77,6 @@ def environment(overrides: Env | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if v is not None}
 
 
-def _apply(overrides: Env) -> None:
-    for key, value in overrides.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    """The variables torchrun gives a worker on a single node."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-
-
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue,
-            env: Env) -> None:
-    # Before `fn` runs: nothing in this process has started CUDA yet, so `env` may still
-    # change which GPUs it sees.
-    _apply(env)
-    if port:
-        os.environ.update(torchrun_env(rank, world_size, port))
-    try:
-        # By value: tensors sent as shared-memory handles vanish when this process exits.
-        buffer = io.BytesIO()
-        torch.save(fn(*args), buffer)
-        queue.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # noqa: BLE001 - report everything to the parent test
-        queue.put((rank, "error", traceback.format_exc()))
-
-
 def run_single(fn: Callable[..., Any], *args: Any, timeout: float = 180,
                env: Env | None = None) -> Any:
     """Call `fn(*args)` in one fresh process without torchrun's variables (no process group)."""
@@ -131,32 +92,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
     under test) and must tear it down. Returns each rank's return value, in rank order, with
     tensors on the CPU. `env`: environment overrides, e.g. `gpu_env()` (None removes one).
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port() if launched else 0
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env or {}))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors = []
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "error":
-                errors.append(f"rank {rank}:\n{value}")
-            else:
-                # GPU workers return cuda tensors; this process sees no GPU.
-                results[rank] = torch.load(io.BytesIO(value), map_location="cpu",
-                                           weights_only=True)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+        return spawn(fn, world_size, *args, timeout=timeout, env=env, launched=launched)
+    except SpawnError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: Env | None = None,

@@ -7,7 +7,8 @@ import torch
 
 from tests.allreduce_workers import BUCKET_MB, RING_NUMEL, check_all
 from tests.helpers import REPO, run_distributed
-from train.allreduce import ALGORITHMS, GradientSync, split_batch
+from train.data.batches import split_batch
+from train.strategies.allreduce import ALGORITHMS, GradientSync
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,7 @@ def test_split_batch_cuts_into_near_equal_micro_batches():
 
 
 def test_the_module_uses_point_to_point_primitives_only():
-    tree = ast.parse((REPO / "train/allreduce.py").read_text())
+    tree = ast.parse((REPO / "train/strategies/allreduce.py").read_text())
     used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name) and node.value.id == "dist"}
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)

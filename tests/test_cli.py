@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, small_run
-from train.config import identity, load_config
+from train.config import load_config
+from train.identity import identity
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -150,7 +151,7 @@ def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides
 
 
 def test_launcher_exit_code_is_non_zero_when_a_worker_fails():
-    from launch.__main__ import run_torchrun
+    from launch.agent import run_torchrun
 
     code = run_torchrun(["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                          "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from tests.helpers import run_cli
-from train.compare import default_workers
+from tools.compare import default_workers
 
 pytestmark = pytest.mark.slow
 PATHS = ["ddp", "scratch naive", "dp"]
@@ -18,7 +18,7 @@ ABSURD = 1e12  # samples/s no CPU reaches
 
 
 def compare(out, paths: list[str], workers: str):
-    done = run_cli("train.compare", "--workers", workers, "--epochs", "2", "--paths",
+    done = run_cli("tools.compare", "--workers", workers, "--epochs", "2", "--paths",
                    ",".join(paths), "--out", str(out), *SMALL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "compare.json").read_text())
@@ -89,7 +89,7 @@ def test_compare_again_trains_again(report):
 
 
 def test_failed_run_says_which_with_its_output(tmp_path):
-    done = run_cli("train.compare", "--paths", "ddp", "--workers", "1", "--out", str(tmp_path),
+    done = run_cli("tools.compare", "--paths", "ddp", "--workers", "1", "--out", str(tmp_path),
                    "train.batch_size=0", "wandb.mode=disabled")
     assert done.returncode == 1
     *tail, last = done.stderr.strip().splitlines()

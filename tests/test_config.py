@@ -3,16 +3,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import (
-    Config,
-    apply_override,
-    check_world_size,
-    describe_differences,
-    identity,
-    load_config,
-    to_yaml,
-)
-from train.errors import UserError
+from common.config import Config, apply_override, to_yaml
+from common.errors import UserError
+from train.config import load_config
+from train.identity import describe_differences, identity
+from train.preflight import check_world_size
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "configs" / "default.yaml"
@@ -132,3 +127,23 @@ def test_differences_are_named():
     assert "9" in describe_differences(a, b)
     # Keys that do not change what is computed are not part of a run's identity.
     assert identity(load_config(DEFAULT, ["run.overwrite=true"])) == identity(load_config(DEFAULT))
+
+
+def test_a_run_recorded_before_a_key_existed_is_the_same_run():
+    # Checkpoints and run folders written by an older version lack the keys added since:
+    # a missing key counts as its default, so those runs still resume.
+    cfg = load_config(DEFAULT)
+    older = {k: v for k, v in identity(cfg).items() if k != "optim.nesterov"}
+    assert describe_differences(older, identity(cfg)) == ""
+    changed = load_config(DEFAULT, ["optim.nesterov=true"])
+    assert "optim.nesterov" in describe_differences(older, identity(changed))
+
+
+def test_constraints_live_beside_their_keys():
+    from common.config import runtime_keys
+
+    with pytest.raises(UserError, match="data.synthetic.image_size must be at least 16"):
+        load_config(DEFAULT, ["data.synthetic.image_size=8"])
+    with pytest.raises(UserError, match="train.max_steps must be positive; got 0"):
+        load_config(DEFAULT, ["train.max_steps=0"])
+    assert "dist.timeout_s" in runtime_keys() and "optim.lr" not in runtime_keys()

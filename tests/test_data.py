@@ -1,16 +1,12 @@
 import pytest
 import torch
 
+from common.schema import SyntheticConfig
 from tests.workers import DEFAULT_CONFIG
-from train.config import SyntheticConfig, load_config
-from train.data import (
-    EvalSampler,
-    channel_stats,
-    eval_batches,
-    load_datasets,
-    make_synthetic,
-    train_batches,
-)
+from train.config import load_config
+from train.data import load_datasets, make_synthetic
+from train.data.batches import EvalSampler, eval_batches, train_batches
+from train.data.tensors import channel_stats
 
 
 def test_synthetic_data_is_deterministic_from_the_seed():
@@ -45,7 +41,7 @@ def test_synthetic_classes_differ_but_samples_vary_within_a_class():
 
 def test_normalized_batches_have_zero_mean_and_unit_std():
     cfg = load_config(DEFAULT_CONFIG, ["data.synthetic.train_samples=2048"])
-    train, test = load_datasets(cfg, download=False)
+    train, test = load_datasets(cfg.data, cfg.seed, download=False)
     assert torch.equal(test.mean, train.mean)  # the test set uses the train set's statistics
     batches = train_batches(train, 0, 1, 2048, seed=0, device=torch.device("cpu"))
     images, labels = next(iter(batches))

@@ -7,20 +7,13 @@ import socket
 
 import pytest
 
-from launch.__main__ import parse_args
-from launch.doctor import (
-    CHECKS,
-    FAIL,
-    OK,
-    WARN,
-    check_gpus,
-    check_run_folder,
-    check_wandb,
-    plan_job,
-    run_check,
-)
+from common.config import to_yaml
+from launch.checks import FAIL, OK, WARN, check_gpus, check_run_folder, check_wandb, run_check
+from launch.cli import parse_args
+from launch.doctor import ROWS as CHECKS
+from launch.job import plan_job
 from tests.helpers import REPO, free_port, run_cli
-from train.config import load_config, to_yaml
+from train.config import load_config
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 

@@ -201,7 +201,7 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterr
 
 
 def test_checkpoint_holds_the_full_state_and_loads_on_the_workers_device(uninterrupted):
-    state = Checkpoints(uninterrupted / "checkpoints", keep=2).load_latest(torch.device("cpu"))
+    state = Checkpoints(uninterrupted / "checkpoints", keep=2).load_latest()
     assert state is not None
     path, saved = state
     assert {"model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "ranks",
@@ -320,7 +320,8 @@ def test_a_node_whose_node_0_never_comes_fails_after_the_rendezvous_timeout(tmp_
 def test_torchruns_own_wait_for_node_0_follows_the_rendezvous_timeout(tmp_path, capsys):
     """Past the launcher's own wait (node 0 went away just after answering), torch's c10d
     client gives up after read_timeout = dist.rendezvous_timeout_s, not its default 60 s."""
-    from launch.__main__ import parse_args, run_torchrun
+    from launch.agent import run_torchrun
+    from launch.cli import parse_args
     from launch.plan import make_plan
 
     port = free_port()
@@ -368,9 +369,9 @@ def test_nodes_that_see_different_run_folders_are_stopped_before_training(tmp_pa
 @pytest.mark.parametrize("change", ["train.batch_size=64", "seed=1",
                                     "data.synthetic.train_samples=1024"])
 def test_allowed_changes_cannot_move_a_position_inside_an_epoch(change):
-    from train.config import identity, load_config
-    from train.errors import UserError
-    from train.loop import check_resumable
+    from common.errors import UserError
+    from train.config import load_config
+    from train.identity import check_resumable, identity
 
     old = load_config(CONFIG, RUN)
     state = {"config": identity(old), "world_size": 2, "batch_in_epoch": 5}

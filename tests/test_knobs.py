@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from common.schema import OptimConfig
 from tests.helpers import REPO, gpu_count, gpu_env, run_cli, run_distributed, small_run
 from tests.workers import ddp_settings, train_and_return_params
 from train.checkpoint import Checkpoints
-from train.config import OptimConfig
-from train.loop import scaled_lr
+from train.optim import scaled_lr
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -134,7 +134,7 @@ def test_torch_compile_trains_the_same_and_reports_compile_time(tmp_path, plain_
 
 def test_compile_auto_follows_the_run_length():
     from train.config import load_config
-    from train.loop import should_compile
+    from train.model import should_compile
 
     cfg = load_config(CONFIG)
     assert should_compile(cfg, 5000) and not should_compile(cfg, 500)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO, run_cli, small_run
-from train.plot import PHASES, load_runs, plot_curves, plot_step_time
+from tools.plot import PHASES, load_runs, plot_curves, plot_step_time
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 
@@ -34,7 +34,7 @@ def runs(tmp_path_factory) -> list[Path]:
 
 @pytest.mark.slow
 def test_cli_writes_pngs_into_the_first_run(runs):
-    result = run_cli("train.plot", *map(str, runs))
+    result = run_cli("tools.plot", *map(str, runs))
     assert result.returncode == 0, result.stderr
     written = [runs[0] / "plots" / "curves.png", runs[0] / "plots" / "step_time.png"]
     assert result.stdout.split() == [str(p) for p in written]
@@ -46,7 +46,7 @@ def test_cli_writes_pngs_into_the_first_run(runs):
 
 @pytest.mark.slow
 def test_out_folder(runs, tmp_path):
-    result = run_cli("train.plot", str(runs[1]), "--out", str(tmp_path / "figs"))
+    result = run_cli("tools.plot", str(runs[1]), "--out", str(tmp_path / "figs"))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png",
                                                                      "step_time.png"]
@@ -97,7 +97,7 @@ def test_step_time_bars_are_the_mean_phase_times(runs):
 def test_bad_run_is_one_line_and_exit_2(tmp_path, setup, message):
     run_dir = tmp_path / "run"
     setup(run_dir)
-    result = run_cli("train.plot", str(run_dir))
+    result = run_cli("tools.plot", str(run_dir))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr and str(run_dir) in result.stderr

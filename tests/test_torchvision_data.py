@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from tests.workers import DEFAULT_CONFIG
 from train.config import load_config
 from train.data import ensure_available, load_datasets
-from train.errors import UserError
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -60,8 +60,8 @@ def test_mnist_family_reads_idx_files(tmp_path, name, folder):
     arrays = write_mnist(tmp_path, folder)
     cfg = load_config(DEFAULT_CONFIG, [f"data.name={name}", f"data.root={tmp_path}",
                                        "data.download=false"])
-    ensure_available(cfg)
-    train, test = load_datasets(cfg, download=False)
+    ensure_available(cfg.data)
+    train, test = load_datasets(cfg.data, cfg.seed, download=False)
     assert train.images.shape == (40, 1, 28, 28) and test.images.shape == (13, 1, 28, 28)
     assert torch.equal(train.images[:, 0], torch.from_numpy(arrays["train"][0]))
     assert torch.equal(test.labels, torch.from_numpy(arrays["t10k"][1]).long())
@@ -71,7 +71,8 @@ def test_mnist_family_reads_idx_files(tmp_path, name, folder):
 def test_cifar10_reads_python_batches(tmp_path):
     written = write_cifar10(tmp_path)
     cfg = load_config(DEFAULT_CONFIG, ["data.name=cifar10", f"data.root={tmp_path}"])
-    train, test = load_datasets(cfg, download=True)  # present: no download is attempted
+    # present: no download is attempted
+    train, test = load_datasets(cfg.data, cfg.seed, download=True)
     assert train.images.shape == (30, 3, 32, 32) and test.images.shape == (7, 3, 32, 32)
     first = torch.from_numpy(written["train"][0]["data"][0]).view(3, 32, 32)
     assert torch.equal(train.images[0], first)
@@ -86,7 +87,7 @@ def test_missing_dataset_offline_is_one_clear_error(tmp_path, name, folder, file
     cfg = load_config(DEFAULT_CONFIG, [f"data.name={name}", f"data.root={tmp_path}",
                                        "data.download=false"])
     with pytest.raises(UserError) as info:
-        ensure_available(cfg)
+        ensure_available(cfg.data)
     message = str(info.value)
     assert str(tmp_path / folder) in message and "put " in message
     assert all(f in message for f in files)  # every file the loader reads is named
@@ -100,4 +101,4 @@ def test_truncated_idx_file_is_reported(tmp_path):
     cfg = load_config(DEFAULT_CONFIG, ["data.name=mnist", f"data.root={tmp_path}",
                                        "data.download=false"])
     with pytest.raises(UserError, match="dataset mnist cannot be read"):
-        load_datasets(cfg, download=False)
+        load_datasets(cfg.data, cfg.seed, download=False)

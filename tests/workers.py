@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from train import dist
-from train.__main__ import train
 from train.config import load_config
+from train.worker import train
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -29,9 +29,9 @@ def train_and_return_params(overrides: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _trainer(cfg, ctx):
-    from train.__main__ import build_trainer
-    from train.runlog import NullRun
+    from train.run_folder import NullRun
     from train.strategies import make_strategy
+    from train.worker import build_trainer
 
     return build_trainer(cfg, ctx, make_strategy(cfg, ctx), NullRun(Path(cfg.run.dir)))
 
@@ -52,8 +52,8 @@ def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
 
 def agree_on_failure(failing_rank: int) -> str:
     """One rank fails a setup step; every rank must see the error (none waits forever)."""
-    from train.config import DistConfig
-    from train.errors import UserError
+    from common.errors import UserError
+    from common.schema import DistConfig
 
     ctx = dist.setup(DistConfig(device="cpu"))
     try:

@@ -6,19 +6,21 @@ code a GPU run does. A plain `python -m train` (no torchrun) is world_size=1, is
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from train.config import DistConfig
-from train.errors import UserError
+from common.errors import UserError
+from common.host import backend_for, resolve_device_kind, threads_per_worker, visible_gpus
+from common.schema import DistConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,34 +45,6 @@ class DistContext:
         return self.backend != "none"
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def visible_gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def resolve_device_kind(requested: str) -> str:
-    """'cuda' or 'cpu' for a `dist.device` setting, checking that cuda exists when asked."""
-    if requested == "cpu":
-        return "cpu"
-    if requested == "cuda" and visible_gpus() == 0:
-        raise UserError("dist.device=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, drivers?)")
-    return "cuda" if visible_gpus() > 0 else "cpu"
-
-
-def backend_for(device_kind: str, requested: str = "auto") -> str:
-    if requested != "auto":
-        if requested == "nccl" and device_kind != "cuda":
-            raise UserError("dist.backend=nccl needs GPUs; CPU workers use gloo")
-        return requested
-    return "nccl" if device_kind == "cuda" else "gloo"
-
-
 def setup(cfg: DistConfig) -> DistContext:
     """Read torchrun's environment, pick this worker's device, and join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,7 +66,7 @@ def setup(cfg: DistConfig) -> DistContext:
         threads = torch.get_num_threads()
     else:
         device = torch.device("cpu")
-        threads = cfg.cpu_threads or max(1, usable_cores() // local_world_size)
+        threads = threads_per_worker(cfg.cpu_threads, local_world_size)
         torch.set_num_threads(threads)
         # Tiny weights and gradients (LeNet's N(0, 0.01) init, late cosine steps) produce
         # denormal floats, which x86 CPUs process in microcode: steps were 3.5x slower here.
@@ -100,9 +74,6 @@ def setup(cfg: DistConfig) -> DistContext:
 
     backend = backend_for(kind, cfg.backend) if launched else "none"
     if launched:
-        from train.guards import die_with_parent
-
-        die_with_parent()
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(
             backend=backend, store=_store(rank, world_size, timeout), rank=rank,
@@ -162,8 +133,36 @@ def agree(ctx: DistContext, fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
-def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor of statistics over ranks in one collective (a no-op for one process)."""
-    if ctx.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+@contextlib.contextmanager
+def local_main_first(ctx: DistContext) -> Iterator[None]:
+    """The body runs on each node's local rank 0 first, then on the node's other ranks
+    (Accelerate's `main_process_first`): one process per node downloads, the others then read
+    what it wrote. A UserError in either turn is raised on every rank, so none waits alone."""
+    first = ctx.local_rank == 0
+    failed: UserError | None = None
+    if not first:
+        agree(ctx, _nothing)  # turn 1: wait for local rank 0
+    try:
+        yield
+    except UserError as exc:
+        failed = exc
+    agree(ctx, lambda: _raise(failed))  # local rank 0: the end of turn 1; others: of turn 2
+    if first:
+        agree(ctx, _nothing)  # turn 2: the other ranks
+
+
+def _nothing() -> None:
+    return None
+
+
+def _raise(error: UserError | None) -> None:
+    if error is not None:
+        raise error
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """A collective that timed out or lost its peers (gloo raises; NCCL's watchdog aborts)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer",
+                            "Connection reset by peer", "Broken pipe"))

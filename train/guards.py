@@ -1,4 +1,4 @@
-"""Guards around the loop: stop requests, replica sync checks, the sample ledger, planted faults.
+"""Guards around the loop: stop requests, replica sync checks, the sample ledger.
 
 Each guard takes its decision on every rank alike (from gathered data, or from one agreed
 flag), so a rank never stops or raises alone while the others wait in a collective.
@@ -6,14 +6,11 @@ flag), so a rank never stops or raises alone while the others wait in a collecti
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import signal
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.config import CheckConfig, DebugConfig
+from common.errors import EXIT_INTERRUPTED, CheckFailed
+from common.records import LEDGER_FILE
+from common.schema import CheckConfig
 from train.dist import DistContext
-from train.errors import EXIT_INTERRUPTED, CheckFailed
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +63,6 @@ class StopRequest:
         return bool(flag.item())
 
 
-def is_comm_failure(exc: BaseException) -> bool:
-    """A collective that timed out or lost its peers (gloo raises; NCCL's watchdog aborts)."""
-    text = str(exc)
-    return isinstance(exc, dist.DistError) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed by peer",
-                            "Connection reset by peer", "Broken pipe"))
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the launcher dies, instead of living on as an orphan that holds
-    a GPU (PITFALLS 7). torchrun does not ask for this itself."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 class SyncChecker:
     """Every N steps, compare a checksum of the parameters across ranks; stop at a divergence.
 
@@ -119,7 +101,7 @@ class SampleLedger:
 
     def __init__(self, cfg: CheckConfig, ctx: DistContext, folder: Path | None):
         self.enabled, self.ctx = cfg.sample_ledger, ctx
-        self.path = folder / "sample_ledger.jsonl" if folder is not None else None
+        self.path = folder / LEDGER_FILE if folder is not None else None
         self.previous: list[list[int]] | None = None
 
     def check_train(self, epoch: int, seen: list[int], steps: int, global_batch: int) -> None:
@@ -167,22 +149,3 @@ class SampleLedger:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-class Faults:
-    """Faults planted on purpose (config `debug.*`), so tests can show that guards catch them."""
-
-    def __init__(self, cfg: DebugConfig, ctx: DistContext):
-        self.cfg, self.rank = cfg, ctx.rank
-
-    def inside_step(self, step: int) -> None:
-        if self.rank == self.cfg.stall_rank and step == self.cfg.stall_step:
-            log.warning("debug: stalling %.0f s in step %d", self.cfg.stall_seconds, step)
-            time.sleep(self.cfg.stall_seconds)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        if self.rank == self.cfg.desync_rank and step == self.cfg.desync_step:
-            with torch.no_grad():
-                next(model.parameters()).add_(1e-3)
-        if self.rank == self.cfg.sigterm_rank and step == self.cfg.sigterm_step:
-            os.kill(os.getpid(), signal.SIGTERM)

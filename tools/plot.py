@@ -1,4 +1,4 @@
-"""`python -m train.plot RUN [RUN ...] [--out DIR]`: PNGs of one or several run folders.
+"""`python -m tools.plot RUN [RUN ...] [--out DIR]`: PNGs of one or several run folders.
 
 - `curves.png`: train loss, train accuracy and test accuracy per epoch, one colour per run
   (the plots of Dive into Deep Learning's training chapters);
@@ -28,9 +28,9 @@ from matplotlib.figure import Figure  # no pyplot: no display, no global figure 
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from train.errors import EXIT_USER_ERROR, UserError
+from common.errors import EXIT_USER_ERROR, UserError
+from common.records import PHASES
 
-PHASES = ("data", "compute", "sync", "optim")
 PHASE_COLORS = {"data": "#9e9e9e", "compute": "#4c72b0", "sync": "#dd8452", "optim": "#55a868"}
 SLOWEST = "slowest rank's\nwhole step"
 REQUIRED = ("epoch", "train_loss", "train_accuracy", "test_accuracy")
@@ -220,7 +220,7 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plot",
+    parser = argparse.ArgumentParser(prog="python -m tools.plot",
                                      description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (run.dir)")
     parser.add_argument("--out", default=None, help="output folder (default: <first RUN>/plots)")

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
+from train.rng import numpy_state, set_numpy_state
+
 Pieces = dict[str, dict[int, torch.Tensor]]  # "error"/"p"/"q" -> parameter index -> slice
 
 
@@ -37,14 +39,10 @@ class PowerSGD:
         return psgd.powerSGD_hook(state, bucket)
 
     def state_dict(self) -> dict[str, Any]:
-        from train.checkpoint import numpy_state
-
         pieces = self.pieces if self.pieces is not None else self._split_all()
         return {"iter": self.state.iter, "rng": numpy_state(self.state.rng), **pieces}
 
     def load_state_dict(self, saved: dict[str, Any], device: torch.device) -> None:
-        from train.checkpoint import set_numpy_state
-
         self.state.iter = saved["iter"]
         set_numpy_state(saved["rng"], self.state.rng)
         self.pieces = {kind: {i: t.to(device) for i, t in saved[kind].items()}

@@ -172,17 +172,6 @@ def allreduce(tensor: torch.Tensor, algorithm: str = "ring", group=None) -> None
     ALGORITHMS[algorithm](tensor, group)
 
 
-def split_batch(images: torch.Tensor, labels: torch.Tensor,
-                parts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The book's split_batch: `parts` micro-batches (views) along dim 0, their sizes in
-    samples differing by at most one; here for gradient accumulation inside one worker."""
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    if not 1 <= parts <= images.shape[0]:
-        raise ValueError(f"cannot split a batch of {images.shape[0]} samples into {parts} parts")
-    return list(zip(images.tensor_split(parts), labels.tensor_split(parts), strict=True))
-
-
 def _buckets(params: list[torch.nn.Parameter],
              bucket_mb: float | None) -> list[list[torch.nn.Parameter]]:
     """Parameters in reverse registration order (backward produces their gradients roughly

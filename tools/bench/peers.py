@@ -8,7 +8,7 @@
 Same synthetic data (in memory), model, optimizer and global batch as `make train`. Start with
 torchrun, one thread per worker (torchrun's default); rank 0 prints one JSON line per epoch:
 
-    torchrun --nproc-per-node 2 -m train.bench.peers plain --epochs 3
+    torchrun --nproc-per-node 2 -m tools.bench.peers plain --epochs 3
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from common.schema import SyntheticConfig
 from models import build_model
-from train.config import SyntheticConfig, load_config
+from train.config import load_config
 from train.data import make_synthetic
 
 

@@ -4,7 +4,7 @@ Both run the same data, model, workers, global batch and thread settings, altern
 (ours, minimal, ours, minimal, ...) so that load on this shared machine hits both alike.
 The first epoch of every run is a warm-up and not counted. Prints the ratio; target: <= 3%.
 
-    python -m train.bench.overhead [--rounds 3] [--epochs 4] [--workers 2] [--out reports/overhead]
+    python -m tools.bench.overhead [--rounds 3] [--epochs 4] [--workers 2] [--out reports/overhead]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def ours_records(workers: int, epochs: int, train_samples: int,
 
 def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          f"--nproc-per-node={workers}", "-m", "train.bench.minimal_ddp",
+                          f"--nproc-per-node={workers}", "-m", "tools.bench.minimal_ddp",
                           f"--epochs={epochs}", f"--train-samples={train_samples}"],
                          cwd=REPO, check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})

@@ -5,7 +5,7 @@ denormal flushing and memory format (NHWC on the CPU) as `make train`; none of t
 loop, strategies or bookkeeping.
 Run with torchrun; prints one JSON line per epoch from rank 0.
 
-    torchrun --nproc-per-node 2 -m train.bench.minimal_ddp --epochs 3
+    torchrun --nproc-per-node 2 -m tools.bench.minimal_ddp --epochs 3
 """
 
 import argparse
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from common.schema import SyntheticConfig
 from models import build_model
-from train.config import SyntheticConfig, load_config
+from train.config import load_config
 from train.data import make_synthetic
 
 

@@ -9,6 +9,7 @@ with a device synchronize on both sides, which stalls the pipeline, so only ever
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import sys
 import time
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 
 import torch
 
-PHASES = ("data", "compute", "sync", "optim")
+from common.records import PHASES
+
+log = logging.getLogger(__name__)
 
 
 class StepTimer:
@@ -29,7 +32,6 @@ class StepTimer:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.timed_steps = 0
         self.active = False
-        self.current = ""  # the phase running now, for error messages
 
     def start_step(self, step: int) -> None:
         self.active = step % self.sample_every == 0
@@ -38,7 +40,6 @@ class StepTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self.current = name
         if not self.active:
             yield
             return
@@ -48,11 +49,6 @@ class StepTimer:
         self._sync()
         self.seconds[name] += time.perf_counter() - start
 
-    def add(self, name: str, seconds: float) -> None:
-        """Time measured elsewhere (e.g. our own allreduce), counted for timed steps only."""
-        if self.active:
-            self.seconds[name] += seconds
-
     def per_step_ms(self) -> dict[str, float]:
         n = max(1, self.timed_steps)
         return {name: 1000 * s / n for name, s in self.seconds.items()}
@@ -60,6 +56,35 @@ class StepTimer:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class CompileClock:
+    """torch.compile compiles in this process's first step: that time, less a normal step's
+    (the second), is compile time, taken out of the epoch's time and its compute phase."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.steps_s: list[float] = []
+        self.first_step_timed = False
+        self.pending_s = 0.0  # compile time not yet taken out of an epoch's time
+
+    def note_step(self, seconds: float, timer: StepTimer) -> None:
+        if not self.enabled or len(self.steps_s) >= 2:
+            return
+        self.steps_s.append(seconds)
+        if len(self.steps_s) == 1:
+            self.first_step_timed = timer.active
+            return
+        self.pending_s = max(0.0, self.steps_s[0] - seconds)
+        if self.first_step_timed:  # ...nor as compute time in the step-time breakdown
+            timer.seconds["compute"] = max(0.0, timer.seconds["compute"] - self.pending_s)
+        log.info("torch.compile took about %.1f s (the first step minus the second)",
+                 self.pending_s)
+
+    def take(self) -> float:
+        """The compile time to leave out of this epoch (then zero for the next)."""
+        seconds, self.pending_s = self.pending_s, 0.0
+        return seconds
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,7 +1,7 @@
 """`make bench`: where the time goes and how we compare, every figure a ratio measured side by
 side in this run (the machine is shared and noisy: absolute numbers drift, ratios much less).
 
-    python -m train.bench [--out reports/bench] [--rounds 2] [--skip-peers]
+    python -m tools.bench [--out reports/bench] [--rounds 2] [--skip-peers]
 
 Writes bench.md (tables, targets), bench.png and bench.json into the report folder.
 """
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.bench import comm, overhead
+from tools.bench import comm, overhead
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -77,7 +77,7 @@ def peers(ours_samples_per_s: float, compiled: dict[str, Any], epochs: int = 3,
         framework = name.split()[0]
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             "-m", "train.bench.peers", framework, f"--epochs={epochs}",
+             "-m", "tools.bench.peers", framework, f"--epochs={epochs}",
              f"--train-samples={samples}"], cwd=REPO, capture_output=True, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
         lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
@@ -129,7 +129,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench",
+    parser = argparse.ArgumentParser(prog="python -m tools.bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "reports" / "bench"))
     parser.add_argument("--rounds", type=int, default=2, help="overhead: alternating rounds")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    from train.bench.report import figure, markdown
+    from tools.bench.report import figure, markdown
 
     (out / "bench.md").write_text(markdown(report))
     figure(report, out / "bench.png")

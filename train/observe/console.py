@@ -1,43 +1,17 @@
-"""What the main worker shows while training: progress on the console, and wandb.
-
-Other ranks get `Monitor(sinks=[])`: every call does nothing, and the loop never asks
-which rank it is on.
-"""
+"""The main worker's console: a progress bar on a terminal, plain lines elsewhere, and one line
+per epoch."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
-from train.config import LogConfig
-
-log = logging.getLogger(__name__)
-
-
-class Sink(Protocol):
-    def epoch_start(self, epoch: int, steps: int, done: int) -> None: ...
-    def advance(self) -> None: ...
-    def log_step(self, step: int, values: dict[str, float]) -> None: ...
-    def log_epoch(self, record: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-class Monitor:
-    """Fans each event out to the sinks (none on non-main ranks)."""
-
-    def __init__(self, sinks: list[Sink]):
-        self.sinks = sinks
-
-    def __getattr__(self, name: str):
-        def fan_out(*args: Any, **kwargs: Any) -> None:
-            for sink in self.sinks:
-                getattr(sink, name)(*args, **kwargs)
-        return fan_out
+from common.records import PHASES
+from common.schema import LogConfig
 
 
 class Console:
@@ -53,6 +27,9 @@ class Console:
         self.bar: tqdm | None = None
         self.epoch, self.steps, self.done = 0, 0, 0
         self.started = time.perf_counter()
+
+    def start(self) -> None:
+        pass
 
     def epoch_start(self, epoch: int, steps: int, done: int) -> None:
         self.epoch, self.steps, self.done = epoch, steps, done
@@ -96,11 +73,11 @@ class Console:
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    times = "/".join(f"{record[f'time_{p}_ms']:.1f}" for p in ("data", "compute", "sync", "optim"))
+    times = "/".join(f"{record[f'time_{p}_ms']:.1f}" for p in PHASES)
     return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}  "
             f"{record['epoch_time_s']:.1f} s  {record['samples_per_s']:,.0f} samples/s  "
-            f"step ms data/compute/sync/optim {times}")
+            f"step ms {'/'.join(PHASES)} {times}")
 
 
 def _clock(seconds: float) -> str:

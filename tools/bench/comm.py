@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -22,40 +20,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from common.collectives import time_collective
+from common.spawn import spawn as run_processes
 from models import build_model
-from train import allreduce
+from train.strategies import allreduce
 
 SIZES = [4 * 2**10 * 4**i for i in range(8)]  # 4 KiB ... 64 MiB
 
 
 def spawn(fn: Callable[[], dict], world_size: int, timeout: float = 600) -> dict:
     """Run `fn` in `world_size` fresh processes with torchrun's variables; rank 0's result."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, queue))
-             for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=timeout) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-    if isinstance(results[0], BaseException):
-        raise results[0]
-    return results[0]
-
-
-def _worker(fn, rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    try:
-        queue.put((rank, fn()))
-    except Exception as exc:  # noqa: BLE001 - handed to the parent
-        queue.put((rank, RuntimeError(f"rank {rank}: {exc!r}")))
+    return run_processes(fn, world_size, timeout=timeout)[0]
 
 
 def _setup() -> tuple[int, int, torch.device]:
@@ -73,24 +48,6 @@ def _setup() -> tuple[int, int, torch.device]:
 def _teardown() -> None:
     gc.collect()
     dist.destroy_process_group()
-
-
-def time_collective(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs, all ranks starting together."""
-    fn()  # warm-up (connections, allocations)
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a collective is as slow as its slowest rank
-    return slowest.item()
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20) -> float:

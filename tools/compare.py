@@ -1,6 +1,6 @@
 """`make compare`: one experiment through every path and worker count, side by side.
 
-    python -m train.compare [--config C] [--workers 1,2] [--epochs N] [--out DIR] [key=value ...]
+    python -m tools.compare [--config C] [--workers 1,2] [--epochs N] [--out DIR] [key=value ...]
 
 Runs `python -m launch` for ddp, scratch (ring and naive allreduce) and dp, with 1 and N
 workers (dp: one process), all in one wandb group, and writes into the report folder:
@@ -163,10 +163,10 @@ def figure(results: list[Result], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.dist import visible_gpus
+    from common.host import visible_gpus
 
     gpus = visible_gpus()
-    parser = argparse.ArgumentParser(prog="python -m train.compare",
+    parser = argparse.ArgumentParser(prog="python -m tools.compare",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / (
         "lenet_fashion_mnist.yaml" if gpus else "default.yaml")))

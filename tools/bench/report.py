@@ -11,29 +11,45 @@ def _size(n: int) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """bench.md: one section per part of the benchmark that ran (each absent part skipped)."""
+    lines: list[str] = []
+    for key, section in SECTIONS:
+        if key in report:
+            lines += section(report)
+    lines += ["", f"{report['cores']} cores; {report['seconds']:.0f} s in all."]
+    return "\n".join(lines) + "\n"
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
     lines = ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
         met = {True: "yes", False: "no", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} |")
+    return lines
 
-    lines += ["", "## Scaling (one thread per worker, LeNet, global batch 256)", "",
-              "dp is one process whatever the number of devices; on CPUs it has nothing to "
-              "split, so it has no row here (`make compare` shows it).", "",
-              "| path | workers | samples/s | speedup | efficiency |", "|---|---|---|---|---|"]
+
+def _scaling(report: dict[str, Any]) -> list[str]:
+    lines = ["", "## Scaling (one thread per worker, LeNet, global batch 256)", "",
+             "dp is one process whatever the number of devices; on CPUs it has nothing to "
+             "split, so it has no row here (`make compare` shows it).", "",
+             "| path | workers | samples/s | speedup | efficiency |", "|---|---|---|---|---|"]
     for path, counts in report["scaling"].items():
         for n, r in counts.items():
             lines.append(f"| {path} | {n} | {r['samples_per_s']:,.0f} | {r['speedup']:.2f}x | "
                          f"{r['efficiency']:.0%} |")
+    return lines
 
+
+def _allreduce(report: dict[str, Any]) -> list[str]:
     ar = report["allreduce"]
     copy = ar["copy_bandwidth_GBps"]
     n = ar["world_size"]
-    lines += ["", f"## Allreduce, {n} ranks ({ar['device']}; copy bandwidth {copy:.2f} GB/s)", "",
-              "algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests); ring bound = the time "
-              "to move 2(n-1)/n of the bytes at the copy bandwidth; fraction = bound / time.", "",
-              "| size | torch ms | ring ms | naive ms | torch busbw | ring busbw | naive busbw | "
-              "ring / torch | ring vs bound |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", f"## Allreduce, {n} ranks ({ar['device']}; copy bandwidth {copy:.2f} GB/s)", "",
+             "algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests); ring bound = the time "
+             "to move 2(n-1)/n of the bytes at the copy bandwidth; fraction = bound / time.", "",
+             "| size | torch ms | ring ms | naive ms | torch busbw | ring busbw | naive busbw | "
+             "ring / torch | ring vs bound |", "|---|---|---|---|---|---|---|---|---|"]
     for r in ar["rows"]:
         bound = 2 * (n - 1) / n * r["bytes"] / (copy * 1e9)
         lines.append(
@@ -43,16 +59,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['naive']['busbw_GBps']:.2f} | "
             f"{r['ring']['algbw_GBps'] / r['torch']['algbw_GBps']:.2f} | "
             f"{bound / r['ring']['seconds']:.0%} |")
+    return lines
 
+
+def _resnet_sync(report: dict[str, Any]) -> list[str]:
     s = report["resnet_sync"]
-    lines += ["", f"## ResNet-18 gradients ({s['tensors']} tensors, {s['bytes'] / 1e6:.0f} MB)",
-              "", "| how | ms |", "|---|---|"]
+    lines = ["", f"## ResNet-18 gradients ({s['tensors']} tensors, {s['bytes'] / 1e6:.0f} MB)",
+             "", "| how | ms |", "|---|---|"]
     for key in ("torch_per_parameter", "torch_flat", "ring_per_parameter", "ring_bucketed_25mb"):
         lines.append(f"| {key.replace('_', ' ')} | {1000 * s[key]:.1f} |")
+    return lines
 
+
+def _ddp(report: dict[str, Any]) -> list[str]:
     d = report["ddp"]
-    lines += ["", f"## DDP on ResNet-18 (batch {d['batch_per_worker']} per worker)", "",
-              "| bucket_cap_mb | step ms |", "|---|---|"]
+    lines = ["", f"## DDP on ResNet-18 (batch {d['batch_per_worker']} per worker)", "",
+             "| bucket_cap_mb | step ms |", "|---|---|"]
     lines += [f"| {cap} | {1000 * t:.0f} |" for cap, t in d["bucket_sweep_s"].items()]
     lines += ["", "Overlap: a step with sync takes "
               f"{1000 * d['step_s']:.0f} ms; without sync (no_sync) "
@@ -60,32 +82,44 @@ def markdown(report: dict[str, Any]) -> str:
               f"{1000 * d['sync_only_s']:.0f} ms. "
               f"Hidden behind backward: compute + sync - step = {1000 * d['hidden_sync_s']:.0f} "
               f"ms, {d['hidden_fraction']:.0%} of the sync."]
+    return lines
 
+
+def _overhead(report: dict[str, Any]) -> list[str]:
     o = report["overhead"]
-    lines += ["", "## Framework overhead (identical knobs, alternating runs)", "",
-              f"`make train` {o['median_samples_per_s']['ours']:,.0f} samples/s, minimal DDP loop "
-              f"{o['median_samples_per_s']['minimal']:,.0f} samples/s: ratio "
-              f"{o['ratio_ours_over_minimal']:.3f} ({o['overhead_percent']:+.1f}% overhead), "
-              f"step throughput of both. Counting the DDP sync probe that ends each of our "
-              f"epochs: {o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s."]
-    if report["peers"]:
-        lines += ["", "## Against a plain loop and peers (their default settings)", "",
-                  "Our side: whole epochs of `make train` (steps and the sync probe), "
-                  f"{o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s.", "",
-                  f"With perf.compile=on: {report['compiled']['samples_per_s']:,.0f} samples/s "
-                  f"after {report['compiled']['compile_time_s']:.0f} s of compiling (auto "
-                  f"compiles runs of perf.compile_min_steps steps or more).", "",
-                  "| loop | samples/s | our epoch time / theirs | with compile |",
-                  "|---|---|---|---|"]
-        for name, p in report["peers"].items():
-            if "skipped" in p:
-                lines.append(f"| {name} | skipped: {p['skipped']} | | |")
-            else:
-                lines.append(f"| {name} | {p['samples_per_s']:,.0f} | "
-                             f"{p['our_epoch_time_ratio']:.2f} | "
-                             f"{p['compiled_epoch_time_ratio']:.2f} |")
-    lines += ["", f"{report['cores']} cores; {report['seconds']:.0f} s in all."]
-    return "\n".join(lines) + "\n"
+    return ["", "## Framework overhead (identical knobs, alternating runs)", "",
+            f"`make train` {o['median_samples_per_s']['ours']:,.0f} samples/s, minimal DDP loop "
+            f"{o['median_samples_per_s']['minimal']:,.0f} samples/s: ratio "
+            f"{o['ratio_ours_over_minimal']:.3f} ({o['overhead_percent']:+.1f}% overhead), "
+            f"step throughput of both. Counting the DDP sync probe that ends each of our "
+            f"epochs: {o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s."]
+
+
+def _peers(report: dict[str, Any]) -> list[str]:
+    if not report["peers"]:
+        return []
+    o = report["overhead"]
+    lines = ["", "## Against a plain loop and peers (their default settings)", "",
+             "Our side: whole epochs of `make train` (steps and the sync probe), "
+             f"{o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s.", "",
+             f"With perf.compile=on: {report['compiled']['samples_per_s']:,.0f} samples/s "
+             f"after {report['compiled']['compile_time_s']:.0f} s of compiling (auto "
+             f"compiles runs of perf.compile_min_steps steps or more).", "",
+             "| loop | samples/s | our epoch time / theirs | with compile |",
+             "|---|---|---|---|"]
+    for name, p in report["peers"].items():
+        if "skipped" in p:
+            lines.append(f"| {name} | skipped: {p['skipped']} | | |")
+        else:
+            lines.append(f"| {name} | {p['samples_per_s']:,.0f} | "
+                         f"{p['our_epoch_time_ratio']:.2f} | "
+                         f"{p['compiled_epoch_time_ratio']:.2f} |")
+    return lines
+
+
+SECTIONS = [("targets", _targets), ("scaling", _scaling), ("allreduce", _allreduce),
+            ("resnet_sync", _resnet_sync), ("ddp", _ddp), ("overhead", _overhead),
+            ("peers", _peers)]
 
 
 def figure(report: dict[str, Any], path: Path) -> None:

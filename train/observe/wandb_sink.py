@@ -19,7 +19,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from train.config import Config, WandbConfig, to_dict
+from common.config import to_dict
+from common.schema import Config, WandbConfig
 from train.dist import DistContext
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,33 @@ def public_config(cfg: Config) -> dict[str, Any]:
 
 
 class WandbSink:
-    """A monitor sink that logs step and epoch figures to one wandb run."""
+    """A monitor sink that logs step and epoch figures to one wandb run.
 
-    def __init__(self, cfg: Config, ctx: DistContext, path: str, folder: Path,
-                 run_id: str | None):
+    A checkpointed part: its state is the run id, so that a resumed job continues the same
+    wandb run. The run opens at `start`, once a resume has restored the id.
+    """
+
+    def __init__(self, cfg: Config, ctx: DistContext, path: str, folder: Path):
+        self.cfg, self.ctx, self.path, self.folder = cfg, ctx, path, folder
+        self.mode, self.why = resolve_mode(cfg.wandb)
+        self.id: str | None = None
+        self.run: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.id = state.get("wandb_run_id")
+
+    def start(self) -> None:
         import wandb
 
-        self.mode, why = resolve_mode(cfg.wandb)
-        self.wandb = wandb
+        cfg = self.cfg
         self.run = wandb.init(
-            mode=self.mode, dir=str(folder), project=cfg.wandb.project, entity=cfg.wandb.entity,
-            name=cfg.wandb.name or cfg.run.name, group=cfg.wandb.group, tags=cfg.wandb.tags,
-            id=run_id, resume="allow" if run_id else None,
-            config={**public_config(cfg), "system": system_facts(ctx, path)},
+            mode=self.mode, dir=str(self.folder), project=cfg.wandb.project,
+            entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.run.name, group=cfg.wandb.group,
+            tags=cfg.wandb.tags, id=self.id, resume="allow" if self.id else None,
+            config={**public_config(cfg), "system": system_facts(self.ctx, self.path)},
             settings=wandb.Settings(silent=True, console="off"),
         )
         # Our own step counter: a resumed run repeats steps after its last checkpoint, which
@@ -89,8 +104,8 @@ class WandbSink:
         self.run.define_metric("trainer/step")
         self.run.define_metric("*", step_metric="trainer/step")
         self.id = self.run.id
-        where = f"{folder / 'wandb'}" if self.mode == "offline" else self.run.url
-        log.info("wandb: %s run %s (%s); %s", self.mode, self.id, why, where)
+        where = f"{self.folder / 'wandb'}" if self.mode == "offline" else self.run.url
+        log.info("wandb: %s run %s (%s); %s", self.mode, self.id, self.why, where)
 
     def epoch_start(self, epoch: int, steps: int, done: int) -> None:
         pass
@@ -108,6 +123,8 @@ class WandbSink:
         self.run.summary.update({k: v for k, v in numbers.items()})
 
     def close(self) -> None:
+        if self.run is None:
+            return
         self.run.finish()
         if self.mode == "offline":
             log.info("wandb: upload this run with: %s", sync_commands(Path(self.run.dir).parent))
@@ -120,3 +137,17 @@ def sync_commands(segment: Path) -> str:
     segments = sorted(segment.parent.glob(f"offline-run-*-{run_id}"))
     return " && ".join(f"wandb sync {'--append ' if i else ''}{s}"
                        for i, s in enumerate(segments or [segment]))
+
+
+class NoWandb:
+    """The run id's keeper when wandb is off: a resumed run keeps the id it had, so that
+    turning wandb back on later continues the same wandb run."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.id = state.get("wandb_run_id")

@@ -1,0 +1,68 @@
+"""Facts about this machine that the launcher, the workers and the tools decide alike.
+
+No `import torch` at module level: workers install the parent-death signal from here before
+anything slow is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+from common.errors import UserError
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which SLURM and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(requested: int, workers_on_node: int) -> int:
+    """Intra-op threads of one CPU worker: `dist.cpu_threads`, or the node's usable cores
+    shared evenly by its workers (oversubscribing cores made every step slower here)."""
+    return requested or max(1, usable_cores() // max(1, workers_on_node))
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device_kind(requested: str) -> str:
+    """'cuda' or 'cpu' for a `dist.device` setting, checking that cuda exists when asked."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda" and visible_gpus() == 0:
+        raise UserError("dist.device=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, drivers?)")
+    return "cuda" if visible_gpus() > 0 else "cpu"
+
+
+def backend_for(device_kind: str, requested: str = "auto") -> str:
+    """The process-group backend: nccl for CUDA workers, gloo for CPU ones, unless asked."""
+    if requested != "auto":
+        if requested == "nccl" and device_kind != "cuda":
+            raise UserError("dist.backend=nccl needs GPUs; CPU workers use gloo")
+        return requested
+    return "nccl" if device_kind == "cuda" else "gloo"
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: get SIGTERM when the parent (torchrun's agent, the launcher) dies, instead of
+    living on as an orphan that holds a GPU. torchrun does not ask for this itself.
+
+    The signal only covers a parent that dies after this call; `parent` (the pid the process
+    was started by) catches one that died before: then this process exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        os._exit(128 + signal.SIGTERM)

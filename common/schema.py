@@ -1,0 +1,214 @@
+"""The one typed configuration schema: every key once, with its type, default, constraint and
+a comment.
+
+`Annotated[T, ...]` carries what the engine (common/config.py) checks beside the key: a value
+constraint (`Positive`, `AtLeast(16)`, ...) and `RUNTIME` for keys that change how a run is
+launched or looked at, not what it computes (a run folder accepts the same run again with
+other values of those; see train/identity.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+
+@dataclass(frozen=True)
+class Check:
+    """A value constraint: `test(value)` must hold, else the key "must ..." (`says`)."""
+
+    test: Callable[[Any], bool]
+    says: str  # completes "config: train.epochs ..."
+    hint: str = ""  # appended after the value, e.g. what to set instead
+
+    def failure(self, key: str, value: Any) -> str | None:
+        if self.test(value):
+            return None
+        return f"{key} {self.says}; got {value}" + (f"; {self.hint}" if self.hint else "")
+
+
+def AtLeast(low: float, why: str = "") -> Check:  # noqa: N802 - reads like a type
+    return Check(lambda v: v >= low, f"must be at least {low}" + (f" ({why})" if why else ""))
+
+
+Positive = Check(lambda v: v > 0, "must be positive")
+NonNegative = Check(lambda v: v >= 0, "must not be negative")
+RUNTIME = "runtime"  # marker: not part of a run's identity
+
+PositiveInt = Annotated[int, Positive]
+PositiveFloat = Annotated[float, Positive]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet"  # a name in models.MODELS: lenet | resnet18
+    sync_bn: bool = False  # SyncBatchNorm across GPUs (ResNet; off as in the book: per-device)
+    init: Literal["book", "torch"] = "torch"  # book: N(0, 0.01) weights; torch: its defaults
+
+
+@dataclass
+class SyntheticConfig:
+    train_samples: PositiveInt = 24_000  # generated in memory from `seed`
+    test_samples: PositiveInt = 5_000  # the test set, drawn from the same distribution
+    channels: PositiveInt = 1  # 1x28x28 (Fashion-MNIST-shaped) or 3x32x32 (CIFAR-shaped)
+    image_size: Annotated[int, AtLeast(16, "LeNet needs it")] = 28  # pixels per side
+    num_classes: Annotated[int, AtLeast(2)] = 10  # one smooth random prototype per class
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | fashion_mnist | mnist | cifar10
+    root: str = "data"  # torchvision datasets are read from (and downloaded into) this folder
+    download: bool = True  # try to download torchvision datasets that are missing
+    on_device: bool = True  # hold the whole dataset on the worker's GPU when it fits
+    normalize: bool = True  # zero mean, unit variance per channel (training-set statistics)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: PositiveInt = 6  # passes over the training set
+    batch_size: PositiveInt = 256  # GLOBAL batch per optimizer step, split evenly across workers
+    max_steps: PositiveInt | None = None  # stop after this many optimizer steps (smoke runs)
+    grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step (sync on the last only)
+    eval_batch_size: PositiveInt = 1024  # per worker; evaluation does no gradient sync
+
+
+@dataclass
+class OptimConfig:
+    lr: PositiveFloat = 0.1  # peak learning rate (after warmup)
+    momentum: Annotated[float, NonNegative] = 0.9  # SGD momentum
+    weight_decay: Annotated[float, NonNegative] = 5e-4  # L2 penalty, applied by SGD
+    nesterov: bool = False  # Nesterov momentum
+    schedule: Literal["constant", "cosine"] = "cosine"  # after the warmup
+    warmup_steps: Annotated[int, NonNegative] = 0  # linear warmup from 0 to `lr`, in steps
+    min_lr: Annotated[float, NonNegative] = 0.0  # where the cosine schedule ends
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
+
+
+@dataclass
+class PerfConfig:
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a GradScaler (GPU)
+    # NHWC memory format for model and inputs; null (auto): on for CPU workers, where oneDNN's
+    # NHWC convolutions made LeNet's forward+backward 20% faster here, off on GPUs.
+    channels_last: bool | None = None
+    # torch.compile; auto: runs of at least compile_min_steps steps
+    compile: Annotated[Literal["auto", "on", "off"], RUNTIME] = "auto"
+    compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune",
+                                    "max-autotune-no-cudagraphs"], RUNTIME] = "default"
+    # auto compiles runs this long (LeNet breaks even at ~1,600)
+    compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
+    cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms
+
+
+@dataclass
+class DDPConfig:
+    bucket_cap_mb: PositiveFloat = 25.0  # gradients per allreduce bucket
+    gradient_as_bucket_view: bool = True  # gradients live in the buckets: no copy, less memory
+    static_graph: bool = False  # the graph never changes: DDP may skip per-step bookkeeping
+    find_unused_parameters: bool = False  # for models whose forward leaves parameters unused
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"  # compress the gradients
+    powersgd_rank: PositiveInt = 1  # PowerSGD's matrix approximation rank
+    powersgd_start_step: int = 10  # plain allreduce before this step (PowerSGD warm start)
+
+
+@dataclass
+class ScratchConfig:
+    algorithm: Literal["naive", "ring"] = "ring"  # naive: sum on rank 0 (the book's); ring
+    # gradients are flattened into buckets of at most this many MiB
+    bucket_mb: Annotated[float, Check(
+        lambda v: v > 0, "must be positive (MiB per bucket)",
+        "for one allreduce per parameter set scratch.per_parameter=true")] = 25.0
+    per_parameter: bool = False  # one allreduce per parameter tensor (the book's way)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Annotated[int, NonNegative, RUNTIME] = 0  # also every N steps (0: epoch ends)
+    keep: Annotated[int, Positive, RUNTIME] = 2  # how many recent checkpoints stay on disk
+    resume: Annotated[bool, RUNTIME] = True  # continue from the latest valid one in run.dir
+    allow_changes: Annotated[bool, RUNTIME] = False  # resume with another config or world size
+
+
+@dataclass
+class CheckConfig:
+    # compare a parameter checksum across ranks every N steps (0: off)
+    sync_every_steps: Annotated[int, NonNegative, RUNTIME] = 0
+    # record and check which samples each rank saw, per epoch
+    sample_ledger: Annotated[bool, RUNTIME] = False
+
+
+@dataclass
+class LogConfig:
+    # auto: a bar on a terminal, plain lines elsewhere
+    progress: Annotated[Literal["auto", "bar", "lines", "off"], RUNTIME] = "auto"
+    every_steps: Annotated[int, Positive, RUNTIME] = 20  # per-step metrics every N steps
+
+
+@dataclass
+class DebugConfig:
+    """Faults planted on purpose, so tests can show they are caught. Never set in real runs."""
+
+    # this rank sleeps `stall_seconds` inside step `stall_step` (1-based)
+    stall_rank: Annotated[int, RUNTIME] = -1
+    stall_step: Annotated[int, RUNTIME] = 0  # see stall_rank
+    stall_seconds: Annotated[float, RUNTIME] = 0.0  # see stall_rank
+    desync_rank: Annotated[int, RUNTIME] = -1  # perturbs its parameters after `desync_step`
+    desync_step: Annotated[int, RUNTIME] = 0  # see desync_rank
+    unused_parameter: bool = False  # give the model a parameter its forward never uses
+    skip_set_epoch: bool = False  # forget sampler.set_epoch: every epoch the same order
+    pad_eval: bool = False  # evaluate with DistributedSampler's padding (duplicates)
+    sigterm_rank: Annotated[int, RUNTIME] = -1  # sends itself SIGTERM after `sigterm_step`
+    sigterm_step: Annotated[int, RUNTIME] = 0  # see sigterm_rank (a preemption at a known step)
+
+
+@dataclass
+class RunConfig:
+    name: Annotated[str, RUNTIME] = ""  # default: run.dir's last part, else the config's stem
+    dir: Annotated[str, RUNTIME] = ""  # the run's output folder; default: runs/<name>
+    overwrite: Annotated[bool, RUNTIME] = False  # replace a different run already in `dir`
+
+
+@dataclass
+class DistConfig:
+    device: Annotated[Literal["auto", "cpu", "cuda"], RUNTIME] = "auto"  # auto: cuda if visible
+    backend: Annotated[Literal["auto", "nccl", "gloo"], RUNTIME] = "auto"  # auto: by device
+    timeout_s: Annotated[float, Positive, RUNTIME] = 600.0  # a collective waiting longer fails
+    # how long node 0 waits for the other nodes to join
+    rendezvous_timeout_s: Annotated[float, Positive, RUNTIME] = 600.0
+    # threads per CPU worker; 0: usable cores / workers on this node
+    cpu_threads: Annotated[int, NonNegative, RUNTIME] = 0
+    cpu_flush_denormal: Annotated[bool, RUNTIME] = True  # denormals to zero on CPU (3x faster)
+
+
+@dataclass
+class WandbConfig:
+    # auto: online with credentials (WANDB_API_KEY or `wandb login`), else offline into
+    # run.dir/wandb
+    mode: Annotated[Literal["auto", "online", "offline", "disabled"], RUNTIME] = "auto"
+    project: Annotated[str, RUNTIME] = "dptrain"  # the wandb project
+    entity: Annotated[str | None, RUNTIME] = None  # team or user; default: your default entity
+    name: Annotated[str | None, RUNTIME] = None  # default: run.name
+    group: Annotated[str | None, RUNTIME] = None  # runs of one group sit side by side
+    tags: Annotated[list[str], RUNTIME] = field(default_factory=list)  # free labels
+
+
+@dataclass
+class Config:
+    mode: Literal["ddp", "dp", "scratch"] = "ddp"  # how gradients are synchronized
+    seed: int = 0  # model init, synthetic data and shuffling
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)

@@ -1,0 +1,1 @@
+"""Tools that run the launcher: compare, plot, bench. Nothing in the library imports them."""

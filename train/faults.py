@@ -1,0 +1,36 @@
+"""Faults planted on purpose (config `debug.*`), so tests can show that the guards catch them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+from common.schema import DebugConfig
+from train.dist import DistContext
+
+log = logging.getLogger(__name__)
+
+
+class Faults:
+    """Faults planted on purpose (config `debug.*`), so tests can show that guards catch them."""
+
+    def __init__(self, cfg: DebugConfig, ctx: DistContext):
+        self.cfg, self.rank = cfg, ctx.rank
+        self.skip_set_epoch = cfg.skip_set_epoch  # every epoch the same order
+
+    def inside_step(self, step: int) -> None:
+        if self.rank == self.cfg.stall_rank and step == self.cfg.stall_step:
+            log.warning("debug: stalling %.0f s in step %d", self.cfg.stall_seconds, step)
+            time.sleep(self.cfg.stall_seconds)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if self.rank == self.cfg.desync_rank and step == self.cfg.desync_step:
+            with torch.no_grad():
+                next(model.parameters()).add_(1e-3)
+        if self.rank == self.cfg.sigterm_rank and step == self.cfg.sigterm_step:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,110 @@
+"""Is this the same run? One policy, used for the run folder (launcher, doctor, workers) and for
+checkpoints (workers).
+
+A run's identity is its flat config without the keys marked RUNTIME in the schema (how a run is
+launched or looked at). Two identities are the same run when no key differs; a key that one side
+lacks (a config written before the key existed) counts as holding its default, so that runs
+written by an older version still resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.config import flatten, runtime_keys, to_dict
+from common.errors import UserError
+from common.schema import Config
+
+_UNSET = "<unset>"
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The flat keys that define what a run computes (what two runs must share to be one run)."""
+    skip = runtime_keys()
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in skip}
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose values differ, a missing key read as the schema's default."""
+    defaults = identity(Config())
+    keys = sorted(old.keys() | new.keys())
+    return [k for k in keys
+            if old.get(k, defaults.get(k, _UNSET)) != new.get(k, defaults.get(k, _UNSET))]
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """'train.epochs: 5 -> 3, optim.lr: 0.1 -> 0.2' for the keys whose values differ."""
+    keys = differences(old, new)
+    parts = [f"{k}: {old.get(k, _UNSET)!r} -> {new.get(k, _UNSET)!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return ", ".join(parts)
+
+
+def saved_identity(path: Path) -> dict[str, Any]:
+    """The identity of the run whose resolved config is `path` (a run folder's config.yaml)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{path} is not valid YAML; move the folder away or set "
+                        f"run.overwrite=true") from None
+    skip = runtime_keys()
+    return {k: v for k, v in flatten(raw).items() if k not in skip}
+
+
+def check_run_dir(cfg: Config) -> bool:
+    """Refuse a `run.dir` that holds a different run (unless run.overwrite); return whether an
+    old run there is to be replaced. Changes nothing on disk."""
+    folder = Path(cfg.run.dir)
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        old, new = saved_identity(saved), identity(cfg)
+        if not differences(old, new) or (cfg.checkpoint.allow_changes and not cfg.run.overwrite):
+            return False  # the same run (continued, with changes when explicitly allowed)
+        if not cfg.run.overwrite:
+            raise UserError(
+                f"{folder} already holds a different run ({describe_differences(old, new)}); "
+                f"set run.overwrite=true to replace it, checkpoint.allow_changes=true to "
+                f"continue it with this config, or choose another run.dir"
+            )
+        return True
+    if folder.is_dir() and any(folder.iterdir()):
+        if not cfg.run.overwrite:
+            raise UserError(f"{folder} is not empty and holds no run (no config.yaml); "
+                            f"choose another run.dir or set run.overwrite=true")
+        return True
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"run.dir {folder} exists and is not a folder")
+    return False
+
+
+# Inside an epoch the position is a count of steps over one shuffled order: with another batch
+# size, dataset or seed it no longer says which samples were seen.
+_POSITION_KEYS = ("train.batch_size", "seed")
+
+
+def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: str) -> None:
+    """Refuse to continue a checkpoint made by another config or world size, unless allowed."""
+    old, new = state["config"], identity(cfg)
+    changed = differences(old, new)
+    if cfg.checkpoint.allow_changes:
+        moved = [k for k in changed if k in _POSITION_KEYS or k.startswith("data.")]
+        if state["batch_in_epoch"] and moved:
+            raise UserError(f"{where} stopped inside an epoch ({state['batch_in_epoch']} steps "
+                            f"into it) and {', '.join(moved)} changed, so the samples it already "
+                            f"trained on are unknown; keep those keys, or set "
+                            f"checkpoint.resume=false to start over")
+        return
+    if changed:
+        raise UserError(f"{where} was written with another config "
+                        f"({describe_differences(old, new)}); set "
+                        f"checkpoint.allow_changes=true to continue with this one, or "
+                        f"checkpoint.resume=false to start over")
+    if state["world_size"] != world_size:
+        raise UserError(f"{where} was written by {state['world_size']} workers and this job has "
+                        f"{world_size}; set checkpoint.allow_changes=true to continue with "
+                        f"{world_size} (the data is re-sharded, the global batch stays "
+                        f"{cfg.train.batch_size})")

@@ -1,0 +1,42 @@
+"""The worker's model: built by name from the registry (models/), then placed on the device in
+the memory format and with the norm layers asked for. The parallel wrapping is the strategy's."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.schema import Config, PerfConfig
+from models import build_model
+from train.data import TensorData
+from train.dist import DistContext
+
+
+def use_channels_last(perf: PerfConfig, device_kind: str) -> bool:
+    """`perf.channels_last`, with auto (null) resolved for this device: on for CPU workers."""
+    return device_kind == "cpu" if perf.channels_last is None else perf.channels_last
+
+
+def should_compile(cfg: Config, total_steps: int) -> bool:
+    """torch.compile pays off once its compile time (about 20 s for LeNet on one CPU thread,
+    seconds when cached) is won back by faster steps (about 1.5x here)."""
+    if cfg.perf.compile == "auto":
+        return total_steps >= cfg.perf.compile_min_steps
+    return cfg.perf.compile == "on"
+
+
+def build_plain_model(cfg: Config, ctx: DistContext, data: TensorData,
+                      channels_last: bool) -> nn.Module:
+    """The model for `data`'s shape with the same initial weights on every rank, on this
+    worker's device."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size,
+                        init=cfg.model.init)
+    if cfg.debug.unused_parameter:
+        model.unused = nn.Linear(2, 2)  # planted: forward never calls it
+    if cfg.model.sync_bn and ctx.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

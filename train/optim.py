@@ -1,0 +1,80 @@
+"""The optimizer side of a step: optimizer, learning-rate schedule, AMP autocast and scaler."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.schema import OptimConfig
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
+    """`optim.lr` times the world size (linear rule, Goyal et al.) or its square root (sqrt
+    rule), for recipes that grow the global batch with the number of workers."""
+    factor = {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[cfg.scale_lr]
+    return cfg.lr * factor
+
+
+def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """Multiplier of `optim.lr` for the update after `step` updates: linear warmup, then
+    constant or cosine down to `optim.min_lr` at `total_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Optimization:
+    """What turns gradients into an update; `parts()` are checkpointed."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device_type: str
+    autocast_dtype: torch.dtype | None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def parts(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        if self.scaler.is_enabled():  # fp16: its scale and growth tracker
+            parts["scaler"] = self.scaler
+        return parts
+
+
+def build_optimization(cfg: OptimConfig, precision: str, model: nn.Module, world_size: int,
+                       total_steps: int, device_type: str) -> Optimization:
+    optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg, world_size),
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                nesterov=cfg.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, cfg, total_steps=total_steps))
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    return Optimization(optimizer, scheduler, scaler, device_type,
+                        AUTOCAST_DTYPES.get(precision))

@@ -1,0 +1,78 @@
+"""The small records a Trainer is handed: its position, its schedule, its guards, and the
+bundle of built parts (train/worker.py builds them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from train.checkpoint import Checkpointer
+from train.data.batches import Batches
+from train.faults import Faults
+from train.guards import SampleLedger, StopRequest, SyncChecker
+from train.metrics import EpochTotals
+from train.observe.monitor import Monitor
+from train.optim import Optimization
+from train.run_folder import RunFolder
+from train.strategies.base import Strategy
+
+
+@dataclass
+class TrainState:
+    """The position in the run; a checkpointed part."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    batch_in_epoch: int = 0  # optimizer steps completed inside the current epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is and how often it logs and checkpoints."""
+
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int  # the epochs' steps, or train.max_steps when smaller
+    global_batch: int
+    grad_accum_steps: int
+    log_every: int
+    checkpoint_every: int  # 0: at epoch ends only
+
+
+@dataclass
+class Guards:
+    stop: StopRequest
+    sync_check: SyncChecker
+    ledger: SampleLedger
+    faults: Faults
+    timeout_s: float  # dist.timeout_s, named when a collective fails
+
+
+@dataclass
+class TrainerParts:
+    """Everything a Trainer is handed, built."""
+
+    strategy: Strategy
+    plain: nn.Module  # the model itself: saved, evaluated, checked
+    model: nn.Module  # what trains: wrapped by the strategy, maybe compiled
+    compiled: bool
+    channels_last: bool
+    train_data: Batches
+    test_data: Batches
+    optim: Optimization
+    state: TrainState
+    totals: EpochTotals
+    guards: Guards
+    schedule: Schedule
+    run: RunFolder
+    monitor: Monitor
+    checkpointer: Checkpointer

@@ -1,0 +1,45 @@
+"""Continuing a run: find the newest valid checkpoint, check that it belongs to this run
+(train/identity.py decides), hand it to the checkpointer, and check that every rank did the
+same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from common.errors import UserError
+from common.schema import Config
+from train.checkpoint import Checkpointer
+from train.dist import DistContext
+from train.identity import check_resumable
+from train.run_folder import RunFolder
+
+
+def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
+           run: RunFolder) -> Path | None:
+    """Load the newest valid checkpoint of `run.dir` into the run's parts, if resuming is on;
+    return its path."""
+    if not cfg.checkpoint.resume or run.replace:  # a run being replaced is not continued
+        return None
+    found = checkpointer.files.load_latest()
+    if found is None:
+        return None
+    path, state = found
+    check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}")
+    checkpointer.restore(state)
+    return path
+
+
+def check_same_start(ctx: DistContext, resumed: Path | None, run_dir: str) -> None:
+    """Every rank must continue from the same checkpoint: a node that cannot see run.dir (no
+    shared file system) would start from step 0 while the others resume, and hang later."""
+    if not ctx.distributed:
+        return
+    names: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(names, resumed.name if resumed else None)
+    for rank, name in enumerate(names):
+        if name != names[0]:
+            raise UserError(f"rank 0 resumes from {names[0] or 'nothing'} but rank {rank} from "
+                            f"{name or 'nothing'} in {run_dir}: run.dir must be a folder every "
+                            f"node sees alike (a shared file system)", agreed=True)

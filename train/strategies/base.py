@@ -1,0 +1,90 @@
+"""How gradients are synchronized: the only thing that differs between the training paths.
+
+A strategy wraps the model for training, performs the gradient sync after backward (or lets
+the wrapper do it inside backward), and unwraps for evaluation and saving. Data, model, loop,
+metrics and checkpoints are the same code for every strategy, so comparisons are fair. One
+file per strategy; `make_strategy` (train/strategies/__init__.py) picks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from train.dist import DistContext
+
+
+class Strategy:
+    """The defaults: no synchronization at all (a lone process)."""
+
+    name = "single"
+    sync_method = "none: one process"
+    probes_sync = False  # True: the sync hides inside backward and is estimated by a probe
+
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+
+    def describe(self) -> str:
+        """Where the workers run and how they synchronize, for the console's first line."""
+        where = self.placement()
+        if self.ctx.device.type == "cpu":
+            where += f", {self.ctx.cpu_threads} thread(s) each"
+        return where
+
+    def placement(self) -> str:
+        return f"{self.ctx.world_size} x {self.ctx.device.type} ({self.ctx.backend})"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def compile(self, model: nn.Module, mode: str) -> nn.Module:
+        """torch.compile around the wrapper: for DDP, dynamo then splits the graph at bucket
+        boundaries so that the allreduce still overlaps backward; compiled inside, DDP would
+        get every gradient at once at the end of one fused backward."""
+        return torch.compile(model, mode=mode)
+
+    def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
+        """What evaluation runs: the plain module, so no collective hides in its forward (and
+        a compiled model is not recompiled for the evaluation batch sizes)."""
+        return plain
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Called after the last backward of every optimizer step."""
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Around backwards whose gradients are only accumulated (not the step's last)."""
+        return contextlib.nullcontext()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Make every rank's buffers (BatchNorm statistics) rank 0's, before evaluating."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """This rank's sync state that a checkpoint must carry (a stateful comm hook's)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore what `state_dict` returned on this rank; None: start the state afresh."""
+
+    def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float | None:
+        """Estimate of the gradient-sync time per step hidden inside backward (None: not needed,
+        the loop measures the sync phase directly)."""
+        return None
+
+    def explain(self, exc: RuntimeError, step: int) -> UserError | None:
+        """A one-line error for a failure this strategy's machinery reports cryptically."""
+        return None
+
+
+class Single(Strategy):
+    """One process, one device: no synchronization at all (the reference for parity tests)."""
+
+    def placement(self) -> str:
+        return f"one process on {self.ctx.device.type}"

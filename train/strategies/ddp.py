@@ -1,0 +1,106 @@
+"""DistributedDataParallel: bucketed gradient allreduce overlapped with backward, optionally
+compressed by a comm hook (fp16, bf16, PowerSGD)."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from common.collectives import timed
+from common.errors import CheckFailed, UserError
+from common.schema import DDPConfig
+from train.dist import DistContext
+from train.strategies.base import Strategy
+from train.strategies.powersgd import PowerSGD
+
+PROBE_PAIRS = 3  # DDP's sync probe: each pair is two extra forward+backward passes per epoch
+
+
+class DDP(Strategy):
+    """DistributedDataParallel: bucketed gradient allreduce overlapped with backward."""
+
+    name = "ddp"
+    probes_sync = True
+    sync_method = ("estimated: a forward+backward with gradient sync minus one under no_sync(), "
+                   f"same batch, median of {PROBE_PAIRS} pairs at each epoch end")
+
+    def __init__(self, ctx: DistContext, cfg: DDPConfig):
+        super().__init__(ctx)
+        self.cfg = cfg
+        self.powersgd: PowerSGD | None = None
+        if cfg.comm_hook == "powersgd":
+            # The hook keeps error feedback and a step count: probing backwards would change
+            # what training computes.
+            self.probes_sync = False
+            self.sync_method = ("included in compute: not estimated with the PowerSGD hook, "
+                                "whose state a probe would advance")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        knobs = self.cfg
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(
+            model, device_ids=device_ids, bucket_cap_mb=knobs.bucket_cap_mb,
+            gradient_as_bucket_view=knobs.gradient_as_bucket_view,
+            static_graph=knobs.static_graph, find_unused_parameters=knobs.find_unused_parameters)
+        if knobs.comm_hook == "powersgd":
+            self.powersgd = PowerSGD(model, knobs.powersgd_rank, knobs.powersgd_start_step)
+            wrapped.register_comm_hook(self.powersgd.state, self.powersgd.hook)
+        elif knobs.comm_hook != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = {"fp16": default_hooks.fp16_compress_hook,
+                    "bf16": default_hooks.bf16_compress_hook}[knobs.comm_hook]
+            wrapped.register_comm_hook(None, hook)
+        return wrapped
+
+    def state_dict(self) -> dict[str, Any] | None:
+        # PowerSGD's step count, error feedback and low-rank factors: without them a resumed
+        # run would redo the warm-up of plain allreduces and lose the accumulated error.
+        return None if self.powersgd is None else self.powersgd.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.powersgd is not None and state is not None:
+            self.powersgd.load_state_dict(state, self.ctx.device)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.no_sync()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        # DDP broadcasts buffers at the start of each training forward, and the forward then
+        # updates them with the local batch; after the last step ranks differ slightly.
+        for buffer in self.unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+    def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float:
+        # DDP's allreduce runs inside backward, overlapped with it: what shows is the part of
+        # backward that waits for it. Every rank runs the probe together (it communicates).
+        plain = self.unwrap(model)
+        saved = [b.detach().clone() for b in plain.buffers()]
+        deltas = []
+        for _ in range(PROBE_PAIRS):
+            with model.no_sync():
+                alone = timed(forward_backward, self.ctx.device)
+            deltas.append(timed(forward_backward, self.ctx.device) - alone)
+        for buffer, value in zip(plain.buffers(), saved, strict=True):
+            buffer.copy_(value)
+        model.zero_grad(set_to_none=True)
+        return max(0.0, 1000 * statistics.median(deltas))
+
+
+    def explain(self, exc: RuntimeError, step: int) -> UserError | None:
+        if "Expected to have finished reduction" not in str(exc):
+            return None
+        return CheckFailed(
+            f"some parameters got no gradient in step {step}: the model's forward does not use "
+            f"them, and DDP waits for their gradients forever; set "
+            f"ddp.find_unused_parameters=true (slower), or remove them", agreed=True)
+

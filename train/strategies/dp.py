@@ -1,0 +1,52 @@
+"""nn.DataParallel: ONE process drives every visible GPU (the book's concise implementation)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.host import visible_gpus
+from train.strategies.base import Strategy
+
+
+class DataParallel(Strategy):
+    """nn.DataParallel: one process drives every GPU; the batch is scattered from the first one.
+
+    The first GPU also gathers the outputs and computes the loss, so it runs out of memory
+    first. On a machine without GPUs DataParallel has nothing to split.
+    """
+
+    name = "dp"
+    sync_method = ("included in compute: DataParallel replicates the model in forward and "
+                   "reduces gradients onto the first GPU in backward")
+
+    def placement(self) -> str:
+        return dp_note()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.ctx.device.type == "cpu":
+            # DataParallel takes every visible GPU by default: with `--cpu` on a GPU machine it
+            # would demand the model on cuda:0. On the CPU there is nothing to split.
+            return model
+        return nn.DataParallel(model)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.DataParallel) else model
+
+    def compile(self, model: nn.Module, mode: str) -> nn.Module:
+        # Dynamo does not trace DataParallel's replicate/scatter threads: compile each replica's
+        # module instead.
+        if isinstance(model, nn.DataParallel):
+            model.module = torch.compile(model.module, mode=mode)
+            return model
+        return super().compile(model, mode)
+
+    def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
+        return model  # scatter evaluation batches over the GPUs too
+
+
+def dp_note() -> str:
+    gpus = visible_gpus()
+    if gpus == 0:
+        return "DataParallel on the CPU: there are no GPUs to split the batch over"
+    return f"DataParallel over {gpus} GPU(s) in one process"

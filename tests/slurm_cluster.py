@@ -200,14 +200,17 @@ def _stop(procs: list[subprocess.Popen], root: Path, conf: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+    killed = []
     for proc in psutil.process_iter():
         try:
             if proc.pid != os.getpid() and (
                     proc.environ().get("SLURM_CONF") == str(conf)
                     or any(Path(f.path).is_relative_to(root) for f in proc.open_files())):
                 proc.kill()
+                killed.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
+    psutil.wait_procs(killed, timeout=10)
 
 
 def start_cluster(root: Path) -> Iterator[SlurmCluster]:

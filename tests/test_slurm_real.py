@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ JOB_TIMEOUT_S = 240  # a job takes about 30 s here; the machine is shared and sl
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> SlurmCluster:
+def cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     # The script runs `make venv` first; with .venv up to date (make test builds it) that does
     # nothing, rather than a pip install inside the job.
     stale = subprocess.run(["make", "-q", "venv"], cwd=REPO, capture_output=True)
@@ -68,6 +69,7 @@ def test_sbatch_trains_on_two_nodes(cluster, tmp_path):
     assert "requeue" not in out  # it finished: nothing to requeue
 
 
+@pytest.mark.timeout(600)  # two runs of the job: 70-150 s here, by the machine's load
 def test_the_time_limit_signal_requeues_the_job_and_it_resumes(cluster, tmp_path):
     """SIGTERM to the job's steps, as `#SBATCH --signal=TERM@120` sends it before the time
     limit (`scancel --signal=TERM`, without --batch or --full, signals the steps and not the

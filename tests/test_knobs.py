@@ -140,6 +140,16 @@ def test_compile_auto_follows_the_run_length():
     assert should_compile(cfg, 5000) and not should_compile(cfg, 500)
     cfg.perf.compile = "off"
     assert not should_compile(cfg, 10**6)
+    cfg.perf.compile, cfg.mode = "auto", "dp"
+    assert not should_compile(cfg, 10**6)  # DataParallel's replicate breaks compiled modules
+
+
+def test_dp_with_compile_on_is_one_clear_error(tmp_path):
+    result = run_cli("launch", "--mode", "dp", CONFIG, *small_run(tmp_path), "perf.compile=on")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "perf.compile=on does not work with mode dp" in lines[0]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(tmp_path, plain_ddp):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from common.collectives import synchronize
 from common.records import PHASES
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ class StepTimer:
         return {name: 1000 * s / n for name, s in self.seconds.items()}
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
 
 class CompileClock:
@@ -87,8 +87,17 @@ class CompileClock:
         return seconds
 
 
+def reset_peak_memory(devices: list[torch.device]) -> None:
+    """Start the GPUs' peak-memory counters afresh (each epoch reports its own peak). The CPU's
+    peak resident memory cannot be reset: there it is the process's peak so far."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on a GPU; the process's peak resident memory on the CPU."""
+    """CUDA max allocated on a GPU (since the last reset); the process's peak resident memory
+    on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -16,13 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.collectives import synchronize
 from common.errors import CheckFailed, UserError
 from train.data.batches import split_batch
 from train.dist import DistContext, is_comm_failure
 from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
-from train.observe.timing import CompileClock, StepTimer, peak_memory_mb, reset_peak_memory
+from train.observe.timing import CompileClock, StepTimer
 from train.parts import TrainerParts
 from train.strategies.base import Strategy
 
@@ -52,7 +51,7 @@ class Trainer:
         self.optim, self.state, self.totals = parts.optim, parts.state, parts.totals
         self.guards, self.schedule = parts.guards, parts.schedule
         self.run, self.monitor = parts.run, parts.monitor
-        self.timer = StepTimer(ctx.device)
+        self.timer = StepTimer(ctx.device, devices=parts.strategy.devices())
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
 
@@ -99,7 +98,6 @@ class Trainer:
             self.train_data.set_epoch(epoch)  # without it every epoch has the same order
         self.model.train()
         self.timer.reset()
-        reset_peak_memory(self.strategy.devices())
         first = self.state.batch_in_epoch  # > 0 when resuming inside the epoch
         self.monitor.epoch_start(epoch + 1, self.schedule.steps_per_epoch, first)
         batches = self.train_data.iterate(start=first)
@@ -107,8 +105,7 @@ class Trainer:
             # Start the clocks together: otherwise a rank that finished its setup early (the
             # main rank also opens wandb) counts its wait in the first allreduce as compute.
             dist.barrier()
-        synchronize(self.ctx.device)
-        start = time.perf_counter()
+        start = self.timer.clock()
         window = (start, self.state.step)  # when and at which step the last step log was
         while self.state.step < self.schedule.total_steps:
             self.timer.start_step(self.state.step)
@@ -127,17 +124,16 @@ class Trainer:
                 self.save_checkpoint()
                 self.interrupt()
         compile_s = self.compile_clock.take()
-        synchronize(self.ctx.device)  # the GPU's queued steps belong to this epoch's time
-        seconds = time.perf_counter() - start - compile_s
+        seconds = self.timer.clock() - start - compile_s
         done = self.state.batch_in_epoch
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
-        peaks = [peak_memory_mb(device) for device in self.strategy.devices()]
         probe_started = time.perf_counter()
         probe_sync_ms = self.probe_sync()
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
-                          time.perf_counter() - probe_started, compile_s, peaks)
+                          time.perf_counter() - probe_started, compile_s,
+                          self.timer.peak_memory_mb())
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in

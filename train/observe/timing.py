@@ -24,15 +24,31 @@ log = logging.getLogger(__name__)
 
 
 class StepTimer:
-    def __init__(self, device: torch.device, sample_every: int | None = None):
-        self.device = device
+    """Per-phase step times of an epoch, and the epoch's peak memory on `devices` (those the
+    process computes on: dp drives several)."""
+
+    def __init__(self, device: torch.device, sample_every: int | None = None,
+                 devices: list[torch.device] | None = None):
+        self.device, self.devices = device, devices or [device]
         self.sample_every = sample_every or (10 if device.type == "cuda" else 1)
         self.reset()
 
     def reset(self) -> None:
+        """At an epoch's start: no time counted, the GPUs' peak-memory counters afresh."""
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.timed_steps = 0
         self.active = False
+        reset_peak_memory(self.devices)
+
+    def clock(self) -> float:
+        """perf_counter() once the GPU's queued work is done: an epoch's time then counts its
+        steps' kernels, not only their launches."""
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def peak_memory_mb(self) -> list[float]:
+        """Each device's peak since `reset` (on the CPU: the process's peak so far)."""
+        return [peak_memory_mb(device) for device in self.devices]
 
     def start_step(self, step: int) -> None:
         self.active = step % self.sample_every == 0

@@ -9,12 +9,10 @@ around a ring; every rank sends 2(n-1)/n·S bytes, whatever n is). CPU tensors w
 CUDA tensors with NCCL alike, no `.item()`; CUDA tensors on gloo (whose send/recv read host
 memory only) travel through a host copy.
 
-Every message goes through `batch_isend_irecv`, alone or with others posted at once. NCCL
-runs messages posted one by one one after another, and a lone send/recv may use another NCCL
-communicator than a batched one (a two-rank one, when the process group started lazily): a
-batched send met by a plain recv would never complete. Its answer differs by backend: gloo
-returns one Work per message, NCCL ONE Work for the whole batch; `_post` returns whatever came
-back and the callers wait on all of it, never assuming one per message.
+Every message goes through `batch_isend_irecv`, alone or with others: NCCL runs messages
+posted one by one one after another, and may carry a lone send/recv on another communicator
+than a batched one (which then never meet). gloo answers a batch with one Work per message,
+NCCL with ONE Work for all: callers wait on whatever came back.
 """
 
 from __future__ import annotations
@@ -46,20 +44,15 @@ def _wait_all(works: list) -> None:
         work.wait()
 
 
-def _send(tensor: torch.Tensor, dst: int, group) -> None:
-    _wait_all(_post([dist.P2POp(dist.isend, tensor, _peer(group, dst), group)]))
-
-
-def _recv(tensor: torch.Tensor, src: int, group) -> None:
-    _wait_all(_post([dist.P2POp(dist.irecv, tensor, _peer(group, src), group)]))
+def _alone(op: Callable, tensor: torch.Tensor, peer: int, group) -> None:
+    """One message (`dist.isend` or `dist.irecv`), posted as a batch of one, awaited."""
+    _wait_all(_post([dist.P2POp(op, tensor, _peer(group, peer), group)]))
 
 
 def _as_they_arrive(ops: list, receives: int) -> Iterator[int]:
     """Post `ops`, whose last `receives` are receives; yield each receive's index once its data
-    is in place, then wait for the sends. With one Work per op (gloo, in the ops' order) each
-    receive is yielded as it completes, so the caller works on it while the others are still in
-    flight; NCCL's one Work for the batch completes when all of it has (on the GPU's stream:
-    what the caller queues after it runs after the transfers)."""
+    is in place (gloo: as each completes, the others still in flight; NCCL: all after its one
+    Work, on the GPU's stream), then wait for the sends."""
     works = _post(ops)
     sends = len(ops) - receives
     if len(works) != len(ops):
@@ -79,11 +72,8 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group)
     runs a batch as one group so that neither waits for the other. Empty chunks are skipped on
     both sides alike (a chunk has the same size on every rank).
     """
-    ops = []
-    if send.numel():
-        ops.append(dist.P2POp(dist.isend, send, _peer(group, dst), group))
-    if recv.numel():
-        ops.append(dist.P2POp(dist.irecv, recv, _peer(group, src), group))
+    ops = [dist.P2POp(dist.isend, send, _peer(group, dst), group)] if send.numel() else []
+    ops += [dist.P2POp(dist.irecv, recv, _peer(group, src), group)] if recv.numel() else []
     _wait_all(_post(ops))
 
 
@@ -111,8 +101,7 @@ def _in_place(tensor: torch.Tensor, algorithm: Callable[[torch.Tensor, object], 
     """Run `algorithm` on a flat contiguous view; copy back if `tensor` was not contiguous.
 
     CUDA tensors on gloo go through host memory: gloo's send/recv hand the tensor's pointer to
-    its TCP transport as it is, which reads host memory only (its collectives stage CUDA
-    tensors themselves; its point-to-point messages do not)."""
+    its TCP transport, which reads host memory only (its collectives stage CUDA tensors)."""
     if tensor.device.type == "cuda" and dist.get_backend(group) == "gloo":
         host = tensor.detach().to("cpu", memory_format=torch.contiguous_format)
         algorithm(host.view(-1), group)
@@ -128,7 +117,7 @@ def _in_place(tensor: torch.Tensor, algorithm: Callable[[torch.Tensor, object], 
 def _broadcast(flat: torch.Tensor, group, src: int) -> None:
     rank, world = _world(group)
     if rank != src:
-        _recv(flat, src, group)
+        _alone(dist.irecv, flat, src, group)
         return
     # The source sends to every other rank at once, as one batch: n-1 messages of the tensor.
     _wait_all(_post([dist.P2POp(dist.isend, flat, _peer(group, dst), group)
@@ -168,8 +157,8 @@ def _naive(flat: torch.Tensor, group) -> None:
     rank, world = _world(group)
     if rank != 0:
         # Every other rank sends its data to rank 0, then waits for the sum.
-        _send(flat, 0, group)
-        _recv(flat, 0, group)
+        _alone(dist.isend, flat, 0, group)
+        _alone(dist.irecv, flat, 0, group)
         return
     # Rank 0 receives everyone's data, all messages posted as one batch (NCCL would run them
     # one after another otherwise), and adds them to its own, rank by rank (the book's GPU 0)...

@@ -23,7 +23,7 @@ OUT ?=
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor bench-overhead lint clean
+.PHONY: venv train test compare bench peers plot doctor bench-overhead gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -60,6 +60,12 @@ peers: venv
 
 bench-overhead: venv
 	$(PY) -m tools.bench.overhead $(ARGS)
+
+# make gpu-check [PY=python3] [ARGS="--budget-s 470"]: the GPU path on a lent GPU machine, with
+# that machine's own python (no venv, nothing downloaded) -> reports/gpu-check/report.md.
+gpu-check: PY = python3
+gpu-check:
+	$(PY) -m tools.gpu_check $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -24,12 +24,17 @@ def time_collective(fn: Callable[[], None], device: torch.device, repeats: int) 
     return slowest.item()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs kernels after the Python line that
+    asked for them); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Callable[[], None], device: torch.device) -> float:
     """Seconds of `fn`, with the GPU's queued work finished on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start

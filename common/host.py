@@ -35,6 +35,22 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def gpu_of_worker(local_rank: int, workers_on_node: int, backend: str) -> int:
+    """The GPU a CUDA worker uses, the one policy for launcher and workers.
+
+    NCCL: one GPU per worker (NCCL refuses two ranks on one GPU), so more workers than GPUs
+    is an error. gloo: the workers share the GPUs round robin (local rank mod GPUs), so that
+    ONE GPU can run several workers and the multi-rank CUDA paths (placement, checkpoint
+    gathers, resume) can be exercised on a machine with a single GPU.
+    """
+    gpus = visible_gpus()
+    if backend != "gloo" and workers_on_node > gpus:
+        raise UserError(f"{workers_on_node} workers on this node but only {gpus} GPU(s) are "
+                        f"visible; NCCL runs one worker per GPU: start at most {gpus} (--gpus / "
+                        f"GPUS), or let workers share GPUs with dist.backend=gloo")
+    return local_rank % gpus
+
+
 def resolve_device_kind(requested: str) -> str:
     """'cuda' or 'cpu' for a `dist.device` setting, checking that cuda exists when asked."""
     if requested == "cpu":

@@ -100,6 +100,9 @@ class PerfConfig:
     # auto compiles runs this long (LeNet breaks even at ~1,600)
     compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
     cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms
+    # bitwise-repeatable GPU kernels (deterministic cuDNN/cuBLAS algorithms, cudnn_benchmark
+    # off): slower; for debugging and for comparing a resumed run with an uninterrupted one
+    deterministic: Annotated[bool, RUNTIME] = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ import sys
 from common.errors import EXIT_USER_ERROR, UserError
 from launch.agent import node0_answers, node0_silent, run_one_process, run_torchrun
 from launch.cli import parse_args
-from launch.plan import make_plan, worker_environment
+from launch.plan import abort_note, make_plan, worker_environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if plan.node_rank > 0 and not node0_answers(plan.rdzv_endpoint, timeout_s):
         print(f"error: {node0_silent(plan.rdzv_endpoint, timeout_s)}", file=sys.stderr)
         return 1
-    return run_torchrun(plan.torchrun_args, verbose=args.verbose, rendezvous_timeout_s=timeout_s)
+    return run_torchrun(plan.torchrun_args, verbose=args.verbose, rendezvous_timeout_s=timeout_s,
+                        abort_note=abort_note(plan))
 
 
 if __name__ == "__main__":

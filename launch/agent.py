@@ -48,8 +48,9 @@ def node0_silent(endpoint: str, timeout_s: float | None) -> str:
 
 
 def run_torchrun(torchrun_args: list[str], verbose: bool = False,
-                 rendezvous_timeout_s: float | None = None) -> int:
-    """Run torchrun's elastic agent here; return 0, or the failed workers' exit code."""
+                 rendezvous_timeout_s: float | None = None, abort_note: str | None = None) -> int:
+    """Run torchrun's elastic agent here; return 0, or the failed workers' exit code.
+    `abort_note`: what a worker killed by SIGABRT means in this job (launch/plan.py)."""
     os.environ["DPTRAIN_PARENT_PID"] = str(os.getpid())  # the workers' parent: see train/__main__
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -64,7 +65,7 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
-        return report_failures(exc.failures)
+        return report_failures(exc.failures, abort_note)
     except SignalException as exc:
         # torchrun passed the signal on; the workers stopped at a step boundary and saved.
         print(f"launch: interrupted by {signal.Signals(exc.sigval).name}; the workers wrote a "
@@ -116,10 +117,12 @@ def run_one_process(worker_args: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
-def report_failures(failures: dict) -> int:
+def report_failures(failures: dict, abort_note: str | None = None) -> int:
     """One line about the first worker that failed (torchrun then stops the others).
 
-    Exit code 2 means that worker already explained the bad input: nothing to add.
+    Exit code 2 means that worker already explained the bad input: nothing to add. A worker
+    killed by SIGABRT gets `abort_note` (on NCCL: the watchdog's collective timeout), and the
+    ranks that did not abort are named: the stalled one is among them.
     """
     # torchrun stops the others with SIGTERM once one fails, and stamps failures in whole
     # seconds: the first failure is the earliest one that was not such a SIGTERM.
@@ -130,6 +133,12 @@ def report_failures(failures: dict) -> int:
     if code in EXPLAINED_EXIT_CODES:
         return code
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    print(f"error: worker rank {rank} {how}; the other workers were stopped; its output is above",
-          file=sys.stderr)
+    if code == -signal.SIGABRT and abort_note:
+        others = sorted(r for r, f in failures.items() if f.exitcode != -signal.SIGABRT)
+        still = f"; ranks that did not abort: {', '.join(map(str, others))}" if others else ""
+        print(f"error: worker rank {rank} was killed by SIGABRT: {abort_note}{still}",
+              file=sys.stderr)
+    else:
+        print(f"error: worker rank {rank} {how}; the other workers were stopped; its output is "
+              f"above", file=sys.stderr)
     return 128 - code if code < 0 else (code if 0 < code < 126 else 1)

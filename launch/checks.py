@@ -179,7 +179,7 @@ def check_wandb(job: Job) -> Verdict:
     cfg = job.cfg
     mode, why = resolve_mode(cfg.wandb)
     if mode == "disabled":
-        return OK, "disabled (wandb.mode=disabled): nothing is logged to wandb"
+        return OK, f"disabled ({why}): nothing is logged to wandb"
     if importlib.util.find_spec("wandb") is None:
         return FAIL, (f"wandb.mode={cfg.wandb.mode} but the wandb package is not installed; "
                       f"set wandb.mode=disabled")

@@ -66,7 +66,9 @@ def plan_job(args: argparse.Namespace, dry: bool = False) -> Job:
     except UserError as exc:
         return Job(args, cfg, "cuda", asked, str(exc), "", dry)
     try:
-        nproc, note = count_workers(args.gpus, kind)
+        # For mode dp --gpus counts the GPUs of its one process: never more than visible.
+        nproc, note = count_workers(args.gpus, kind,
+                                    "auto" if cfg.mode == "dp" else cfg.dist.backend)
     except UserError as exc:
         return Job(args, cfg, kind, asked, str(exc), "", dry)
     note = worker_note(cfg, kind, nproc, note)
@@ -76,16 +78,23 @@ def plan_job(args: argparse.Namespace, dry: bool = False) -> Job:
     return Job(args, cfg, kind, nproc, None, note, dry)
 
 
-def count_workers(requested: int | None, kind: str) -> tuple[int, str]:
-    """Workers on this node and the sentence that says why (more GPUs than visible: error)."""
+def count_workers(requested: int | None, kind: str, backend: str = "auto") -> tuple[int, str]:
+    """Workers on this node and the sentence that says why (more GPUs than visible: error,
+    unless gloo lets the workers share them: common/host.py `gpu_of_worker`)."""
     gpus = visible_gpus()
     if requested is not None and requested < 1:
         raise UserError(f"--gpus must be at least 1; got {requested}")
     if kind == "cuda":
-        if requested is not None and requested > gpus:
-            raise UserError(f"{requested} GPUs asked (--gpus/GPUS) but only {gpus} visible")
+        backend = "nccl" if backend == "auto" else backend
+        if backend != "gloo" and requested is not None and requested > gpus:
+            raise UserError(f"{requested} GPUs asked (--gpus/GPUS) but only {gpus} visible; "
+                            f"NCCL runs one worker per GPU (dist.backend=gloo lets workers "
+                            f"share GPUs)")
         n = requested or gpus
-        return n, f"{n} GPU worker(s) with nccl, one per GPU ({gpus} visible)"
+        if backend == "gloo":
+            shared = f", sharing them (local rank mod {gpus})" if n > gpus else ""
+            return n, f"{n} GPU worker(s) with gloo on {gpus} visible GPU(s){shared}"
+        return n, f"{n} GPU worker(s) with {backend}, one per GPU ({gpus} visible)"
     n = requested or DEFAULT_CPU_WORKERS
     why = "no GPU visible" if gpus == 0 else "CPU asked (--cpu / dist.device=cpu)"
     return n, f"{why}: {n} CPU worker(s) with gloo"

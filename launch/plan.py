@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.host import backend_for, threads_per_worker, usable_cores, visible_gpus
+from common.records import NCCL_TRACE_PREFIX
 from common.schema import Config
 from launch.checks import CHECKS, FAIL, run_check
 from launch.job import Job, plan_job, worker_overrides
@@ -110,4 +111,33 @@ def worker_environment(plan: Plan) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(plan.threads)
     elif "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads_per_worker(0, plan.nproc))
+    if plan.backend == "nccl":
+        env.update(flight_recorder(plan.cfg.run.dir))
     return env
+
+
+def flight_recorder(run_dir: str) -> dict[str, str]:
+    """PyTorch's NCCL flight recorder: every rank keeps its last collectives in a ring buffer
+    and, when its watchdog times a collective out, writes them to `run.dir/nccl_trace_rank_<r>`
+    (read with `python -m torch.distributed.flight_recorder.fr_trace`). Values the user set
+    stay as they are."""
+    wanted = {
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # collectives kept per rank
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(run_dir).absolute() / NCCL_TRACE_PREFIX),
+    }
+    return {key: value for key, value in wanted.items() if key not in os.environ}
+
+
+def abort_note(plan: Plan) -> str | None:
+    """What a worker killed by SIGABRT means in this job: on NCCL, its watchdog's timeout."""
+    if plan.backend != "nccl":
+        return None
+    traces = os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+                            str(Path(plan.cfg.run.dir).absolute() / NCCL_TRACE_PREFIX))
+    folder, prefix = os.path.split(traces)
+    return (f"on NCCL that is its watchdog ending a collective that waited longer than "
+            f"dist.timeout_s={plan.cfg.dist.timeout_s:g} s: another worker stalled or died (the "
+            f"rank named noticed first); each rank's collective trace is in {traces}<rank>, "
+            f"read them with `python -m torch.distributed.flight_recorder.fr_trace {folder} "
+            f"-p {prefix}`")

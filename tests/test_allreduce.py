@@ -33,6 +33,12 @@ def test_both_algorithms_equal_all_reduce_for_every_dtype_and_shape(ranks):
         assert found["allreduce"] == []
 
 
+def test_batches_answered_with_one_work_as_nccl_does_give_the_same_results(ranks):
+    # NCCL's batch_isend_irecv returns ONE Work for a whole batch; gloo one per message.
+    for found in ranks:
+        assert found["coalesced"] == []
+
+
 def test_broadcast_from_every_rank(ranks):
     for found in ranks:
         assert found["broadcast"] == []
@@ -125,4 +131,7 @@ def test_the_module_uses_point_to_point_primitives_only():
                    "all_gather_object", "broadcast_object_list", "all_reduce_coalesced"}
     assert used & collectives == set()
     assert imported & collectives == set()
-    assert {"send", "recv", "isend", "irecv"} <= used
+    assert {"isend", "irecv", "batch_isend_irecv"} <= used
+    # Every message is batched alike on both sides (a lone NCCL send/recv may use another
+    # communicator than a batched one): no plain send/recv.
+    assert used & {"send", "recv"} == set()

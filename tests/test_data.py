@@ -104,3 +104,31 @@ def test_eval_batches_keep_the_last_partial_batch():
     data, _ = make_synthetic(SyntheticConfig(train_samples=101, test_samples=1), seed=0)
     batches = eval_batches(data, 1, 2, batch_size=20, device=torch.device("cpu"))
     assert [len(labels) for _, labels in batches] == [20, 20, 10]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_copying_ahead_gives_the_same_batches_in_the_same_order(channels_last):
+    """The path a dataset in host memory takes to a GPU (pinned staging buffers, the next
+    batch's copy in flight), run on the CPU: batch for batch what the in-memory path gives,
+    the last partial batch, a resume inside the epoch and a reshuffled epoch included."""
+    cfg = load_config(DEFAULT_CONFIG, ["data.synthetic.train_samples=700",
+                                       "data.synthetic.test_samples=53"])
+    train, test = load_datasets(cfg.data, cfg.seed, download=False)
+    cpu = torch.device("cpu")
+    for make in (lambda ahead: train_batches(train, 1, 2, 64, 0, cpu, channels_last, ahead),
+                 lambda ahead: eval_batches(test, 0, 2, 10, cpu, channels_last=channels_last,
+                                            copy_ahead=ahead)):
+        plain, ahead = make(False), make(True)
+        assert plain.copy_ahead is None and ahead.copy_ahead is not None
+        for epoch, start in ((0, 0), (0, 1), (1, 0)):
+            plain.set_epoch(epoch)
+            ahead.set_epoch(epoch)
+            expected, got = list(plain.iterate(start)), list(ahead.iterate(start))
+            assert len(got) == len(expected) == len(plain) - start > 1
+            for (x, y), (gx, gy) in zip(expected, got, strict=True):
+                assert torch.equal(gx, x) and torch.equal(gy, y)
+                assert gx.is_contiguous(memory_format=plain.memory_format)
+        # Batches handed out earlier are not overwritten when the staging buffers are reused.
+        kept = list(ahead.iterate())
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(kept, list(plain.iterate()),
+                                                           strict=True))

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import PYTHON, REPO, free_port, gpu_count, gpu_env, run_cli, run_single
+from tests.helpers import PYTHON, REPO, free_port, run_cli
 from train.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
@@ -212,21 +212,7 @@ def test_checkpoint_holds_the_full_state_and_loads_on_the_workers_device(uninter
     assert saved["config"]["train.batch_size"] == 128
     assert not any(k.startswith("module.") for k in saved["model"])
     assert all(t.device.type == "cpu" for t in saved["model"].values())
-
-
-def devices_after_loading_onto_the_last_gpu(folder: Path) -> tuple[str, list[str]]:
-    """In a process that sees the GPUs: the device asked for, and where the weights landed."""
-    device = torch.device("cuda", torch.cuda.device_count() - 1)
-    _, saved = Checkpoints(folder, keep=2).load_latest(device)
-    return str(device), sorted({str(t.device) for t in saved["model"].values()})
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(gpu_count() < 1, reason="needs a GPU (CPU twin above)")
-def test_checkpoint_loads_onto_the_given_gpu_not_gpu0(uninterrupted):
-    device, landed = run_single(devices_after_loading_onto_the_last_gpu,
-                                uninterrupted / "checkpoints", env=gpu_env())
-    assert landed == [device]
+    # On GPUs: tests/test_gpu_path.py resumes through the trainer and checks where it all lands.
 
 
 def test_resuming_with_another_world_size_is_refused_unless_allowed(tmp_path, uninterrupted):

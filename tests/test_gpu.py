@@ -109,6 +109,20 @@ def test_scratch_allreduce_on_two_gpus_matches_one_process(tmp_path, reference, 
     assert_params_close(params, reference)
 
 
+@needs_gpus(1, "test_paths.py::test_every_path_matches_one_process (2 workers)")
+@pytest.mark.parametrize("path", [
+    ["mode=scratch", "scratch.algorithm=ring", "scratch.bucket_mb=0.1"],
+    ["mode=scratch", "scratch.algorithm=naive", "scratch.per_parameter=true"],
+    ["mode=ddp"],
+])
+def test_two_gloo_workers_sharing_one_gpu_match_one_process(tmp_path, reference, path):
+    # gloo's send/recv read host memory: our allreduce stages CUDA tensors through it.
+    params = run_distributed(train_and_return_params, 2,
+                             [*ON_GPU, "dist.backend=gloo", *path, f"run.dir={tmp_path}"],
+                             env=fp32_gpu_env(1))[0]
+    assert_params_close(params, reference)
+
+
 @needs_gpus(2, "test_paths.py::test_dataparallel_matches_one_process")
 def test_dataparallel_over_two_gpus_matches_one_process(tmp_path, reference):
     # DataParallel takes every GPU it sees: show it exactly two, as `launch --gpus 2` does.

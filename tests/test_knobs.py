@@ -7,7 +7,7 @@ import torch
 
 from common.schema import OptimConfig
 from tests.helpers import REPO, gpu_count, gpu_env, run_cli, run_distributed, small_run
-from tests.workers import ddp_settings, train_and_return_params
+from tests.workers import ddp_settings, static_graph_with_no_sync, train_and_return_params
 from train.checkpoint import Checkpoints
 from train.optim import scaled_lr
 
@@ -140,6 +140,28 @@ def test_compile_auto_follows_the_run_length():
     assert should_compile(cfg, 5000) and not should_compile(cfg, 500)
     cfg.perf.compile = "off"
     assert not should_compile(cfg, 10**6)
+    cfg.perf.compile, cfg.mode = "auto", "dp"
+    assert not should_compile(cfg, 10**6)  # DataParallel's replicate breaks compiled modules
+
+
+def test_static_graph_with_accumulation_still_fails_upstream_and_is_refused(tmp_path):
+    # The reason for the refusal, checked on plain DDP: when torch fixes pytorch#143580, this
+    # fails and the refusal in train/preflight.py can go.
+    found = run_distributed(static_graph_with_no_sync, 2)
+    assert all("expect_autograd_hooks_" in f for f in found), found
+    result = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path), "ddp.static_graph=true",
+                     "train.grad_accum_steps=2")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pytorch/pytorch#143580" in lines[0]
+
+
+def test_dp_with_compile_on_is_one_clear_error(tmp_path):
+    result = run_cli("launch", "--mode", "dp", CONFIG, *small_run(tmp_path), "perf.compile=on")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "perf.compile=on does not work with mode dp" in lines[0]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(tmp_path, plain_ddp):

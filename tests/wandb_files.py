@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandb.proto import wandb_internal_pb2
-
 BLOCK = 32 * 1024
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -57,6 +55,9 @@ def _payloads(data: bytes):
 
 
 def read_offline_run(path: Path) -> OfflineRun:
+    # Here, not at the top: the GPU check's machines have no wandb, and collect this module.
+    from wandb.proto import wandb_internal_pb2
+
     run = OfflineRun()
     for payload in _payloads(path.read_bytes()):
         record = wandb_internal_pb2.Record()

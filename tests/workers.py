@@ -89,3 +89,135 @@ def ddp_settings(overrides: list[str]) -> dict:
     finally:
         dist.teardown(ctx)
 
+
+
+def static_graph_with_no_sync() -> str:
+    """DDP(static_graph=True) accumulating over two micro-batches with no_sync(), as the
+    trainer would; what happens (the upstream regression pytorch/pytorch#143580)."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.distributed.init_process_group("gloo")
+    try:
+        model = DistributedDataParallel(torch.nn.Linear(4, 2), static_graph=True)
+        x, y = torch.randn(8, 4), torch.randint(2, (8,))
+        try:
+            for _ in range(3):
+                with model.no_sync():
+                    F.cross_entropy(model(x[:4]), y[:4]).backward()
+                F.cross_entropy(model(x[4:]), y[4:]).backward()
+        except RuntimeError as exc:
+            return str(exc).splitlines()[0]
+        return "ok"
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def resume_and_report(overrides: list[str]) -> dict:
+    """Resume as `train` does (the trainer built, the newest checkpoint loaded into its parts);
+    report where the state landed and whether this rank's RNG came back, then finish training
+    from there. `other_gpus_bytes`: what this process holds on GPUs not its own (PITFALLS 4)."""
+    import random
+
+    import numpy as np
+
+    from train.checkpoint import load
+    from train.resume import resume
+    from train.run_folder import open_run
+    from train.strategies import make_strategy
+    from train.worker import build_trainer
+
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        run = open_run(cfg, ctx)
+        trainer = build_trainer(cfg, ctx, make_strategy(cfg, ctx), run)
+        path = resume(cfg, ctx, trainer.parts.checkpointer, run)
+        saved = load(path)["ranks"][ctx.rank]["rng"]
+        cuda = ctx.device.type == "cuda"
+        rng = {"torch": torch.equal(torch.get_rng_state(), saved["torch"]),
+               "numpy": np.array_equal(np.random.get_state()[1], saved["numpy"][1].numpy()),
+               "python": list(random.getstate()[1]) == saved["python"][1].tolist()}
+        if cuda:
+            rng["cuda"] = torch.equal(torch.cuda.get_rng_state(), saved["cuda"])
+        momenta = [t for s in trainer.optim.optimizer.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor)]
+        report = {
+            "device": str(ctx.device), "step": trainer.state.step, "rng": rng,
+            "params": sorted({str(p.device) for p in trainer.plain.parameters()}),
+            "optimizer": sorted({str(t.device) for t in momenta}), "momenta": len(momenta),
+            "other_gpus_bytes": sum(torch.cuda.memory_allocated(i)
+                                    for i in range(torch.cuda.device_count())
+                                    if i != ctx.device.index) if cuda else 0,
+        }
+        run.start(cfg, resumed_epochs=trainer.state.epoch)
+        trainer.monitor.start()
+        try:
+            trainer.fit()
+        finally:
+            trainer.monitor.close()
+        report["finished_step"] = trainer.state.step
+        return report
+    finally:
+        dist.teardown(ctx)
+
+
+def tensor_devices_in_checkpoint(path: str) -> dict[str, list[str]]:
+    """In a process that sees the GPUs: load a checkpoint as it was saved (no map_location)
+    and say where each top-level part's tensors were saved from."""
+    state = torch.load(path, weights_only=True)
+    found: dict[str, set[str]] = {}
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            found.setdefault(key, set()).add(value.device.type)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(key, v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(key, v)
+
+    for key, value in state.items():
+        walk(key, value)
+    return {key: sorted(kinds) for key, kinds in found.items()}
+
+
+def sync_bn_statistics(overrides: list[str]) -> dict:
+    """The model built as `train` builds it with model.sync_bn (SyncBatchNorm), wrapped by the
+    DDP strategy: one training forward, each rank on its half of a batch. Its running
+    statistics against plain BatchNorm on the whole batch in one process, and against plain
+    BatchNorm on this rank's half (what per-device statistics would be)."""
+    from dataclasses import replace
+
+    from common.schema import SyntheticConfig
+    from train.data import make_synthetic
+    from train.model import build_plain_model
+    from train.strategies import make_strategy
+
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        data, _ = make_synthetic(SyntheticConfig(train_samples=32, test_samples=1), cfg.seed)
+        x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        mine = x.chunk(ctx.world_size)[ctx.rank].to(ctx.device)
+        model = build_plain_model(cfg, ctx, data, channels_last=False)
+        make_strategy(cfg, ctx).wrap(model)(mine)
+        plain_cfg = replace(cfg, model=replace(cfg.model, sync_bn=False))
+        whole, local = (build_plain_model(plain_cfg, ctx, data, False) for _ in range(2))
+        whole(x.to(ctx.device))
+        local(mine)
+
+        def stats(m: torch.nn.Module) -> list[torch.Tensor]:
+            return [v.detach().float().cpu() for k, v in m.state_dict().items()
+                    if "running_" in k]
+
+        def gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
+            return max(float((s - t).abs().max()) for s, t in zip(stats(a), stats(b),
+                                                                  strict=True))
+
+        return {"sync_layers": sum(isinstance(m, torch.nn.SyncBatchNorm)
+                                   for m in model.modules()),
+                "synced_vs_global": gap(model, whole), "local_vs_global": gap(local, whole)}
+    finally:
+        dist.teardown(ctx)

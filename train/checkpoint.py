@@ -56,7 +56,9 @@ class Checkpointer:
 
     def save(self) -> Path | None:
         """Every rank contributes its own parts; the main worker writes the file."""
-        mine = {k: v for k, part in self.rank_parts.items()
+        # On the CPU before gathering: rank 0 would unpickle every rank's CUDA tensors onto
+        # that rank's GPU (a CUDA context and memory on every GPU of the node).
+        mine = {k: on_cpu(v) for k, part in self.rank_parts.items()
                 if (v := part.state_dict()) is not None}
         ranks: list[Any] | None = [mine]
         if self.ctx.distributed:
@@ -88,6 +90,17 @@ class Checkpointer:
                 part.load_state_dict(ranks[self.ctx.rank].get(key))
             elif hasattr(part, "load_other_world"):
                 part.load_other_world([r.get(key) for r in ranks])
+
+
+def on_cpu(state: Any) -> Any:
+    """`state` with every tensor in it (in dicts, lists, tuples) copied to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
 
 
 class Checkpoints:

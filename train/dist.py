@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.host import backend_for, resolve_device_kind, threads_per_worker, visible_gpus
+from common.host import backend_for, gpu_of_worker, resolve_device_kind, threads_per_worker
 from common.schema import DistConfig
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,10 @@ def setup(cfg: DistConfig) -> DistContext:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
     kind = resolve_device_kind(cfg.device)
+    backend = backend_for(kind, cfg.backend) if launched else "none"
     if kind == "cuda":
         # Checked on every rank alike (not `local_rank >= count`), so all agree on the error.
-        if local_world_size > visible_gpus():
-            raise UserError(
-                f"{local_world_size} workers on this node but only {visible_gpus()} GPU(s) are "
-                f"visible; start at most {visible_gpus()} (--gpus / GPUS)"
-            )
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu_of_worker(local_rank, local_world_size, backend))
         torch.cuda.set_device(device)
         threads = torch.get_num_threads()
     else:
@@ -72,13 +68,14 @@ def setup(cfg: DistConfig) -> DistContext:
         # denormal floats, which x86 CPUs process in microcode: steps were 3.5x slower here.
         torch.set_flush_denormal(cfg.cpu_flush_denormal)
 
-    backend = backend_for(kind, cfg.backend) if launched else "none"
     if launched:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        # NCCL bound to this worker's GPU starts its communicator now (eager), so that the
+        # first collective does not pay for it, and nothing guesses the GPU from the rank.
         dist.init_process_group(
             backend=backend, store=_store(rank, world_size, timeout), rank=rank,
             world_size=world_size, timeout=timeout,
-            device_id=device if kind == "cuda" else None,
+            device_id=device if backend == "nccl" else None,
         )
     return DistContext(rank, local_rank, world_size if launched else 1,
                        local_world_size if launched else 1, device, backend, threads)

@@ -31,13 +31,17 @@ class StopRequest:
 
     Ranks get the signal at slightly different moments; stopping where each one happens to be
     would leave the others waiting in the next gradient allreduce. Every `every` steps the
-    ranks combine their flags with one small all_reduce(MAX). A worker that has not exited
-    `grace_s` seconds after the signal exits anyway.
+    ranks combine their flags with one small all_reduce(MAX), read back once (on a GPU that
+    waits for the queued steps: there `every` is the logging interval, whose loss is read back
+    on the same steps anyway). A worker that has not exited `grace_s` seconds after the signal
+    exits anyway.
     """
 
     def __init__(self, ctx: DistContext, grace_s: float, every: int = 5):
         self.ctx, self.every, self.grace_s = ctx, every, grace_s
         self.requested = 0  # the signal number, 0 when none
+        # One flag on the collective's device, reused: no new tensor per check.
+        self.flag = torch.zeros(1, dtype=torch.int64, device=ctx.device)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -56,11 +60,12 @@ class StopRequest:
             return bool(self.requested)
         if step % self.every and not force_check:
             return False
-        flag = torch.tensor([self.requested], dtype=torch.int64, device=self.ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.requested:
-            self.requested = int(flag.item())
-        return bool(flag.item())
+        self.flag.fill_(self.requested)
+        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
+        agreed = int(self.flag.item())
+        if agreed and not self.requested:
+            self.requested = agreed
+        return bool(agreed)
 
 
 class SyncChecker:
@@ -80,6 +85,8 @@ class SyncChecker:
         names, params = zip(*model.named_parameters(), strict=True)
         mine = torch.stack([p.detach().double().sum() for p in params] +
                            [p.detach().double().square().sum() for p in params])
+        if self.ctx.backend == "gloo":
+            mine = mine.cpu()  # gloo's own device (CUDA workers may run on gloo too)
         everyone = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
         dist.all_gather(everyone, mine)
         for rank, theirs in enumerate(everyone[1:], start=1):

@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from common.records import PHASES
 from train.dist import DistContext
-from train.observe.timing import peak_memory_mb
 
 
 class EpochTotals:
@@ -54,6 +53,7 @@ class EpochTrain:
     probe_sync_ms: float | None  # DDP's sync estimate, when the strategy probes
     probe_s: float  # what the probe cost
     compile_s: float  # torch.compile's compile time in this epoch
+    peak_memory_mb: list[float]  # the epoch's peak of each device this rank drives (dp: all)
 
 
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
@@ -66,10 +66,13 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
         timing["sync"] = min(train.probe_sync_ms, timing["compute"])
         timing["compute"] -= timing["sync"]
     step_ms = sum(timing[p] for p in PHASES)
-    local = torch.tensor([*train.totals.tolist(), *(timing[p] for p in PHASES),
-                          peak_memory_mb(ctx.device), step_ms], dtype=torch.float64,
-                         device=ctx.device)
-    high = local[3:].clone()
+    peaks = train.peak_memory_mb
+    phases = [timing[p] for p in PHASES]
+    local = torch.tensor([*train.totals.tolist(), *phases, sum(peaks) / len(peaks), step_ms],
+                         dtype=torch.float64, device=ctx.device)
+    # Maxima over ranks (and over a dp process's GPUs); the smallest peak rides along negated.
+    high = torch.tensor([*phases, max(peaks), step_ms, -min(peaks)], dtype=torch.float64,
+                        device=ctx.device)
     if ctx.distributed:
         dist.all_reduce(local)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -92,8 +95,12 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     for i, phase in enumerate(PHASES):
         record[f"time_{phase}_ms"] = means[i]
         record[f"time_{phase}_ms_max"] = highs[i]
-    record["peak_memory_mb"], record["peak_memory_mb_max"] = means[-2], highs[-2]
-    record["time_step_ms_max"] = highs[-1]  # the slowest rank's whole step
+    peak, top, lowest = means[len(PHASES)], highs[len(PHASES)], -highs[-1]
+    # The spread shows an imbalance: dp's first GPU holds the outputs and the loss.
+    record.update(peak_memory_mb=peak, peak_memory_mb_max=top, peak_memory_mb_spread=top - lowest)
+    if len(peaks) > 1:
+        record["peak_memory_mb_gpus"] = peaks
+    record["time_step_ms_max"] = highs[len(PHASES) + 1]  # the slowest rank's whole step
     return record
 
 

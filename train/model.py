@@ -3,6 +3,8 @@ the memory format and with the norm layers asked for. The parallel wrapping is t
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -19,10 +21,27 @@ def use_channels_last(perf: PerfConfig, device_kind: str) -> bool:
 
 def should_compile(cfg: Config, total_steps: int) -> bool:
     """torch.compile pays off once its compile time (about 20 s for LeNet on one CPU thread,
-    seconds when cached) is won back by faster steps (about 1.5x here)."""
+    seconds when cached) is won back by faster steps (about 1.5x here). Never for mode dp:
+    DataParallel's replicate writes into a compiled module's original (its children become
+    `_orig_mod`), which breaks the model and what checkpoints save (`on` is refused there)."""
+    if cfg.mode == "dp":
+        return False
     if cfg.perf.compile == "auto":
         return total_steps >= cfg.perf.compile_min_steps
     return cfg.perf.compile == "on"
+
+
+def set_kernel_choice(perf: PerfConfig, device_kind: str) -> None:
+    """How this process picks GPU kernels: cuDNN's benchmark mode (the fastest algorithm per
+    shape, timed at the first use), or `perf.deterministic` (the same bits on every run)."""
+    if device_kind != "cuda":
+        return
+    if perf.deterministic:
+        # cuBLAS reads it when it creates its handle, at the first matmul: still to come.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = perf.deterministic
+    torch.backends.cudnn.benchmark = perf.cudnn_benchmark and not perf.deterministic
 
 
 def build_plain_model(cfg: Config, ctx: DistContext, data: TensorData,

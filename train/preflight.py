@@ -34,6 +34,14 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
     if cfg.model.sync_bn and (cpu or cfg.mode != "ddp"):
         raise UserError("model.sync_bn needs mode ddp on GPUs: torch's SyncBatchNorm runs on "
                         "CUDA only")
+    if cfg.mode == "dp" and cfg.perf.compile == "on":
+        raise UserError("perf.compile=on does not work with mode dp: DataParallel's replicas of "
+                        "a compiled model write into the original module (checkpoints break); "
+                        "compile with mode ddp, or set perf.compile=off")
+    if cfg.mode == "ddp" and cfg.ddp.static_graph and cfg.train.grad_accum_steps > 1:
+        raise UserError("ddp.static_graph=true with train.grad_accum_steps>1 fails inside DDP "
+                        "(an internal assert in its reducer after no_sync(), "
+                        "pytorch/pytorch#143580); set ddp.static_graph=false to accumulate")
     if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
         raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
     warnings = []

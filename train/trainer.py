@@ -51,7 +51,7 @@ class Trainer:
         self.optim, self.state, self.totals = parts.optim, parts.state, parts.totals
         self.guards, self.schedule = parts.guards, parts.schedule
         self.run, self.monitor = parts.run, parts.monitor
-        self.timer = StepTimer(ctx.device)
+        self.timer = StepTimer(ctx.device, devices=parts.strategy.devices())
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
 
@@ -105,7 +105,7 @@ class Trainer:
             # Start the clocks together: otherwise a rank that finished its setup early (the
             # main rank also opens wandb) counts its wait in the first allreduce as compute.
             dist.barrier()
-        start = time.perf_counter()
+        start = self.timer.clock()
         window = (start, self.state.step)  # when and at which step the last step log was
         while self.state.step < self.schedule.total_steps:
             self.timer.start_step(self.state.step)
@@ -124,7 +124,7 @@ class Trainer:
                 self.save_checkpoint()
                 self.interrupt()
         compile_s = self.compile_clock.take()
-        seconds = time.perf_counter() - start - compile_s
+        seconds = self.timer.clock() - start - compile_s
         done = self.state.batch_in_epoch
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
@@ -132,7 +132,8 @@ class Trainer:
         probe_sync_ms = self.probe_sync()
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
-                          time.perf_counter() - probe_started, compile_s)
+                          time.perf_counter() - probe_started, compile_s,
+                          self.timer.peak_memory_mb())
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from common.schema import Config
 from train.checkpoint import Checkpointer, Checkpoints
 from train.data import load_datasets
@@ -20,7 +18,7 @@ from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.identity import identity
 from train.metrics import EpochTotals
-from train.model import build_plain_model, should_compile, use_channels_last
+from train.model import build_plain_model, set_kernel_choice, should_compile, use_channels_last
 from train.observe.console import Console
 from train.observe.monitor import Monitor
 from train.observe.wandb_sink import NoWandb, WandbSink, resolve_mode
@@ -43,8 +41,7 @@ def train(cfg: Config, ctx: DistContext) -> None:
     for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
         if ctx.is_main:
             log.warning("%s", warning)
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
+    set_kernel_choice(cfg.perf, ctx.device.type)
     strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
     trainer = build_trainer(cfg, ctx, strategy, run)
@@ -109,9 +106,10 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
 
 
 def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
-    # Agreeing on a stop reads a flag back from the device: on GPUs only every 10 steps.
+    # Agreeing on a stop reads a flag back from the device, which waits for the GPU's queued
+    # steps: there only on the steps whose loss is logged (read back anyway).
     stop = StopRequest(ctx, grace_s=min(cfg.dist.timeout_s, 30.0),
-                       every=10 if ctx.device.type == "cuda" else 5)
+                       every=cfg.log.every_steps if ctx.device.type == "cuda" else 5)
     return Guards(stop, SyncChecker(cfg.check, ctx),
                   SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None),
                   Faults(cfg.debug, ctx), cfg.dist.timeout_s)

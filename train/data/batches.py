@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 from common.errors import UserError
+from train.data.prefetch import CopyAhead
 from train.data.tensors import TensorData
 
 
@@ -34,15 +35,21 @@ class Batches:
     """This rank's batches from an in-memory dataset, in the order its sampler gives.
 
     Training drops the last incomplete batch so that every rank runs the same number of steps
-    (a rank with one step more would wait forever in its gradient allreduce).
+    (a rank with one step more would wait forever in its gradient allreduce). A dataset that
+    is not on the training device goes through `CopyAhead` (pinned staging, the next batch's
+    copy in flight); `copy_ahead` forces that choice (tests run it on the CPU).
     """
 
     def __init__(self, data: TensorData, sampler: Sampler[int], batch_size: int,
-                 device: torch.device, drop_last: bool, channels_last: bool = False):
+                 device: torch.device, drop_last: bool, channels_last: bool = False,
+                 copy_ahead: bool | None = None):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
         self.device, self.drop_last = device, drop_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._order: torch.Tensor | None = None
+        if copy_ahead is None:
+            copy_ahead = data.images.device != device
+        self.copy_ahead = CopyAhead(device, self.prepare) if copy_ahead else None
         if data.mean is not None:
             self.mean, self.std = data.mean.to(device), data.std.to(device)
 
@@ -69,15 +76,26 @@ class Batches:
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ...: resuming inside an epoch skips by index, no work."""
         order = self.indices().to(self.data.images.device)
-        for i in range(start, len(self)):
-            yield self.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+        slices = (order[i * self.batch_size:(i + 1) * self.batch_size]
+                  for i in range(start, len(self)))
+        if self.copy_ahead is not None:
+            yield from self.copy_ahead.batches(self.data.images, self.data.labels, slices)
+            return
+        for idx in slices:
+            yield self.batch(idx)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate()
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.data.images[idx].to(self.device, non_blocking=True).float()
-        labels = self.data.labels[idx].to(self.device, non_blocking=True)
+        """Samples `idx` of a dataset that lives on the training device."""
+        return self.prepare(self.data.images[idx].to(self.device, non_blocking=True),
+                            self.data.labels[idx].to(self.device, non_blocking=True))
+
+    def prepare(self, images: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images on the device -> float, normalized, in the model's memory format."""
+        images = images.float()
         if self.data.mean is None:
             images = images.div_(255)
         else:
@@ -86,12 +104,13 @@ class Batches:
 
 
 def train_batches(data: TensorData, rank: int, world_size: int, global_batch: int, seed: int,
-                  device: torch.device, channels_last: bool = False) -> Batches:
+                  device: torch.device, channels_last: bool = False,
+                  copy_ahead: bool | None = None) -> Batches:
     """Shuffled shards of equal size per rank; a global step sees exactly `global_batch` samples."""
     sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
                                  shuffle=True, seed=seed, drop_last=True)
     batches = Batches(data, sampler, global_batch // world_size, device, drop_last=True,
-                      channels_last=channels_last)
+                      channels_last=channels_last, copy_ahead=copy_ahead)
     if len(batches) == 0:
         raise UserError(f"the training set ({len(data)} samples) is smaller than one global batch "
                         f"({global_batch}); lower train.batch_size", agreed=True)  # every rank
@@ -99,7 +118,8 @@ def train_batches(data: TensorData, rank: int, world_size: int, global_batch: in
 
 
 def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
-                 device: torch.device, pad: bool = False, channels_last: bool = False) -> Batches:
+                 device: torch.device, pad: bool = False, channels_last: bool = False,
+                 copy_ahead: bool | None = None) -> Batches:
     """Every test sample exactly once across ranks. `pad=True` plants the classic bug
     (DistributedSampler's padding counts some samples twice), for the sample ledger's test."""
     if pad:
@@ -108,7 +128,7 @@ def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
     else:
         sampler = EvalSampler(len(data), rank, world_size)
     return Batches(data, sampler, batch_size, device, drop_last=False,
-                   channels_last=channels_last)
+                   channels_last=channels_last, copy_ahead=copy_ahead)
 
 
 def split_batch(images: torch.Tensor, labels: torch.Tensor,

@@ -62,12 +62,17 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor
 
 
 def place(data: TensorData, device: torch.device, on_device: bool) -> TensorData:
-    """Move the dataset to the GPU when allowed and it takes under a quarter of free memory."""
+    """Move the dataset to the GPU when allowed and it takes under a quarter of free memory.
+
+    Otherwise it stays in host memory as it is: batches are gathered into small pinned buffers
+    (train/data/prefetch.py); pinning the whole dataset would lock that much RAM for nothing,
+    since a gather from it lands in pageable memory anyway."""
     if device.type != "cuda":
         return data
     nbytes = data.images.nbytes + data.labels.nbytes
     free, _ = torch.cuda.mem_get_info(device)
     if on_device and nbytes < free // 4:
         return data.to(device)
-    log.info("dataset (%.0f MB) stays in pinned host memory", nbytes / 2**20)
-    return data.replace(lambda t: t.pin_memory())
+    log.info("dataset (%.0f MB) stays in host memory; batches are copied ahead through pinned "
+             "buffers", nbytes / 2**20)
+    return data

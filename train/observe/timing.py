@@ -17,21 +17,38 @@ from collections.abc import Iterator
 
 import torch
 
+from common.collectives import synchronize
 from common.records import PHASES
 
 log = logging.getLogger(__name__)
 
 
 class StepTimer:
-    def __init__(self, device: torch.device, sample_every: int | None = None):
-        self.device = device
+    """Per-phase step times of an epoch, and the epoch's peak memory on `devices` (those the
+    process computes on: dp drives several)."""
+
+    def __init__(self, device: torch.device, sample_every: int | None = None,
+                 devices: list[torch.device] | None = None):
+        self.device, self.devices = device, devices or [device]
         self.sample_every = sample_every or (10 if device.type == "cuda" else 1)
         self.reset()
 
     def reset(self) -> None:
+        """At an epoch's start: no time counted, the GPUs' peak-memory counters afresh."""
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.timed_steps = 0
         self.active = False
+        reset_peak_memory(self.devices)
+
+    def clock(self) -> float:
+        """perf_counter() once the GPU's queued work is done: an epoch's time then counts its
+        steps' kernels, not only their launches."""
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def peak_memory_mb(self) -> list[float]:
+        """Each device's peak since `reset` (on the CPU: the process's peak so far)."""
+        return [peak_memory_mb(device) for device in self.devices]
 
     def start_step(self, step: int) -> None:
         self.active = step % self.sample_every == 0
@@ -54,8 +71,7 @@ class StepTimer:
         return {name: 1000 * s / n for name, s in self.seconds.items()}
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
 
 class CompileClock:
@@ -87,8 +103,17 @@ class CompileClock:
         return seconds
 
 
+def reset_peak_memory(devices: list[torch.device]) -> None:
+    """Start the GPUs' peak-memory counters afresh (each epoch reports its own peak). The CPU's
+    peak resident memory cannot be reset: there it is the process's peak so far."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on a GPU; the process's peak resident memory on the CPU."""
+    """CUDA max allocated on a GPU (since the last reset); the process's peak resident memory
+    on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -8,6 +8,7 @@ otherwise; an offline run is written under `run.dir/wandb` and uploaded later wi
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import netrc
 import os
@@ -42,9 +43,12 @@ def credentials() -> str | None:
 
 
 def resolve_mode(cfg: WandbConfig) -> tuple[str, str]:
-    """(online | offline | disabled, why)."""
+    """(online | offline | disabled, why). `auto` without the wandb package logs nothing to
+    wandb (machines with only torch's stack installed, e.g. the GPU check's)."""
     if cfg.mode != "auto":
         return cfg.mode, f"wandb.mode={cfg.mode}"
+    if importlib.util.find_spec("wandb") is None:
+        return "disabled", "wandb.mode=auto and the wandb package is not installed"
     found = credentials()
     if found:
         return "online", found

@@ -6,13 +6,19 @@ primitives are `send`/`recv`/`isend`/`irecv`: no collective from torch.distribut
 algorithms, for a tensor of S bytes on n ranks: `naive` (the book's: everything to rank 0 and
 back; rank 0 sends and receives (n-1)·S bytes each) and `ring` (reduce-scatter then all-gather
 around a ring; every rank sends 2(n-1)/n·S bytes, whatever n is). CPU tensors with gloo and
-CUDA tensors with NCCL alike: no host copies, no `.item()`.
+CUDA tensors with NCCL alike, no `.item()`; CUDA tensors on gloo (whose send/recv read host
+memory only) travel through a host copy.
+
+Every message goes through `batch_isend_irecv`, alone or with others: NCCL runs messages
+posted one by one one after another, and may carry a lone send/recv on another communicator
+than a batched one (which then never meet). gloo answers a batch with one Work per message,
+NCCL with ONE Work for all: callers wait on whatever came back.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,6 +34,37 @@ def _peer(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
+def _post(ops: list) -> list:
+    """Post `ops` together; the Works that came back (one per op on gloo, ONE on NCCL)."""
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait_all(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def _alone(op: Callable, tensor: torch.Tensor, peer: int, group) -> None:
+    """One message (`dist.isend` or `dist.irecv`), posted as a batch of one, awaited."""
+    _wait_all(_post([dist.P2POp(op, tensor, _peer(group, peer), group)]))
+
+
+def _as_they_arrive(ops: list, receives: int) -> Iterator[int]:
+    """Post `ops`, whose last `receives` are receives; yield each receive's index once its data
+    is in place (gloo: as each completes, the others still in flight; NCCL: all after its one
+    Work, on the GPU's stream), then wait for the sends."""
+    works = _post(ops)
+    sends = len(ops) - receives
+    if len(works) != len(ops):
+        _wait_all(works)
+        yield from range(receives)
+        return
+    for i, work in enumerate(works[sends:]):
+        work.wait()
+        yield i
+    _wait_all(works[:sends])
+
+
 def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> None:
     """Send to one neighbour while receiving from the other.
 
@@ -35,13 +72,9 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group)
     runs a batch as one group so that neither waits for the other. Empty chunks are skipped on
     both sides alike (a chunk has the same size on every rank).
     """
-    ops = []
-    if send.numel():
-        ops.append(dist.P2POp(dist.isend, send, _peer(group, dst), group))
-    if recv.numel():
-        ops.append(dist.P2POp(dist.irecv, recv, _peer(group, src), group))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
+    ops = [dist.P2POp(dist.isend, send, _peer(group, dst), group)] if send.numel() else []
+    ops += [dist.P2POp(dist.irecv, recv, _peer(group, src), group)] if recv.numel() else []
+    _wait_all(_post(ops))
 
 
 SEGMENT = 2**19  # elements: a chunk travels in pieces so that adding one overlaps the next
@@ -49,27 +82,31 @@ SEGMENT = 2**19  # elements: a chunk travels in pieces so that adding one overla
 
 def _exchange_and_add(send: torch.Tensor, dst: int, buffer: torch.Tensor, src: int,
                       target: torch.Tensor, group) -> None:
-    """`_exchange`, then `target += buffer`, in segments: each received segment is added while
-    the next ones are still in flight (gloo moves them on its own threads). Both neighbours cut
-    a chunk alike, since a chunk has the same size on every rank."""
+    """`_exchange`, then `target += buffer`, in segments: on gloo each received segment is
+    added while the next ones are still in flight (gloo moves them on its own threads). Both
+    neighbours cut a chunk alike, since a chunk has the same size on every rank."""
     sends = send.split(SEGMENT) if send.numel() else ()
     parts = []
     if buffer.numel():
         parts = list(zip(buffer.split(SEGMENT), target.split(SEGMENT), strict=True))
     ops = [dist.P2POp(dist.isend, s, _peer(group, dst), group) for s in sends]
     ops += [dist.P2POp(dist.irecv, part, _peer(group, src), group) for part, _ in parts]
-    requests = dist.batch_isend_irecv(ops) if ops else []
-    for request, (part, into) in zip(requests[len(sends):], parts, strict=True):
-        request.wait()
+    for i in _as_they_arrive(ops, len(parts)):
+        part, into = parts[i]
         into += part
-    for request in requests[:len(sends)]:
-        request.wait()
 
 
 def _in_place(tensor: torch.Tensor, algorithm: Callable[[torch.Tensor, object], None],
               group) -> None:
-    """Run `algorithm` on a flat contiguous view; copy back if `tensor` was not contiguous."""
-    if tensor.is_contiguous():
+    """Run `algorithm` on a flat contiguous view; copy back if `tensor` was not contiguous.
+
+    CUDA tensors on gloo go through host memory: gloo's send/recv hand the tensor's pointer to
+    its TCP transport, which reads host memory only (its collectives stage CUDA tensors)."""
+    if tensor.device.type == "cuda" and dist.get_backend(group) == "gloo":
+        host = tensor.detach().to("cpu", memory_format=torch.contiguous_format)
+        algorithm(host.view(-1), group)
+        tensor.copy_(host)
+    elif tensor.is_contiguous():
         algorithm(tensor.view(-1), group)
     else:
         flat = tensor.contiguous().view(-1)
@@ -80,12 +117,11 @@ def _in_place(tensor: torch.Tensor, algorithm: Callable[[torch.Tensor, object], 
 def _broadcast(flat: torch.Tensor, group, src: int) -> None:
     rank, world = _world(group)
     if rank != src:
-        dist.recv(flat, _peer(group, src), group)
+        _alone(dist.irecv, flat, src, group)
         return
-    # The source sends to every other rank at once: n-1 messages of the whole tensor.
-    requests = [dist.isend(flat, _peer(group, dst), group) for dst in range(world) if dst != src]
-    for request in requests:
-        request.wait()
+    # The source sends to every other rank at once, as one batch: n-1 messages of the tensor.
+    _wait_all(_post([dist.P2POp(dist.isend, flat, _peer(group, dst), group)
+                     for dst in range(world) if dst != src]))
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> None:
@@ -100,17 +136,17 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> None:
 _RECEIVE_BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
-def _receive_buffer(like: torch.Tensor) -> torch.Tensor:
-    """A reused buffer shaped like `like`, for incoming data.
+def _receive_buffer(like: torch.Tensor, copies: int = 1) -> torch.Tensor:
+    """A reused flat buffer for `copies` tensors shaped like `like`, for incoming data.
 
     A fresh 32 MiB tensor per call costs page faults on every first touch: here that doubled
     the time of a 64 MiB ring allreduce. Gradient buckets come in the same few sizes every
     step, so a handful of buffers are kept (the most recent 8 shapes).
     """
-    key = (like.numel(), like.dtype, like.device)
+    key = (like.numel() * copies, like.dtype, like.device)
     buffer = _RECEIVE_BUFFERS.pop(key, None)
     if buffer is None:
-        buffer = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        buffer = torch.empty(key[0], dtype=like.dtype, device=like.device)
         if len(_RECEIVE_BUFFERS) >= 8:
             del _RECEIVE_BUFFERS[next(iter(_RECEIVE_BUFFERS))]
     _RECEIVE_BUFFERS[key] = buffer  # most recently used last
@@ -121,18 +157,19 @@ def _naive(flat: torch.Tensor, group) -> None:
     rank, world = _world(group)
     if rank != 0:
         # Every other rank sends its data to rank 0, then waits for the sum.
-        dist.send(flat, _peer(group, 0), group)
-        dist.recv(flat, _peer(group, 0), group)
+        _alone(dist.isend, flat, 0, group)
+        _alone(dist.irecv, flat, 0, group)
         return
-    # Rank 0 adds everyone's data to its own, one rank after the other (the book's GPU 0)...
-    incoming = _receive_buffer(flat)
-    for src in range(1, world):
-        dist.recv(incoming, _peer(group, src), group)
-        flat += incoming
-    # ...and copies the sum back to every rank.
-    requests = [dist.isend(flat, _peer(group, dst), group) for dst in range(1, world)]
-    for request in requests:
-        request.wait()
+    # Rank 0 receives everyone's data, all messages posted as one batch (NCCL would run them
+    # one after another otherwise), and adds them to its own, rank by rank (the book's GPU 0)...
+    incoming = _receive_buffer(flat, world - 1).view(world - 1, -1)
+    ops = [dist.P2POp(dist.irecv, incoming[src - 1], _peer(group, src), group)
+           for src in range(1, world)]
+    for i in _as_they_arrive(ops, world - 1):
+        flat += incoming[i]
+    # ...and sends the sum back to every rank, again as one batch.
+    _wait_all(_post([dist.P2POp(dist.isend, flat, _peer(group, dst), group)
+                     for dst in range(1, world)]))
 
 
 def allreduce_naive(tensor: torch.Tensor, group=None) -> None:

@@ -39,6 +39,10 @@ class Strategy:
     def placement(self) -> str:
         return f"{self.ctx.world_size} x {self.ctx.device.type} ({self.ctx.backend})"
 
+    def devices(self) -> list[torch.device]:
+        """The devices this process computes on (their peak memory is reported)."""
+        return [self.ctx.device]
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
 

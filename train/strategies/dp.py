@@ -23,6 +23,12 @@ class DataParallel(Strategy):
     def placement(self) -> str:
         return dp_note()
 
+    def devices(self) -> list[torch.device]:
+        # Every GPU it drives: the first one's larger peak is the imbalance to show.
+        if self.ctx.device.type == "cpu":
+            return [self.ctx.device]
+        return [torch.device("cuda", i) for i in range(visible_gpus())]
+
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.ctx.device.type == "cpu":
             # DataParallel takes every visible GPU by default: with `--cpu` on a GPU machine it
@@ -32,14 +38,6 @@ class DataParallel(Strategy):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.DataParallel) else model
-
-    def compile(self, model: nn.Module, mode: str) -> nn.Module:
-        # Dynamo does not trace DataParallel's replicate/scatter threads: compile each replica's
-        # module instead.
-        if isinstance(model, nn.DataParallel):
-            model.module = torch.compile(model.module, mode=mode)
-            return model
-        return super().compile(model, mode)
 
     def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
         return model  # scatter evaluation batches over the GPUs too

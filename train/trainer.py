@@ -8,8 +8,10 @@ checkpoints, and stops at a step boundary all ranks agree on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from common.errors import CheckFailed, UserError
 from train.data.batches import split_batch
-from train.dist import DistContext, is_comm_failure
+from train.dist import DistContext, agree, is_comm_failure
 from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
@@ -34,7 +36,7 @@ PHASE_WHERE = {  # what a failure message says the loop was doing in each phase
 
 
 class Interrupted(Exception):
-    """SIGTERM/SIGINT: the loop stopped at a step boundary after writing a checkpoint."""
+    """A stop signal: the loop stopped at a step boundary after writing a checkpoint."""
 
     def __init__(self, signum: int, step: int):
         super().__init__(f"signal {signum} at step {step}")
@@ -68,6 +70,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         started, trained = time.perf_counter(), False
+        self.guards.stop.begin()
         while not self.finished():
             trained = True
             train = self.train_epoch()
@@ -76,7 +79,7 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
             self.totals.reset()
-            self.run.log_epoch(record)
+            agree(self.ctx, functools.partial(self.run.log_epoch, record))  # a full disk: all stop
             self.monitor.log_epoch(record)
             self.save_checkpoint()
             # A stop asked for in the epoch's last step or in evaluation takes effect here,
@@ -85,7 +88,7 @@ class Trainer:
                 self.interrupt()
         summary = summarize(self.run.records, self.facts(), time.perf_counter() - started)
         if trained:  # a complete run started again keeps the summary of the run that trained
-            self.run.finish(summary)
+            agree(self.ctx, lambda: self.run.finish(summary))
         return summary
 
     def finished(self) -> bool:
@@ -104,6 +107,7 @@ class Trainer:
         if self.ctx.distributed:
             # Start the clocks together: otherwise a rank that finished its setup early (the
             # main rank also opens wandb) counts its wait in the first allreduce as compute.
+            self.where = f"the barrier where every worker starts epoch {epoch + 1}"
             dist.barrier()
         start = time.perf_counter()
         window = (start, self.state.step)  # when and at which step the last step log was
@@ -208,10 +212,17 @@ class Trainer:
         self.where = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
-        result = evaluate(model, self.test_data.iterate(), self.ctx, self.optim.autocast)
+        result = evaluate(model, self._alive_each(self.test_data.iterate()), self.ctx,
+                          self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
         return result
+
+    def _alive_each(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """Each batch done is a sign of progress (a stopping rank is not taken for stalled)."""
+        for batch in batches:
+            yield batch
+            self.guards.stop.alive()
 
     def probe_sync(self) -> float | None:
         """For strategies whose sync hides inside backward: an estimate, on a training batch."""
@@ -229,7 +240,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.where = "saving a checkpoint"
-        self.parts.checkpointer.save()
+        with self.guards.stop.busy():
+            self.parts.checkpointer.save()
+        self.run.checkpoint_written()
 
     def facts(self) -> dict[str, Any]:
         """What records and the summary copy as they are."""

@@ -119,7 +119,7 @@ class WandbSink:
             )
         except Exception as exc:  # noqa: BLE001 - wandb raises many kinds; one line for all
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"wandb could not start a {self.mode} run ({first}); "
+            raise UserError(f"wandb could not start its {self.mode} run ({first}); "
                             f"wandb.mode=offline logs into run.dir/wandb for a later `wandb "
                             f"sync`, wandb.mode=disabled logs nothing") from None
         # Our own step counter: a resumed run repeats steps after its last checkpoint, which

@@ -152,28 +152,6 @@ def test_a_killed_worker_restarts_the_group_which_resumes(tmp_path, uninterrupte
     assert_bitwise_equal(params(tmp_path), params(uninterrupted))
 
 
-def test_a_stalled_worker_makes_everyone_exit_with_a_message(tmp_path):
-    started = time.monotonic()
-    proc = start(tmp_path, "dist.timeout_s=5", "debug.stall_rank=1", "debug.stall_step=3",
-                 "debug.stall_seconds=120")
-    _wait_for_steps_started(proc)
-    children = workers_of(proc)
-    out, err = proc.communicate(timeout=90)
-    assert proc.returncode == 3, err
-    assert time.monotonic() - started < 60
-    message = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(message) == 1
-    assert "a collective failed at step 3" in message[0]
-    assert "dist.timeout_s=5 s" in message[0]
-    assert_all_gone(children)
-
-
-def _wait_for_steps_started(proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while not workers_of(proc) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterrupted):
     first = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
                     "checkpoint.every_steps=5", "checkpoint.keep=3")
@@ -348,7 +326,7 @@ def test_a_killed_dp_launcher_leaves_no_orphan(tmp_path):
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
     out, err = proc.communicate(timeout=30)
-    assert "interrupted (signal 15)" in out + err  # SIGTERM: it stopped and checkpointed
+    assert "interrupted by SIGTERM: stopped after step" in out + err  # it checkpointed
 
 
 def test_nodes_that_see_different_run_folders_are_stopped_before_training(tmp_path,

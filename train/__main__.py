@@ -90,4 +90,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # Every rank leaves together, and torchrun sends SIGTERM to those still leaving once
+        # the first has gone; the interpreter's shutdown would let that signal end the process
+        # (-15) instead of with its code. Nothing is left to do past the teardown.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -192,19 +192,25 @@ def test_checkpoint_holds_the_full_state_and_loads_on_the_workers_device(uninter
     assert all(t.device.type == "cpu" for t in saved["model"].values())
 
 
-def devices_after_loading_onto_the_last_gpu(folder: Path) -> tuple[str, list[str]]:
-    """In a process that sees the GPUs: the device asked for, and where the weights landed."""
+def devices_after_loading_onto_the_last_gpu(folder: Path) -> tuple[str, list[str], int]:
+    """In a process that sees the GPUs: the device asked for, where the weights landed in a
+    model there, and what GPU 0 holds after reading the checkpoint (it reads onto the CPU)."""
+    from models import build_model
+
     device = torch.device("cuda", torch.cuda.device_count() - 1)
-    _, saved = Checkpoints(folder, keep=2).load_latest(device)
-    return str(device), sorted({str(t.device) for t in saved["model"].values()})
+    _, saved = Checkpoints(folder, keep=2).load_latest()
+    on_gpu0 = torch.cuda.memory_allocated(0)
+    model = build_model("lenet", 1, 10, 28).to(device)
+    model.load_state_dict(saved["model"])
+    return str(device), sorted({str(p.device) for p in model.parameters()}), on_gpu0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 1, reason="needs a GPU (CPU twin above)")
 def test_checkpoint_loads_onto_the_given_gpu_not_gpu0(uninterrupted):
-    device, landed = run_single(devices_after_loading_onto_the_last_gpu,
-                                uninterrupted / "checkpoints", env=gpu_env())
-    assert landed == [device]
+    device, landed, on_gpu0 = run_single(devices_after_loading_onto_the_last_gpu,
+                                         uninterrupted / "checkpoints", env=gpu_env())
+    assert landed == [device] and on_gpu0 == 0
 
 
 def test_resuming_with_another_world_size_is_refused_unless_allowed(tmp_path, uninterrupted):

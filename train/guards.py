@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from common.signals import stop_signals
 from train.dist import DistContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StopRequest:
@@ -51,6 +53,12 @@ class StopRequest:
 
     def alive(self) -> None:
         self.signals.alive()
+
+    def each_alive(self, items: Iterator[T]) -> Iterator[T]:
+        """Each item done is a sign of progress (evaluation: a stopping rank is not stalled)."""
+        for item in items:
+            yield item
+            self.signals.alive()
 
     def busy(self) -> contextlib.AbstractContextManager:
         """Around a checkpoint write, which the stall limit must not cut short."""

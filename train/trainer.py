@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -75,7 +74,7 @@ class Trainer:
             trained = True
             train = self.train_epoch()
             test = self.evaluate()
-            record = epoch_record(self.ctx, train, test, self.facts(), self.schedule.global_batch)
+            record = epoch_record(self.ctx, train, test, facts(self), self.schedule.global_batch)
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
             self.totals.reset()
@@ -86,7 +85,7 @@ class Trainer:
             # after the epoch is recorded and saved whole (every rank checks alike).
             if not self.finished() and self.guards.stop.should_stop(self.state.step, True):
                 self.interrupt()
-        summary = summarize(self.run.records, self.facts(), time.perf_counter() - started)
+        summary = summarize(self.run.records, facts(self), time.perf_counter() - started)
         if trained:  # a complete run started again keeps the summary of the run that trained
             agree(self.ctx, lambda: self.run.finish(summary))
         return summary
@@ -212,17 +211,11 @@ class Trainer:
         self.where = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
-        result = evaluate(model, self._alive_each(self.test_data.iterate()), self.ctx,
+        result = evaluate(model, self.guards.stop.each_alive(self.test_data.iterate()), self.ctx,
                           self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
         return result
-
-    def _alive_each(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """Each batch done is a sign of progress (a stopping rank is not taken for stalled)."""
-        for batch in batches:
-            yield batch
-            self.guards.stop.alive()
 
     def probe_sync(self) -> float | None:
         """For strategies whose sync hides inside backward: an estimate, on a training batch."""
@@ -244,14 +237,15 @@ class Trainer:
             self.parts.checkpointer.save()
         self.run.checkpoint_written()
 
-    def facts(self) -> dict[str, Any]:
-        """What records and the summary copy as they are."""
-        return {"epoch": self.state.epoch + 1, "epochs": self.state.epoch,
-                "step": self.state.step, "steps": self.state.step, "lr": self.optim.lr,
-                "mode": self.strategy.name, "sync_method": self.strategy.sync_method,
-                "probes_sync": self.strategy.probes_sync, "compiled": self.parts.compiled,
-                "world_size": self.ctx.world_size, "backend": self.ctx.backend,
-                "device": self.ctx.device.type}
+
+def facts(trainer: Trainer) -> dict[str, Any]:
+    """What records and the summary copy as they are."""
+    state, strategy, ctx = trainer.state, trainer.strategy, trainer.ctx
+    return {"epoch": state.epoch + 1, "epochs": state.epoch, "step": state.step,
+            "steps": state.step, "lr": trainer.optim.lr, "mode": strategy.name,
+            "sync_method": strategy.sync_method, "probes_sync": strategy.probes_sync,
+            "compiled": trainer.parts.compiled, "world_size": ctx.world_size,
+            "backend": ctx.backend, "device": ctx.device.type}
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,

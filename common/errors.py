@@ -1,14 +1,16 @@
 """Errors that end a run with one clear line from one process, never a traceback per rank.
 
 Exit codes: 0 done, 1 crash (a bug: traceback), 2 bad input, 3 a check stopped training
-(diverged replicas, sample ledger, collective timeout), 130 interrupted (SIGINT/SIGTERM;
-a checkpoint was written and the same command resumes).
+(diverged replicas, sample ledger, collective timeout), 4 the run folder could not be written
+(a full disk, a quota, an I/O error; the last valid checkpoint is named), 130 interrupted
+(SIGTERM/SIGINT/SIGHUP; the launcher says whether a checkpoint was written).
 """
 
 EXIT_USER_ERROR = 2
 EXIT_CHECK_FAILED = 3
+EXIT_WRITE_FAILED = 4
 EXIT_INTERRUPTED = 130
-EXPLAINED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_CHECK_FAILED, EXIT_INTERRUPTED)
+EXPLAINED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_CHECK_FAILED, EXIT_WRITE_FAILED, EXIT_INTERRUPTED)
 
 
 class UserError(Exception):
@@ -27,3 +29,9 @@ class CheckFailed(UserError):
     """A guard stopped training: the replicas diverged, shards overlap, a collective timed out."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+class WriteFailed(UserError):
+    """The run folder could not be written: a full disk, a quota, an I/O error."""
+
+    exit_code = EXIT_WRITE_FAILED

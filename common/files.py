@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from common.errors import WriteFailed
+
+NO_SPACE = {errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "the disk quota is exceeded on the device"}
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -45,3 +51,13 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_failure(exc: OSError, what: str, run_dir: Path, last_step: int | None) -> WriteFailed:
+    """The one line for a run-folder write that failed: what, where, and what is still safe."""
+    last = (f"the last valid checkpoint is step {last_step}" if last_step is not None
+            else "no checkpoint was written yet")
+    if exc.errno in NO_SPACE:
+        return WriteFailed(f"{NO_SPACE[exc.errno]} of {run_dir} writing {what}; {last}: free "
+                           f"some space, then run the same command to resume")
+    return WriteFailed(f"could not write {what} in {run_dir} ({exc.strerror or exc}); {last}")

@@ -8,3 +8,8 @@ SUMMARY_FILE = "summary.json"  # written when a run finishes
 CHECKPOINT_DIR = "checkpoints"  # step_<step>.pt (+ .sha256) and last.pt
 LEDGER_FILE = "sample_ledger.jsonl"  # with check.sample_ledger=true
 NCCL_TRACE_PREFIX = "nccl_trace_rank_"  # + rank: NCCL flight-recorder dumps on a timeout
+LOCK_FILE = "job.lock"  # held by the job using the folder (common/lock.py)
+# The run being replaced (run.overwrite, or starting over), moved here until the new run has
+# written its first checkpoint; REPLACING while the move is under way.
+REPLACED_DIR = "replaced"
+REPLACING_DIR = "replaced.partial"

@@ -164,6 +164,8 @@ class DebugConfig:
     pad_eval: bool = False  # evaluate with DistributedSampler's padding (duplicates)
     sigterm_rank: Annotated[int, RUNTIME] = -1  # sends itself SIGTERM after `sigterm_step`
     sigterm_step: Annotated[int, RUNTIME] = 0  # see sigterm_rank (a preemption at a known step)
+    # the checkpoint of this step fails half-way with ENOSPC, as on a full disk (0: never)
+    disk_full_step: Annotated[int, NonNegative, RUNTIME] = 0
 
 
 @dataclass

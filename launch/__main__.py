@@ -7,13 +7,21 @@ on failure.
 
 from __future__ import annotations
 
-import os
-import sys
+from common.signals import exit_during_startup
 
-from common.errors import EXIT_USER_ERROR, UserError
-from launch.agent import node0_answers, node0_silent, run_one_process, run_torchrun
-from launch.cli import parse_args
-from launch.plan import abort_note, make_plan, worker_environment
+if __name__ == "__main__":
+    # First, before the slow imports and checks: a stop signal before any worker exists is one
+    # line and exit 130 (torchrun's agent takes the signals over once it starts workers).
+    exit_during_startup("launch: ")
+
+import os  # noqa: E402 - after the signal handlers
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from launch.agent import node0_answers, node0_silent, run_one_process, run_torchrun  # noqa: E402
+from launch.cli import parse_args  # noqa: E402
+from launch.plan import abort_note, make_plan, worker_environment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {node0_silent(plan.rdzv_endpoint, timeout_s)}", file=sys.stderr)
         return 1
     return run_torchrun(plan.torchrun_args, verbose=args.verbose, rendezvous_timeout_s=timeout_s,
-                        abort_note=abort_note(plan))
+                        abort_note=abort_note(plan), run_dir=Path(plan.cfg.run.dir))
 
 
 if __name__ == "__main__":

@@ -8,16 +8,24 @@ tracebacks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
+from common import status
 from common.errors import EXIT_INTERRUPTED, EXPLAINED_EXIT_CODES
 from common.host import die_with_parent
+from common.records import CHECKPOINT_DIR
+from common.signals import STOP_SIGNALS, signal_name, startup_line
 
 
 def node0_answers(endpoint: str, timeout_s: float) -> bool:
@@ -48,10 +56,33 @@ def node0_silent(endpoint: str, timeout_s: float | None) -> str:
 
 
 def run_torchrun(torchrun_args: list[str], verbose: bool = False,
-                 rendezvous_timeout_s: float | None = None, abort_note: str | None = None) -> int:
+                 rendezvous_timeout_s: float | None = None, abort_note: str | None = None,
+                 run_dir: Path | None = None) -> int:
     """Run torchrun's elastic agent here; return 0, or the failed workers' exit code.
     `abort_note`: what a worker killed by SIGABRT means in this job (launch/plan.py)."""
-    os.environ["DPTRAIN_PARENT_PID"] = str(os.getpid())  # the workers' parent: see train/__main__
+    # Where this node's workers say whether they trained and where they stopped (only local
+    # rank 0 writes it, so nothing exists unless training began).
+    status_file = Path(tempfile.gettempdir()) / f"dptrain-status-{uuid.uuid4().hex}.json"
+    # The workers inherit these from os.environ (torchrun copies it); undone afterwards, so that
+    # workers started later in this process (a notebook, tests) never see a stale parent pid.
+    told = {status.PARENT_ENV: str(os.getpid()),  # the workers' parent: see train/__main__
+            status.STATUS_ENV: str(status_file)}
+    before = {name: os.environ.get(name) for name in told}
+    os.environ.update(told)
+    try:
+        return _run_agent(torchrun_args, verbose, rendezvous_timeout_s, abort_note, run_dir,
+                          status_file)
+    finally:
+        status_file.unlink(missing_ok=True)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: float | None,
+               abort_note: str | None, run_dir: Path | None, status_file: Path) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -67,15 +98,35 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
     except ChildFailedError as exc:
         return report_failures(exc.failures, abort_note)
     except SignalException as exc:
-        # torchrun passed the signal on; the workers stopped at a step boundary and saved.
-        print(f"launch: interrupted by {signal.Signals(exc.sigval).name}; the workers wrote a "
-              f"checkpoint at a step boundary: run the same command to resume", file=sys.stderr)
+        # torchrun passed the signal on and waited for the workers to leave.
+        print(f"launch: {interrupted(exc.sigval, status.read(status_file), run_dir)}",
+              file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except RendezvousError as exc:
         print(f"error: {rendezvous_failure(exc, torchrun_args, rendezvous_timeout_s)}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def interrupted(signum: int, reported: dict | None, run_dir: Path | None) -> str:
+    """What a stop signal left: a checkpoint only when one is on disk, named by its step."""
+    from train.checkpoint import Checkpoints  # late: it imports torch
+
+    if reported is None:
+        return startup_line(signum)
+    name = signal_name(signum)
+    newest = (Checkpoints(run_dir / CHECKPOINT_DIR, keep=1).newest_complete()
+              if run_dir is not None else None)
+    stopped = reported.get("stopped_at")
+    if stopped is not None and stopped == newest:
+        return (f"interrupted by {name}; the workers stopped at step {stopped} and wrote a "
+                f"checkpoint there: run the same command to resume")
+    if newest is not None:
+        return (f"interrupted by {name}; no checkpoint was written for this stop (a worker did "
+                f"not reach a step boundary in time): the last one is step {newest}; run the "
+                f"same command to resume from it")
+    return f"interrupted by {name}; no checkpoint was written: the same command starts over"
 
 
 def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: float | None) -> str:
@@ -106,12 +157,13 @@ def run_one_process(worker_args: list[str]) -> int:
     # A launcher killed with SIGKILL cannot pass anything on: the kernel sends the child SIGTERM
     # instead (it checkpoints and exits), rather than leaving an orphan that holds the GPUs.
     child = subprocess.Popen([sys.executable, "-m", "train", *worker_args],
-                             preexec_fn=die_with_parent)
+                             preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
     def forward(signum: int, frame: object) -> None:
-        child.send_signal(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     code = child.wait()
     return 128 - code if code < 0 else code

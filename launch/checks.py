@@ -8,7 +8,6 @@ change nothing: no download, no folder created.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -19,11 +18,14 @@ from urllib.parse import urlparse
 
 from common.errors import UserError
 from common.host import backend_for, visible_gpus
+from common.lock import holder as lock_holder
+from common.lock import in_use
+from common.records import CHECKPOINT_DIR, CONFIG_FILE, REPLACED_DIR
 from launch.job import Job
 from launch.net import try_connect
 from train.data import dataset_folder, ensure_available, torchvision_class
-from train.identity import check_run_dir
-from train.observe.wandb_sink import credentials, resolve_mode
+from train.identity import check_resumable, check_run_dir
+from train.observe.wandb_sink import check_usable, credentials, resolve_mode
 from train.preflight import check_device_options, check_world_size
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -180,13 +182,11 @@ def check_wandb(job: Job) -> Verdict:
     mode, why = resolve_mode(cfg.wandb)
     if mode == "disabled":
         return OK, f"disabled ({why}): nothing is logged to wandb"
-    if importlib.util.find_spec("wandb") is None:
-        return FAIL, (f"wandb.mode={cfg.wandb.mode} but the wandb package is not installed; "
-                      f"set wandb.mode=disabled")
+    try:
+        check_usable(cfg.wandb)
+    except UserError as exc:
+        return FAIL, str(exc)
     found = credentials()
-    if mode == "online" and not found:
-        return FAIL, ("wandb.mode=online but no credentials: set WANDB_API_KEY or run `wandb "
-                      "login`, or use wandb.mode=offline and `wandb sync` later")
     if mode == "offline":
         reason = why if cfg.wandb.mode == "offline" else "no credentials"
         return OK, (f"offline ({reason}): runs are written under {cfg.run.dir}/wandb, upload "
@@ -212,8 +212,9 @@ def check_disk(job: Job) -> Verdict:
 
 
 def check_run_folder(job: Job) -> Verdict:
-    """The same run resumes, a different one is refused (or replaced), the folder writable."""
-    from train.checkpoint import Checkpoints  # late: it imports torch
+    """Not in use by another job; the same run resumes (with this world size), a different one
+    is refused (or replaced); the folder writable. The workers check it all again."""
+    from train.checkpoint import Checkpoints, step_of  # late: it imports torch
 
     if job.args.node_rank > 0:
         return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
@@ -222,14 +223,25 @@ def check_run_folder(job: Job) -> Verdict:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "is not a folder" if not existing.is_dir() else "is not writable"
         return FAIL, f"run.dir {folder} cannot be created: {existing} {why}"
+    other = lock_holder(folder)
+    if other is not None:
+        raise in_use(folder, other)
     if check_run_dir(cfg):
-        return WARN, f"run.overwrite=true: the different run in {folder} will be deleted"
-    found = Checkpoints(folder / "checkpoints", cfg.checkpoint.keep).candidates()
-    if found and cfg.checkpoint.resume:
-        return OK, f"{folder}: will resume from {found[0].name}"
-    if found:
-        return OK, f"{folder}: checkpoint.resume=false: starts over, its checkpoints are removed"
-    if (folder / "config.yaml").is_file():
+        return WARN, (f"run.overwrite=true: the different run in {folder} is moved to "
+                      f"{folder / REPLACED_DIR} and deleted once the new run has written its "
+                      f"first checkpoint")
+    files = Checkpoints(folder / CHECKPOINT_DIR, cfg.checkpoint.keep)
+    if files.candidates() and cfg.checkpoint.resume:
+        latest = files.peek_latest()
+        if latest is None:
+            raise files.none_valid()
+        path, state = latest
+        check_resumable(cfg, job.world_size, state, f"checkpoint {path}")
+        return OK, f"{folder}: will resume from {path.name} (step {step_of(path)})"
+    if files.candidates():
+        return OK, (f"{folder}: checkpoint.resume=false: starts over; its checkpoints are moved "
+                    f"to {folder / REPLACED_DIR} until the new run's first checkpoint")
+    if (folder / CONFIG_FILE).is_file():
         return OK, f"{folder}: holds this run without checkpoints: starts over"
     return OK, f"{folder}: a new run folder"
 

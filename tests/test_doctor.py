@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 
 import pytest
 
 from common.config import to_yaml
+from common.lock import RunLock
 from launch.checks import FAIL, OK, WARN, check_gpus, check_run_folder, check_wandb, run_check
 from launch.cli import parse_args
 from launch.doctor import ROWS as CHECKS
 from launch.job import plan_job
 from tests.helpers import REPO, free_port, run_cli
+from train.checkpoint import Checkpoints
 from train.config import load_config
+from train.identity import identity
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 
@@ -129,19 +133,33 @@ def test_run_folder_holding_another_run_fails(tmp_path):
     assert "train.epochs: 1 -> 6" in detail
     verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}",
                                                "run.overwrite=true"))
-    assert verdict == WARN and "will be deleted" in detail
+    assert verdict == WARN and f"moved to {tmp_path / 'replaced'}" in detail
+    assert "deleted once the new run has written its first checkpoint" in detail
 
 
-def test_run_folder_with_checkpoints_resumes(tmp_path):
-    (tmp_path / "config.yaml").write_text(to_yaml(load_config(CONFIG, [f"run.dir={tmp_path}"])))
-    (tmp_path / "checkpoints").mkdir()
+def test_run_folder_with_checkpoints_resumes_with_this_world_size_only(tmp_path):
+    cfg = load_config(CONFIG, [f"run.dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    files = Checkpoints(tmp_path / "checkpoints", keep=3)
     for step in (3, 6):
-        (tmp_path / "checkpoints" / f"step_{step:08d}.pt").write_bytes(b"")
+        files.save({"step": step, "epoch": 0, "batch_in_epoch": step, "world_size": 2,
+                    "config": identity(cfg)})
+    (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"")  # damaged: skipped
     assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}")) == (
-        OK, f"{tmp_path}: will resume from step_00000006.pt")
+        OK, f"{tmp_path}: will resume from step_00000006.pt (step 6)")
+    verdict, detail = run_check(check_run_folder,
+                                job_for("--gpus", "3", CONFIG, f"run.dir={tmp_path}"))
+    assert verdict == FAIL and "was written by 2 workers and this job has 3" in detail
     verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}",
                                                "checkpoint.resume=false"))
     assert verdict == OK and "starts over" in detail
+
+
+def test_run_folder_in_use_by_another_job_fails(tmp_path):
+    with RunLock(tmp_path):
+        verdict, detail = run_check(check_run_folder, job_for(CONFIG, f"run.dir={tmp_path}"))
+    assert verdict == FAIL and f"is in use by another job (pid {os.getpid()}" in detail
+    assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}"))[0] == OK  # released
 
 
 def test_forced_online_wandb_without_credentials_fails(monkeypatch, tmp_path):

@@ -8,18 +8,31 @@ from __future__ import annotations
 import os
 import sys
 
+from common import status
 from common.host import die_with_parent
+from common.signals import startup_line, stop_signals
 
-if __name__ == "__main__" and "RANK" in os.environ:
-    # First, before anything slow: a worker whose launcher dies gets SIGTERM, not orphaned.
-    die_with_parent(int(os.environ.get("DPTRAIN_PARENT_PID", "0")) or None)
 
-import argparse  # noqa: E402 - after the parent-death signal
+def _say_startup(signum: int) -> None:
+    """A stop signal before training: the launcher, when there is one, says it; else rank 0."""
+    if not status.launcher_reports() and os.environ.get("RANK", "0") == "0":
+        print(startup_line(signum), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    # First, before anything slow: a stop signal during start-up exits at once (130, quietly),
+    # and a worker whose launcher dies gets SIGTERM instead of living on as an orphan.
+    stop_signals(_say_startup)
+    if "RANK" in os.environ:
+        die_with_parent(int(os.environ.get(status.PARENT_ENV, "0")) or None)
+
+import argparse  # noqa: E402 - after the signal handlers
 import logging  # noqa: E402
 
 import torch  # noqa: E402
 
 from common.errors import EXIT_INTERRUPTED, UserError  # noqa: E402
+from common.signals import signal_name  # noqa: E402
 from train import dist  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.dist import DistContext  # noqa: E402
@@ -40,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, ctx)
         return 0
     except Interrupted as exc:
-        log.info("interrupted (signal %d): stopped after step %d and wrote a checkpoint; "
-                 "run the same command to resume", exc.signum, exc.step)
+        status.report(stopped_at=exc.step)
+        if not status.launcher_reports():
+            log.info("interrupted by %s: stopped after step %d and wrote a checkpoint; run the "
+                     "same command to resume", signal_name(exc.signum), exc.step)
         return EXIT_INTERRUPTED
     except UserError as exc:
         report(exc, ctx)
@@ -75,4 +90,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # Every rank leaves together, and torchrun sends SIGTERM to those still leaving once
+        # the first has gone; the interpreter's shutdown would let that signal end the process
+        # (-15) instead of with its code. Nothing is left to do past the teardown.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)

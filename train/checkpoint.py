@@ -7,10 +7,16 @@ parts (RNG states, running metrics, sync state), the config's identity and the w
 Each file has a `.sha256` beside it; `last.pt` is the newest one (a hard link, so it costs no
 second write). Loading uses `weights_only=True` (no arbitrary unpickling) and the CPU: each
 part's `load_state_dict` puts tensors where they belong.
+
+Every write is durable before the next begins (step file -> .sha256 -> last.pt, each through a
+temp file that is flushed to the disk and renamed): a crash or power loss at any moment leaves
+the previous checkpoint valid. A write that fails (a full disk) removes what it wrote, and
+every rank learns of it: they stop together with one line naming the last valid checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -25,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.files import atomic_write
-from train.dist import DistContext
+from common.files import atomic_write, write_failure
+from train.dist import DistContext, agree
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
@@ -55,7 +61,8 @@ class Checkpointer:
         self.parts, self.rank_parts = dict(parts), dict(rank_parts)
 
     def save(self) -> Path | None:
-        """Every rank contributes its own parts; the main worker writes the file."""
+        """Every rank contributes its own parts; the main worker writes the file, and every rank
+        learns whether it could (a full disk stops them all together)."""
         # On the CPU before gathering: rank 0 would unpickle every rank's CUDA tensors onto
         # that rank's GPU (a CUDA context and memory on every GPU of the node).
         mine = {k: on_cpu(v) for k, part in self.rank_parts.items()
@@ -66,8 +73,9 @@ class Checkpointer:
             # as the gradients).
             ranks = [None] * self.ctx.world_size if self.ctx.is_main else None
             dist.gather_object(mine, ranks, dst=0)
-        if not self.ctx.is_main:
-            return None
+        return agree(self.ctx, lambda: self._write(ranks) if self.ctx.is_main else None)
+
+    def _write(self, ranks: list[Any]) -> Path:
         state: dict[str, Any] = {}
         for key, part in self.parts.items():
             if key in FLAT_PARTS:
@@ -106,26 +114,46 @@ def on_cpu(state: Any) -> Any:
 class Checkpoints:
     """The checkpoint files of one run folder (the main worker writes; every rank may read)."""
 
-    def __init__(self, folder: Path, keep: int):
+    def __init__(self, folder: Path, keep: int, fill_disk_at: int = 0):
         self.folder = folder
         self.keep = keep
+        self.fill_disk_at = fill_disk_at  # debug.disk_full_step: a planted full disk
 
     def save(self, state: dict[str, Any]) -> Path:
         """Write `state` as step_<step>.pt (+ .sha256), point last.pt at it, drop old ones.
 
         Each write is durable before the next one starts: a crash at any moment leaves the
         previous checkpoint valid (a step file without its .sha256 is still read and checked
-        by unpickling)."""
+        by unpickling). A failed write removes this step's files: WriteFailed names the last
+        valid checkpoint."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob(".*.tmp"):  # of a crash: only this worker writes here
+            leftover.unlink(missing_ok=True)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         blob = buffer.getvalue()
         path = self.folder / f"step_{state['step']:08d}.pt"
-        atomic_write(path, lambda p: p.write_bytes(blob))
-        atomic_write(_digest_path(path), lambda p: p.write_text(hashlib.sha256(blob).hexdigest()))
-        atomic_write(self.folder / "last.pt", lambda p: _link_or_copy(path, p))
+        try:
+            atomic_write(path, lambda p: self._write_blob(p, blob, state["step"]))
+            atomic_write(_digest_path(path),
+                         lambda p: p.write_text(hashlib.sha256(blob).hexdigest()))
+            atomic_write(self.folder / "last.pt", lambda p: _link_or_copy(path, p))
+        except OSError as exc:
+            # last.pt is renamed into place last: it still names the previous checkpoint.
+            _digest_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise write_failure(exc, f"step {state['step']}", self.folder.parent,
+                                self.newest_complete()) from None
         self._rotate()
         return path
+
+    def _write_blob(self, tmp: Path, blob: bytes, step: int) -> None:
+        with tmp.open("wb") as f:
+            if step == self.fill_disk_at:  # planted: the disk fills up half-way through
+                f.write(blob[:len(blob) // 2])
+                f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+            f.write(blob)
 
     def candidates(self) -> list[Path]:
         """Step checkpoints, newest first."""
@@ -133,6 +161,27 @@ class Checkpoints:
             return []
         steps = [p for p in self.folder.iterdir() if STEP_FILE.match(p.name)]
         return sorted(steps, key=lambda p: p.name, reverse=True)
+
+    def newest_complete(self) -> int | None:
+        """The step of the newest checkpoint whose .sha256 is written (the sidecar is written
+        only once the step file is whole and on the disk); None when there is none."""
+        for path in self.candidates():
+            if _digest_path(path).is_file():
+                return step_of(path)
+        return None
+
+    def peek_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that opens, without reading its tensors (memory-mapped): its
+        position, world size and config, for the launcher's checks. The digest is not checked
+        (the workers check it)."""
+        for path in self.candidates():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - any failure to read means "damaged"
+                continue
+            return path, {k: state[k] for k in ("config", "world_size", "epoch", "step",
+                                                 "batch_in_epoch")}
+        return None
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that reads back intact; damaged ones are skipped with a warning.
@@ -146,14 +195,20 @@ class Checkpoints:
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint %s: %s", path, exc)
         if found:
-            raise UserError(f"no valid checkpoint in {self.folder} ({len(found)} damaged); "
-                            f"set checkpoint.resume=false to start over, or move them away")
+            raise self.none_valid()
         return None
+
+    def none_valid(self) -> UserError:
+        return UserError(f"no valid checkpoint in {self.folder} ({len(self.candidates())} "
+                         f"damaged); set checkpoint.resume=false to start over, or move them "
+                         f"away")
 
     def _rotate(self) -> None:
         for old in self.candidates()[self.keep:]:
-            old.unlink(missing_ok=True)
+            # The sidecar first: a crash in between leaves a step file that is read and
+            # checked by unpickling, and removed by the next rotation; never a lone sidecar.
             _digest_path(old).unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
 
 
 class CorruptCheckpoint(Exception):
@@ -173,6 +228,11 @@ def load(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any failure to read means "damaged"
         lines = str(exc).strip().splitlines()
         raise CorruptCheckpoint((lines[0] if lines else type(exc).__name__)[:200]) from None
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint file was written at, from its name."""
+    return int(STEP_FILE.match(path.name).group(1))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

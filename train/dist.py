@@ -107,27 +107,45 @@ def teardown(ctx: DistContext | None) -> None:
 
 
 def agree(ctx: DistContext, fn: Callable[[], T]) -> T:
-    """Run `fn` on every rank; if it raised UserError anywhere, raise it everywhere.
+    """Run `fn` on every rank; if it raised UserError anywhere, raise it everywhere (as the
+    same kind of UserError, so that every rank exits with its exit code).
 
-    Setup steps (run folder, dataset files) can fail on some ranks only; without agreeing,
-    the healthy ranks would wait forever in their next collective.
+    Setup steps (run folder, dataset files) can fail on some ranks only, and a checkpoint write
+    on the main rank only; without agreeing, the healthy ranks would wait forever in their next
+    collective.
     """
     result, error = None, None
     try:
         result = fn()
     except UserError as exc:
-        error = str(exc)
+        error = (type(exc), str(exc))
     if ctx.distributed:
-        errors: list[str | None] = [None] * ctx.world_size
+        errors: list[tuple[type[UserError], str] | None] = [None] * ctx.world_size
         dist.all_gather_object(errors, error)
-        failed = [(rank, msg) for rank, msg in enumerate(errors) if msg]
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
         if failed:
-            rank, msg = failed[0]
-            same = all(m == msg for _, m in failed)
-            raise UserError(msg if same else f"[rank {rank}] {msg}", agreed=True)
+            rank, (kind, msg) = failed[0]
+            same = all(m == msg for _, (_, m) in failed)
+            raise kind(msg if same else f"[rank {rank}] {msg}", agreed=True)
     elif error:
-        raise UserError(error)
+        raise error[0](error[1])
     return result  # type: ignore[return-value]
+
+
+def from_main(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """Run `fn` on the main rank only; every rank gets its result, or raises its UserError."""
+    outcome: list = [None]
+    if ctx.is_main:
+        try:
+            outcome[0] = (fn(), None)
+        except UserError as exc:
+            outcome[0] = (None, (type(exc), str(exc)))
+    if ctx.distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error:
+        raise error[0](error[1], agreed=ctx.distributed)
+    return result
 
 
 @contextlib.contextmanager

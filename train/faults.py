@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from common.schema import DebugConfig
+from common.signals import stop_signals
 from train.dist import DistContext
 
 log = logging.getLogger(__name__)
@@ -34,3 +35,7 @@ class Faults:
                 next(model.parameters()).add_(1e-3)
         if self.rank == self.cfg.sigterm_rank and step == self.cfg.sigterm_step:
             os.kill(os.getpid(), signal.SIGTERM)
+            # The watcher thread records it: wait for that, so the stop lands where planned.
+            deadline = time.monotonic() + 5
+            while not stop_signals().requested and time.monotonic() < deadline:
+                time.sleep(0.001)

@@ -6,56 +6,70 @@ flag), so a rank never stops or raises alone while the others wait in a collecti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import signal
-import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.errors import EXIT_INTERRUPTED, CheckFailed
+from common.errors import CheckFailed
 from common.records import LEDGER_FILE
 from common.schema import CheckConfig
+from common.signals import stop_signals
 from train.dist import DistContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop stops at a step boundary that all ranks agree on.
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) ends the loop at a step boundary all ranks agree
+    on.
 
     Ranks get the signal at slightly different moments; stopping where each one happens to be
     would leave the others waiting in the next gradient allreduce. Every `every` steps the
     ranks combine their flags with one small all_reduce(MAX), read back once (on a GPU that
     waits for the queued steps: there `every` is the logging interval, whose loss is read back
-    on the same steps anyway). A worker that has not exited `grace_s` seconds after the signal
-    exits anyway.
+    on the same steps anyway). The signals themselves are watched from the worker's first line
+    (common/signals.py): a rank that shows no progress after the signal (stalled, or waiting
+    for a stalled peer) exits on its own.
     """
 
-    def __init__(self, ctx: DistContext, grace_s: float, every: int = 5):
-        self.ctx, self.every, self.grace_s = ctx, every, grace_s
-        self.requested = 0  # the signal number, 0 when none
+    def __init__(self, ctx: DistContext, every: int = 5):
+        self.ctx, self.every = ctx, every
+        self.signals = stop_signals()
         # One flag on the collective's device, reused: no new tensor per check.
         self.flag = torch.zeros(1, dtype=torch.int64, device=ctx.device)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            return
-        self.requested = signum
-        # A worker that cannot reach a step boundary (stuck in a stalled collective, or
-        # stalled itself) would otherwise live until torchrun's SIGKILL.
-        watchdog = threading.Timer(self.grace_s, os._exit, args=(EXIT_INTERRUPTED,))
-        watchdog.daemon = True
-        watchdog.start()
+    @property
+    def requested(self) -> int:
+        """The signal's number, 0 when none."""
+        return self.signals.requested
+
+    def begin(self) -> None:
+        """The loop starts: a signal from now on is a stop request, no longer an exit."""
+        self.signals.begin_training()
+
+    def alive(self) -> None:
+        self.signals.alive()
+
+    def each_alive(self, items: Iterator[T]) -> Iterator[T]:
+        """Each item done is a sign of progress (evaluation: a stopping rank is not stalled)."""
+        for item in items:
+            yield item
+            self.signals.alive()
+
+    def busy(self) -> contextlib.AbstractContextManager:
+        """Around a checkpoint write, which the stall limit must not cut short."""
+        return self.signals.busy()
 
     def should_stop(self, step: int, force_check: bool = False) -> bool:
+        self.signals.alive()  # called after every step
         if not self.ctx.distributed:
             return bool(self.requested)
         if step % self.every and not force_check:
@@ -64,7 +78,7 @@ class StopRequest:
         dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
         agreed = int(self.flag.item())
         if agreed and not self.requested:
-            self.requested = agreed
+            self.signals.requested = agreed
         return bool(agreed)
 
 

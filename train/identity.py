@@ -16,9 +16,11 @@ import yaml
 
 from common.config import flatten, runtime_keys, to_dict
 from common.errors import UserError
+from common.records import LOCK_FILE, REPLACED_DIR, REPLACING_DIR
 from common.schema import Config
 
 _UNSET = "<unset>"
+_NOT_A_RUN = (LOCK_FILE, REPLACED_DIR, REPLACING_DIR)  # in a run folder, but no run's files
 
 
 def identity(cfg: Config) -> dict[str, Any]:
@@ -71,7 +73,7 @@ def check_run_dir(cfg: Config) -> bool:
                 f"continue it with this config, or choose another run.dir"
             )
         return True
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name not in _NOT_A_RUN for p in folder.iterdir()):
         if not cfg.run.overwrite:
             raise UserError(f"{folder} is not empty and holds no run (no config.yaml); "
                             f"choose another run.dir or set run.overwrite=true")

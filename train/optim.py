@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 
 from common.schema import OptimConfig
 
+log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -35,12 +37,50 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class LRSchedule:
+    """The learning-rate schedule; a checkpointed part, saved as LambdaLR's own state.
+
+    A resume takes the position (the steps done) from the checkpoint and the schedule from this
+    config. For the same config that is the very LR the run would have used; a run continued
+    with checkpoint.allow_changes=true (more epochs, another optim.lr) follows the schedule
+    recomputed over its new length from the current step, as timm and Lightning do: a cosine
+    that had reached its end rises to where the longer cosine is at this step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, cfg, total_steps=total_steps))
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """After the optimizer's (whose param_groups carry the old run's LR)."""
+        base_lrs = list(self.scheduler.base_lrs)  # this config's peak LR
+        self.scheduler.load_state_dict(state)
+        self.scheduler.base_lrs = base_lrs
+        step = self.scheduler.last_epoch
+        saved = [group["lr"] for group in self.optimizer.param_groups]
+        lrs = [base * fn(step) for fn, base in zip(self.scheduler.lr_lambdas, base_lrs,
+                                                   strict=True)]
+        for group, base, lr in zip(self.optimizer.param_groups, base_lrs, lrs, strict=True):
+            group["initial_lr"], group["lr"] = base, lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports
+        if saved != lrs:
+            log.info("learning rate recomputed for this config from step %d: %.4g (the "
+                     "checkpoint's schedule: %.4g)", step, lrs[0], saved[0])
+
+
 @dataclass
 class Optimization:
     """What turns gradients into an update; `parts()` are checkpointed."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: LRSchedule
     scaler: torch.amp.GradScaler
     device_type: str
     autocast_dtype: torch.dtype | None
@@ -73,8 +113,7 @@ def build_optimization(cfg: OptimConfig, precision: str, model: nn.Module, world
     optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg, world_size),
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, cfg, total_steps=total_steps))
+    scheduler = LRSchedule(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     return Optimization(optimizer, scheduler, scaler, device_type,
                         AUTOCAST_DTYPES.get(precision))

@@ -8,6 +8,7 @@ checkpoints, and stops at a step boundary all ranks agree on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from common.errors import CheckFailed, UserError
 from train.data.batches import split_batch
-from train.dist import DistContext, is_comm_failure
+from train.dist import DistContext, agree, is_comm_failure
 from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
@@ -34,7 +35,7 @@ PHASE_WHERE = {  # what a failure message says the loop was doing in each phase
 
 
 class Interrupted(Exception):
-    """SIGTERM/SIGINT: the loop stopped at a step boundary after writing a checkpoint."""
+    """A stop signal: the loop stopped at a step boundary after writing a checkpoint."""
 
     def __init__(self, signum: int, step: int):
         super().__init__(f"signal {signum} at step {step}")
@@ -68,24 +69,25 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         started, trained = time.perf_counter(), False
+        self.guards.stop.begin()
         while not self.finished():
             trained = True
             train = self.train_epoch()
             test = self.evaluate()
-            record = epoch_record(self.ctx, train, test, self.facts(), self.schedule.global_batch)
+            record = epoch_record(self.ctx, train, test, facts(self), self.schedule.global_batch)
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
             self.totals.reset()
-            self.run.log_epoch(record)
+            agree(self.ctx, functools.partial(self.run.log_epoch, record))  # a full disk: all stop
             self.monitor.log_epoch(record)
             self.save_checkpoint()
             # A stop asked for in the epoch's last step or in evaluation takes effect here,
             # after the epoch is recorded and saved whole (every rank checks alike).
             if not self.finished() and self.guards.stop.should_stop(self.state.step, True):
                 self.interrupt()
-        summary = summarize(self.run.records, self.facts(), time.perf_counter() - started)
+        summary = summarize(self.run.records, facts(self), time.perf_counter() - started)
         if trained:  # a complete run started again keeps the summary of the run that trained
-            self.run.finish(summary)
+            agree(self.ctx, lambda: self.run.finish(summary))
         return summary
 
     def finished(self) -> bool:
@@ -104,6 +106,7 @@ class Trainer:
         if self.ctx.distributed:
             # Start the clocks together: otherwise a rank that finished its setup early (the
             # main rank also opens wandb) counts its wait in the first allreduce as compute.
+            self.where = f"the barrier where every worker starts epoch {epoch + 1}"
             dist.barrier()
         start = self.timer.clock()
         window = (start, self.state.step)  # when and at which step the last step log was
@@ -209,7 +212,8 @@ class Trainer:
         self.where = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
-        result = evaluate(model, self.test_data.iterate(), self.ctx, self.optim.autocast)
+        result = evaluate(model, self.guards.stop.each_alive(self.test_data.iterate()), self.ctx,
+                          self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
         return result
@@ -230,16 +234,19 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.where = "saving a checkpoint"
-        self.parts.checkpointer.save()
+        with self.guards.stop.busy():
+            self.parts.checkpointer.save()
+        self.run.checkpoint_written()
 
-    def facts(self) -> dict[str, Any]:
-        """What records and the summary copy as they are."""
-        return {"epoch": self.state.epoch + 1, "epochs": self.state.epoch,
-                "step": self.state.step, "steps": self.state.step, "lr": self.optim.lr,
-                "mode": self.strategy.name, "sync_method": self.strategy.sync_method,
-                "probes_sync": self.strategy.probes_sync, "compiled": self.parts.compiled,
-                "world_size": self.ctx.world_size, "backend": self.ctx.backend,
-                "device": self.ctx.device.type}
+
+def facts(trainer: Trainer) -> dict[str, Any]:
+    """What records and the summary copy as they are."""
+    state, strategy, ctx = trainer.state, trainer.strategy, trainer.ctx
+    return {"epoch": state.epoch + 1, "epochs": state.epoch, "step": state.step,
+            "steps": state.step, "lr": trainer.optim.lr, "mode": strategy.name,
+            "sync_method": strategy.sync_method, "probes_sync": strategy.probes_sync,
+            "compiled": trainer.parts.compiled, "world_size": ctx.world_size,
+            "backend": ctx.backend, "device": ctx.device.type}
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,

@@ -6,8 +6,10 @@ checkpointer -> resume -> fit. Everything is built here and handed to the Traine
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+from common import status
 from common.schema import Config
 from train.checkpoint import Checkpointer, Checkpoints
 from train.data import load_datasets
@@ -21,7 +23,7 @@ from train.metrics import EpochTotals
 from train.model import build_plain_model, set_kernel_choice, should_compile, use_channels_last
 from train.observe.console import Console
 from train.observe.monitor import Monitor
-from train.observe.wandb_sink import NoWandb, WandbSink, resolve_mode
+from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
 from train.preflight import check_device_options, check_world_size
@@ -36,31 +38,36 @@ log = logging.getLogger("train")
 
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
-    # The same checks on every rank: agreed, so that one process reports them.
+    # The same checks on every rank: agreed, so that one process reports them. All of them
+    # pass before anything in the run folder changes.
     agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
     for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
         if ctx.is_main:
             log.warning("%s", warning)
+    agree(ctx, lambda: check_usable(cfg.wandb) if ctx.is_main else None)
     set_kernel_choice(cfg.perf, ctx.device.type)
     strategy = make_strategy(cfg, ctx)
-    run = agree(ctx, lambda: open_run(cfg, ctx))
-    trainer = build_trainer(cfg, ctx, strategy, run)
-    resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
-    check_same_start(ctx, resumed, cfg.run.dir)
-    run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
-    log.info(describe(cfg, trainer))
-    if resumed and trainer.finished():
-        log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
-                 "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
-                 trainer.schedule.total_steps, resumed)
-    elif resumed:
-        log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
-                 trainer.state.step)
-    trainer.monitor.start()
-    try:
-        trainer.fit()
-    finally:
-        trainer.monitor.close()
+    with contextlib.ExitStack() as held:  # the run folder's lock, until the job ends
+        run = open_run(cfg, ctx, held)
+        trainer = build_trainer(cfg, ctx, strategy, run)
+        resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
+        check_same_start(ctx, resumed, cfg.run.dir)
+        agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed
+                                     else None))
+        log.info(describe(cfg, trainer))
+        if resumed and trainer.finished():
+            log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
+                     "checkpoint.resume=false trains it again", cfg.run.dir,
+                     trainer.state.step, trainer.schedule.total_steps, resumed)
+        elif resumed:
+            log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
+                     trainer.state.step)
+        agree(ctx, trainer.monitor.start)  # wandb's init, on the main worker
+        status.report(trained_from=trainer.state.step)
+        try:
+            trainer.fit()
+        finally:
+            trainer.monitor.close()
     log.info("run folder: %s", cfg.run.dir)
 
 
@@ -88,7 +95,7 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         sinks.append(tracking)
     state, totals = TrainState(), EpochTotals(ctx)
     checkpointer = Checkpointer(
-        Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep), ctx,
+        Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step), ctx,
         parts={"model": plain, **optim.parts(), "position": state, "tracking": tracking},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy},
         identity=identity(cfg))
@@ -108,8 +115,7 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
 def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
     # Agreeing on a stop reads a flag back from the device, which waits for the GPU's queued
     # steps: there only on the steps whose loss is logged (read back anyway).
-    stop = StopRequest(ctx, grace_s=min(cfg.dist.timeout_s, 30.0),
-                       every=cfg.log.every_steps if ctx.device.type == "cuda" else 5)
+    stop = StopRequest(ctx, every=cfg.log.every_steps if ctx.device.type == "cuda" else 5)
     return Guards(stop, SyncChecker(cfg.check, ctx),
                   SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None),
                   Faults(cfg.debug, ctx), cfg.dist.timeout_s)

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from common.config import to_dict
+from common.errors import UserError
 from common.schema import Config, WandbConfig
 from train.dist import DistContext
 
@@ -53,6 +54,20 @@ def resolve_mode(cfg: WandbConfig) -> tuple[str, str]:
     if found:
         return "online", found
     return "offline", "no credentials (WANDB_API_KEY or `wandb login`): logging offline"
+
+
+def check_usable(cfg: WandbConfig) -> None:
+    """The mode can run here: the package installed, and credentials for `online`. Checked by
+    the launcher and by the main worker before anything in the run folder changes."""
+    mode, _ = resolve_mode(cfg)
+    if mode == "disabled":
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError(f"wandb.mode={cfg.mode} but the wandb package is not installed; set "
+                        f"wandb.mode=disabled")
+    if mode == "online" and not credentials():
+        raise UserError("wandb.mode=online but no credentials: set WANDB_API_KEY or run `wandb "
+                        "login`, or use wandb.mode=offline and `wandb sync` later")
 
 
 def system_facts(ctx: DistContext, mode: str) -> dict[str, Any]:
@@ -96,13 +111,20 @@ class WandbSink:
         import wandb
 
         cfg = self.cfg
-        self.run = wandb.init(
-            mode=self.mode, dir=str(self.folder), project=cfg.wandb.project,
-            entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.run.name, group=cfg.wandb.group,
-            tags=cfg.wandb.tags, id=self.id, resume="allow" if self.id else None,
-            config={**public_config(cfg), "system": system_facts(self.ctx, self.path)},
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+        try:
+            self.run = wandb.init(
+                mode=self.mode, dir=str(self.folder), project=cfg.wandb.project,
+                entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.run.name,
+                group=cfg.wandb.group, tags=cfg.wandb.tags, id=self.id,
+                resume="allow" if self.id else None,
+                config={**public_config(cfg), "system": system_facts(self.ctx, self.path)},
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as exc:  # noqa: BLE001 - wandb raises many kinds; one line for all
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"wandb could not start its {self.mode} run ({first}); "
+                            f"wandb.mode=offline logs into run.dir/wandb for a later `wandb "
+                            f"sync`, wandb.mode=disabled logs nothing") from None
         # Our own step counter: a resumed run repeats steps after its last checkpoint, which
         # wandb's built-in step (strictly increasing) would drop.
         self.run.define_metric("trainer/step")

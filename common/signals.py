@@ -1,0 +1,150 @@
+"""Stop signals, from a process's first line to its end: SIGTERM (a scheduler, `kill`), SIGINT
+(Ctrl-C) and SIGHUP (a closed terminal or ssh session) all ask the job to stop.
+
+No `import torch` here: the launcher and the workers install this before anything slow.
+
+The launcher, before its workers exist, runs Python code only: `exit_during_startup` prints one
+line and exits 130. From the moment torchrun's agent starts workers, the agent's own handlers
+take over (they pass the signal on to the workers).
+
+A worker spends much of its life in C calls (a rendezvous, a collective, a store read), where
+Python runs no signal handler. `StopSignals` therefore acts from a watcher thread that the
+interpreter's C-level handler wakes at once (`signal.set_wakeup_fd`):
+
+- during start-up it exits with 130 at once: nothing has been trained, nothing needs saving;
+- once the loop runs (`begin_training`), it records the request, which the ranks agree on at a
+  step boundary (train/guards.py StopRequest); a process that then shows no sign of progress
+  (`alive`) for `stall_limit_s` seconds, outside a checkpoint write (`busy`), exits 130: it is
+  stalled in a step, or waiting in a collective for a stalled peer, and would never reach the
+  boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from common.errors import EXIT_INTERRUPTED
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+MIN_STALL_S = 10.0  # no sign of progress this long after a stop signal: stalled
+STALL_STEPS = 3  # ... or this many typical intervals between signs of progress, if longer
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def startup_line(signum: int) -> str:
+    return f"interrupted by {signal_name(signum)} during start-up: nothing was trained yet"
+
+
+def exit_during_startup(prefix: str) -> None:
+    """The launcher's handlers until its workers start: one line, exit 130, no traceback."""
+    def handle(signum: int, frame: object) -> None:
+        print(f"{prefix}{startup_line(signum)}", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handle)
+
+
+class StopSignals:
+    """A worker's stop signals: exit at once during start-up, a stop request once training."""
+
+    def __init__(self, say_startup: Callable[[int], None] | None):
+        self.say_startup = say_startup  # prints the start-up line, when this process reports
+        self.requested = 0  # the first stop signal's number once training, 0 when none
+        self.training = False
+        self.busy_depth = 0  # > 0 while writing a checkpoint: no stall limit then
+        self.last_alive = time.monotonic()
+        self.intervals: deque[float] = deque(maxlen=16)  # between recent signs of progress
+        self._receive, send = socket.socketpair()
+        send.setblocking(False)
+        self._send = send  # kept open: the C-level handler writes the signal number into it
+        signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+        for sig in STOP_SIGNALS:
+            # A Python handler must exist, or the default action ends the process; the watcher
+            # thread does the work.
+            signal.signal(sig, _ignore)
+        threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
+
+    def begin_training(self) -> None:
+        """From here on a signal is a stop request for the loop, not an immediate exit."""
+        self.last_alive = time.monotonic()
+        self.training = True
+
+    def alive(self) -> None:
+        """A sign of progress: a step done, an evaluation batch done."""
+        now = time.monotonic()
+        self.intervals.append(now - self.last_alive)
+        self.last_alive = now
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """A checkpoint write: it may take long, and it is what a stop waits for."""
+        self.busy_depth += 1
+        try:
+            yield
+        finally:
+            self.busy_depth -= 1
+            self.last_alive = time.monotonic()
+
+    def stall_limit_s(self) -> float:
+        typical = statistics.median(self.intervals) if self.intervals else 0.0
+        return max(MIN_STALL_S, STALL_STEPS * typical)
+
+    def _watch(self) -> None:
+        self._receive.settimeout(0.25)
+        while True:
+            try:
+                for signum in self._receive.recv(64):
+                    if signum in STOP_SIGNALS:
+                        self._on_signal(signum)
+            except TimeoutError:
+                pass
+            if self.requested and not self.busy_depth and (
+                    time.monotonic() - self.last_alive > self.stall_limit_s()):
+                _exit()
+
+    def _on_signal(self, signum: int) -> None:
+        if not self.training:
+            if self.say_startup is not None:
+                self.say_startup(signum)
+            _exit()
+        if not self.requested:
+            self.requested = signum
+
+
+# One per process, as the signal dispositions and the wakeup fd it owns are per process.
+_installed: StopSignals | None = None
+
+
+def stop_signals(say_startup: Callable[[int], None] | None = None) -> StopSignals:
+    """This process's StopSignals, installed at the first call (from the main thread)."""
+    global _installed
+    if _installed is None:
+        _installed = StopSignals(say_startup)
+    return _installed
+
+
+def _ignore(signum: int, frame: object) -> None:
+    return None
+
+
+def _exit() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)

@@ -23,7 +23,7 @@ OUT ?=
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor bench-overhead lint clean
+.PHONY: venv train test compare bench peers plot doctor convert bench-overhead lint clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ compare: venv
 # make plot RUN=runs/a [RUN2=runs/b RUN3=runs/c] [OUT=folder]: PNGs of one or several runs.
 plot: venv
 	$(PY) -m tools.plot $(RUN) $(RUN2) $(RUN3) $(if $(OUT),--out $(OUT))
+
+# make convert RUN=runs/a [OUT=file]: a sharded (mode fsdp) checkpoint as one plain file.
+convert: venv
+	$(PY) -m tools.convert_checkpoint $(RUN) $(if $(OUT),--out $(OUT))
 
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv

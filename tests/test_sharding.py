@@ -6,6 +6,8 @@ Parity of both with one process is in test_paths.py, fsdp's evaluation in test_d
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -82,6 +84,13 @@ def test_fsdp_saves_one_file_per_rank_beside_each_step_and_a_plain_model_at_the_
     step = torch.load(folder / "step_00000032.pt", weights_only=True)
     assert step["sharded"] == "step_00000032" and "model" not in step
     assert "optimizer" not in step and {"scheduler", "ranks", "config"} <= step.keys()
+    # Tensors only in the folder (DCP reads anything else with weights_only=False): the
+    # optimizer's hyperparameters are in the step file.
+    from train.sharded_checkpoint import SafeReader
+
+    entries = SafeReader(folder / "step_00000032").read_metadata().state_dict_metadata
+    assert {type(m).__name__ for m in entries.values()} == {"TensorStorageMetadata"}
+    assert step["sharded_values"]["optimizer"]["param_groups"][0]["lr"] >= 0
 
     # The run's end gathered the model into last.pt, a plain state_dict like DDP's.
     model = last_model(fsdp_run)
@@ -108,6 +117,8 @@ def test_convert_writes_a_sharded_checkpoint_as_one_plain_file(fsdp_run, tmp_pat
     momentum = {k: s["momentum_buffer"] for k, s in full["optimizer"]["state"].items()}
     assert {k: v.shape for k, v in momentum.items()} == {
         k: v.shape for k, v in full["model"].items()}  # whole, keyed by parameter name
+    groups = full["optimizer"]["param_groups"]  # from the step file
+    assert groups[0]["momentum"] == 0.9 and groups[0]["params"] == list(full["model"])
 
 
 def test_fsdp_resume_is_bitwise(fsdp_run, tmp_path):
@@ -166,6 +177,20 @@ def test_an_unfinished_or_truncated_folder_is_damaged(fsdp_run, tmp_path):
     assert "has rank 1's file __1_0.distcp truncated" in folder_damage(folder)
     (folder / ".metadata").unlink()  # written last: its save did not finish
     assert folder_damage(folder) == "step_1/ has no .metadata (its save did not finish)"
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    assert folder_damage(folder) == "step_1/.metadata cannot be read (UnpicklingError)"
+    assert not marker.exists()  # read without running anything
+
+
+class RunsCode:
+    """What a .metadata could hold: a command that plain pickle runs while reading it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_zero_equals_ddp_bitwise_and_resumes_exactly(tmp_path):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from common.files import atomic_write
 from train.dist import DistContext
-from train.sharded_checkpoint import SHARDED_KEY, Sharded, ShardedParts, damage
+from train.sharded_checkpoint import Sharded, ShardedParts, damage
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
@@ -84,7 +84,7 @@ class Checkpointer:
         state.update(ranks=ranks, world_size=self.ctx.world_size, config=self.identity)
         if pieces is None:
             return self.files.save(state)
-        state[SHARDED_KEY] = pieces
+        state.update(pieces)  # the folder's name, what the parts hold besides tensors
         path = self.files.save(state)
         self.sharded.publish(state, whole)
         return path

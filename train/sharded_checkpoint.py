@@ -21,6 +21,7 @@ load. The ZeRO optimizer is simpler: its pieces are gathered onto the main rank
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -30,12 +31,14 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 
 from common.errors import UserError
 from common.files import atomic_write, fsync_folder
 from train.dist import DistContext
 
 SHARDED_KEY = "sharded"  # in a step file: the name of its DCP folder beside it
+VALUES_KEY = "sharded_values"  # in a step file: what the sharded parts hold besides tensors
 STEP_FOLDER = re.compile(r"^step_\d{8}$")
 RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
@@ -63,8 +66,9 @@ class ShardedParts:
             if hasattr(part, "consolidate_state_dict"):
                 part.consolidate_state_dict(to=0)
 
-    def save(self, step: int) -> str | None:
-        """Every rank writes its pieces into step_<step>/ (a collective); its name, or None
+    def save(self, step: int) -> dict[str, Any] | None:
+        """Every rank writes its pieces into step_<step>/ (a collective). What the step file
+        must hold for them (the folder's name, the parts' values that are no tensors), or None
         when there are no parts in pieces."""
         if not self.parts:
             return None
@@ -77,17 +81,17 @@ class ShardedParts:
             pending.mkdir(parents=True)
         if self.ctx.distributed:
             dist.barrier()  # no rank writes into the folder before it is clean
-        pieces = {key: part.state_dict() for key, part in self.parts.items()}
+        tensors, values = split({key: part.state_dict() for key, part in self.parts.items()})
         # sync_files: each rank flushes its file; `.metadata` is written last, by the
         # coordinator, once every rank has written (dcp.save returns after that on every rank).
-        dcp.save(pieces, storage_writer=dcp.FileSystemWriter(pending, sync_files=True,
-                                                             thread_count=1))
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(pending, sync_files=True,
+                                                              thread_count=1))
         if self.ctx.is_main:
             final = self.folder / name
             shutil.rmtree(final, ignore_errors=True)  # a damaged step's folder, saved again
             os.replace(pending, final)
             fsync_folder(self.folder)
-        return name
+        return {SHARDED_KEY: name, VALUES_KEY: values}
 
     def gather_whole(self) -> dict[str, Any]:
         """{key: plain state_dict} of the parts that gather themselves, on the main rank ({}
@@ -131,8 +135,9 @@ class ShardedParts:
             return
         import torch.distributed.checkpoint as dcp
 
-        pieces = {key: part.state_dict() for key, part in self.parts.items()}
-        dcp.load(pieces, storage_reader=dcp.FileSystemReader(self.folder / name))
+        tensors, _ = split({key: part.state_dict() for key, part in self.parts.items()})
+        dcp.load(tensors, storage_reader=SafeReader(self.folder / name))  # in place
+        pieces = merge(tensors, state.get(VALUES_KEY, {}))
         for key, part in self.parts.items():
             part.load_state_dict(pieces[key])
 
@@ -146,14 +151,12 @@ def damage(step_file: Path, state: dict[str, Any]) -> str | None:
 def folder_damage(folder: Path) -> str | None:
     """Why a DCP folder cannot be read whole (None: every file its .metadata lists is there,
     at least as long as listed)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     if not folder.is_dir():
         return f"its sharded state {folder.name}/ is missing"
     if not (folder / ".metadata").is_file():
         return f"{folder.name}/ has no .metadata (its save did not finish)"
     try:
-        metadata = FileSystemReader(folder).read_metadata()
+        metadata = SafeReader(folder).read_metadata()
     except Exception as exc:  # noqa: BLE001 - any failure to read means "damaged"
         return f"{folder.name}/.metadata cannot be read ({type(exc).__name__})"
     needed: dict[str, int] = {}  # file -> bytes it must hold
@@ -179,7 +182,7 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints" / "last.pt"
     if path.is_dir():
-        return _dcp_model(path)
+        return read_whole(path, only="model")["model"]
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -189,27 +192,97 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "model" in state:
         return state["model"]
     if isinstance(state, dict) and SHARDED_KEY in state:
-        return _dcp_model(path.parent / state[SHARDED_KEY])
+        return read_whole(path.parent / state[SHARDED_KEY], only="model")["model"]
     raise UserError(f"{path} holds no model state_dict")
 
 
-def _dcp_model(folder: Path) -> dict[str, torch.Tensor]:
-    """The `model` entries of a DCP folder, read whole in this process (no process group)."""
+def read_whole(folder: Path, only: str | None = None,
+               values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every tensor of a DCP folder (or of its part `only`), read whole in this process (no
+    process group) onto the CPU, nested as it was saved, with `values` (the step file's) merged
+    in. A UserError when the folder is incomplete."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    folder = Path(folder)
     problem = folder_damage(folder)
     if problem:
         raise UserError(f"{folder} is not a complete sharded checkpoint: {problem}")
-    metadata = dcp.FileSystemReader(folder).read_metadata()
-    model = {}
+    metadata = SafeReader(folder).read_metadata()
+    tensors: dict[str, Any] = {}
     for key, meta in metadata.state_dict_metadata.items():
-        where = metadata.planner_data.get(key, ())  # the nested keys the flat key stands for
-        if len(where) == 2 and where[0] == "model" and isinstance(meta, TensorStorageMetadata):
-            model[where[1]] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    if not model:
-        raise UserError(f"{folder} holds no model")
+        where = metadata.planner_data.get(key, (key,))  # the nested keys the flat key stands for
+        if isinstance(meta, TensorStorageMetadata) and only in (None, where[0]):
+            node = tensors
+            for part in where[:-1]:
+                node = node.setdefault(part, {})
+            node[where[-1]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if only is not None and only not in tensors:
+        raise UserError(f"{folder} holds no {only}")
     with warnings.catch_warnings():  # "assuming ... a single process": just what is meant
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load({"model": model}, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-    return model
+        dcp.load(tensors, storage_reader=SafeReader(folder), no_dist=True)
+    return merge(tensors, values or {})
+
+
+def split(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the tensors of a nested dict, everything else), both nested as in `tree`. Only tensors
+    go to DCP (which reads its other entries back with `torch.load(weights_only=False)`); the
+    rest (the optimizer's hyperparameters) goes into the step file, read with weights_only."""
+    tensors: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner_tensors, inner_values = split(value)
+            if inner_tensors:
+                tensors[key] = inner_tensors
+            if inner_values or not inner_tensors:  # keep empty dicts too
+                values[key] = inner_values
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            values[key] = value
+    return tensors, values
+
+
+def merge(tensors: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `split`."""
+    out = dict(values)
+    for key, value in tensors.items():
+        out[key] = merge(value, out.get(key, {})) if isinstance(value, dict) else value
+    return out
+
+
+# What a DCP .metadata may name: DCP's own records, tensor shapes and dtypes, paths.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",
+                     "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                     ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        # Decided before anything is imported: only torch and DCP's modules are looked into.
+        known = module in _METADATA_MODULES or module == "torch" or (
+            (module, name) in _METADATA_GLOBALS)
+        found = super().find_class(module, name) if known and "." not in name else None
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(
+                found, torch.dtype)) or (module in _METADATA_MODULES and isinstance(found, type)):
+            return found
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's .metadata")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, but `.metadata` (a pickle) may name only DCP's records, shapes, dtypes
+    and paths: a checkpoint folder never runs code when it is read."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        with open(Path(self.path) / ".metadata", "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

@@ -23,7 +23,7 @@ OUT ?=
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor convert bench-overhead lint clean
+.PHONY: venv train test compare bench peers plot doctor convert bench-overhead bench-memory lint clean
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,9 @@ peers: venv
 
 bench-overhead: venv
 	$(PY) -m tools.bench.overhead $(ARGS)
+
+bench-memory: venv
+	$(PY) -m tools.bench.memory $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

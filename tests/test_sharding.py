@@ -68,7 +68,7 @@ def copy_run(source: Path, to: Path, keep_steps: tuple[int, ...]) -> Path:
     for step_file in Checkpoints(to / "checkpoints", keep=9).candidates():
         if int(step_file.stem.split("_")[1]) not in keep_steps:
             step_file.unlink()
-            shutil.rmtree(step_file.with_suffix(""))
+            shutil.rmtree(step_file.with_suffix(""), ignore_errors=True)  # fsdp's pieces
     return to
 
 
@@ -121,6 +121,7 @@ def test_convert_writes_a_sharded_checkpoint_as_one_plain_file(fsdp_run, tmp_pat
     assert groups[0]["momentum"] == 0.9 and groups[0]["params"] == list(full["model"])
 
 
+@pytest.mark.timeout(600)  # two runs (and the fixture's, for the first test that uses it)
 def test_fsdp_resume_is_bitwise(fsdp_run, tmp_path):
     # A SIGTERM after step 7 is agreed on at step 10, inside the first epoch.
     stopped = launch(tmp_path, "debug.sigterm_rank=1", "debug.sigterm_step=7")
@@ -147,6 +148,7 @@ def test_fsdp_resumes_on_another_number_of_workers_resharded(fsdp_run, tmp_path,
         torch.testing.assert_close(last_model(run_dir)[name], value, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.timeout(600)  # two runs
 def test_a_missing_rank_file_makes_its_step_damaged(fsdp_run, tmp_path):
     run_dir = copy_run(fsdp_run, tmp_path / "run", keep_steps=(20, 30, 32))
     folder = run_dir / "checkpoints"
@@ -193,28 +195,39 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_zero_equals_ddp_bitwise_and_resumes_exactly(tmp_path):
-    ddp = launch(tmp_path / "ddp", mode="ddp")
-    assert ddp.returncode == 0, ddp.stderr
-    zero_dir = tmp_path / "zero"
-    stopped = launch(zero_dir, "ddp.zero=true", "debug.sigterm_rank=1", "debug.sigterm_step=7",
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp")
+    result = launch(run_dir, mode="ddp")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.timeout(600)  # three runs
+def test_zero_equals_ddp_bitwise_and_resumes_exactly(ddp_run, tmp_path):
+    stopped = launch(tmp_path, "ddp.zero=true", "debug.sigterm_rank=1", "debug.sigterm_step=7",
                      mode="ddp")
     assert stopped.returncode == 130, stopped.stderr
     assert "optimizer state in one shard per rank (ZeRO)" in stopped.stdout
-    saved = torch.load(zero_dir / "checkpoints" / "step_00000010.pt", weights_only=True)
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000010.pt", weights_only=True)
     assert sorted(saved["optimizer"]["state"]) == list(range(8))  # every rank's part, whole
-    again = launch(zero_dir, "ddp.zero=true", mode="ddp")
+    again = launch(tmp_path, "ddp.zero=true", mode="ddp")
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "step 10" in again.stdout
-    assert_bitwise_equal(last_model(zero_dir), last_model(tmp_path / "ddp"))
+    assert_bitwise_equal(last_model(tmp_path), last_model(ddp_run))
 
-    # Its checkpoints are single files: nothing to convert, and fsdp cannot resume them.
-    converted = run_cli("tools.convert_checkpoint", str(zero_dir))
-    assert converted.returncode == 2 and "a single-file checkpoint already" in converted.stderr
-    refused = launch(zero_dir, "checkpoint.allow_changes=true")
+
+def test_single_files_are_not_converted_nor_resumed_in_pieces(ddp_run, tmp_path):
+    converted = run_cli("tools.convert_checkpoint", str(ddp_run))
+    assert converted.returncode == 2
+    assert errors(converted) == [
+        f"error: {ddp_run / 'checkpoints' / 'step_00000032.pt'} is a single-file checkpoint "
+        f"already (mode ddp): its `model` is a plain state_dict, nothing to convert"]
+    run_dir = copy_run(ddp_run, tmp_path / "run", keep_steps=(32,))
+    refused = launch(run_dir, "checkpoint.allow_changes=true")  # mode fsdp
     assert refused.returncode == 2
     assert errors(refused)[-1] == (
-        f"error: {zero_dir / 'checkpoints' / 'step_00000032.pt'} holds the model and optimizer "
+        f"error: {run_dir / 'checkpoints' / 'step_00000032.pt'} holds the model and optimizer "
         f"whole (mode ddp) and this mode keeps them in pieces: it cannot resume it; set "
         f"checkpoint.resume=false to start over, or keep the mode")
 

@@ -23,7 +23,7 @@ OUT ?=
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor bench-overhead gpu-check lint clean
+.PHONY: venv train test compare bench peers plot doctor convert bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ compare: venv
 plot: venv
 	$(PY) -m tools.plot $(RUN) $(RUN2) $(RUN3) $(if $(OUT),--out $(OUT))
 
+# make convert RUN=runs/a [OUT=file]: a sharded (mode fsdp) checkpoint as one plain file.
+convert: venv
+	$(PY) -m tools.convert_checkpoint $(RUN) $(if $(OUT),--out $(OUT))
+
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv
 	$(PY) -m launch.doctor $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
@@ -66,6 +70,9 @@ bench-overhead: venv
 gpu-check: PY = python3
 gpu-check:
 	$(PY) -m tools.gpu_check $(ARGS)
+
+bench-memory: venv
+	$(PY) -m tools.bench.memory $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -114,6 +114,10 @@ class DDPConfig:
     comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"  # compress the gradients
     powersgd_rank: PositiveInt = 1  # PowerSGD's matrix approximation rank
     powersgd_start_step: int = 10  # plain allreduce before this step (PowerSGD warm start)
+    # ZeroRedundancyOptimizer: each rank keeps the optimizer state of its share of the
+    # parameters, steps them, and broadcasts them (parameters and gradients stay whole). The
+    # same arithmetic as without it, bitwise, and the same checkpoint: a run may switch it.
+    zero: Annotated[bool, RUNTIME] = False
 
 
 @dataclass
@@ -124,6 +128,16 @@ class ScratchConfig:
         lambda v: v > 0, "must be positive (MiB per bucket)",
         "for one allreduce per parameter set scratch.per_parameter=true")] = 25.0
     per_parameter: bool = False  # one allreduce per parameter tensor (the book's way)
+
+
+@dataclass
+class FSDPConfig:
+    # free each block's gathered parameters after its forward (gathered again for backward):
+    # the least memory; false keeps them from forward to backward (one all-gather fewer)
+    reshard_after_forward: Annotated[bool, RUNTIME] = True
+    # at the run's end, gather the whole model into checkpoints/last.pt as a plain state_dict
+    # (as DDP's runs have it); false for models too large for the main worker's memory
+    consolidate: Annotated[bool, RUNTIME] = True
 
 
 @dataclass
@@ -201,7 +215,8 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    mode: Literal["ddp", "dp", "scratch"] = "ddp"  # how gradients are synchronized
+    # how gradients are synchronized; fsdp also shards parameters and optimizer state
+    mode: Literal["ddp", "dp", "scratch", "fsdp"] = "ddp"
     seed: int = 0  # model init, synthetic data and shuffling
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,6 +227,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     log: LogConfig = field(default_factory=LogConfig)

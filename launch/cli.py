@@ -15,7 +15,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "or 2 CPU workers when there is none)")
     p.add_argument("--cpu", action="store_true",
                    help="CPU workers with gloo even when GPUs are visible")
-    p.add_argument("--mode", choices=["ddp", "dp", "scratch"], default=None,
+    p.add_argument("--mode", choices=["ddp", "dp", "scratch", "fsdp"], default=None,
                    help="gradient synchronization path (default: the config's `mode`)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="restart the worker group up to K times after a failure; each restart "

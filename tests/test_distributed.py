@@ -39,10 +39,14 @@ def test_a_different_global_batch_does_not_match(tmp_path, single_process_params
     assert any(differs)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_distributed_evaluation_equals_single_process_on_an_odd_test_set(world_size):
+# mode fsdp gathers parameters in every forward: with 100 per batch its ranks hold 6 and 5
+# batches of the 1001 samples, and must still run the same number of forwards.
+@pytest.mark.parametrize("world_size, path", [(2, ["train.eval_batch_size=64"]),
+                                              (3, ["train.eval_batch_size=64"]),
+                                              (2, ["mode=fsdp", "train.eval_batch_size=100"])])
+def test_distributed_evaluation_equals_single_process_on_an_odd_test_set(world_size, path):
     overrides = ["data.synthetic.train_samples=600", "data.synthetic.test_samples=1001",
-                 "train.batch_size=96", "train.eval_batch_size=64"]
+                 "train.batch_size=96", *path]
     single = run_single(evaluate_fresh_model, overrides)
     results = run_distributed(evaluate_fresh_model, world_size, overrides)
     assert single["samples"] == 1001

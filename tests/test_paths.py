@@ -1,4 +1,5 @@
-"""The three paths (ddp, scratch, dp) are the same optimization: parity, sync checks, input."""
+"""The paths (ddp, scratch, dp, fsdp, ddp with ZeRO) are the same optimization: parity, sync
+checks, input."""
 
 import pytest
 import torch
@@ -27,6 +28,10 @@ def reference(tmp_path_factory):
     (3, ["mode=scratch", "scratch.algorithm=naive", "scratch.per_parameter=true"]),
     (2, ["mode=scratch", "scratch.algorithm=ring", "scratch.per_parameter=true"]),
     (3, ["mode=scratch", "scratch.algorithm=ring", "scratch.bucket_mb=0.1"]),
+    # Sharded: FSDP2 (uneven shards over 3 ranks; micro-batches accumulated unreduced), ZeRO.
+    (2, ["mode=fsdp"]),
+    (3, ["mode=fsdp", "train.grad_accum_steps=2"]),
+    (3, ["mode=ddp", "ddp.zero=true"]),
 ])
 def test_every_path_matches_one_process(tmp_path, reference, world_size, path):
     params = run_distributed(train_and_return_params, world_size,

@@ -42,12 +42,26 @@ def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
     ctx = dist.setup(cfg.dist)
     try:
         trainer = _trainer(cfg, ctx)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Larger weights than the init (varied predictions), the same whole tensors on every
+        # rank and in every mode: mode fsdp keeps its shard of each.
         torch.manual_seed(1)
-        for p in trainer.plain.parameters():  # larger weights than the init: varied predictions
-            p.data.normal_(0, 0.1)
+        weights = {k: torch.randn(shape) * 0.1 for k, shape in _plain_shapes(cfg).items()}
+        set_model_state_dict(trainer.plain, weights,
+                             options=StateDictOptions(full_state_dict=True))
         return trainer.evaluate()
     finally:
         dist.teardown(ctx)
+
+
+def _plain_shapes(cfg) -> dict[str, torch.Size]:
+    from models import build_model
+
+    synthetic = cfg.data.synthetic
+    model = build_model(cfg.model.name, synthetic.channels, synthetic.num_classes,
+                        synthetic.image_size)
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def agree_on_failure(failing_rank: int) -> str:

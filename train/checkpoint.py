@@ -33,6 +33,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from common.files import atomic_write, write_failure
 from train.dist import DistContext, agree
+from train.sharded_checkpoint import Sharded, ShardedParts, damage
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
@@ -52,17 +53,25 @@ class Checkpointer:
     `parts` are the same on every rank (model, optimizer, ...): the main worker's are saved.
     `rank_parts` differ per rank (RNG, running totals, sync state): every rank's are gathered
     to the main worker, and on resume each rank gets its own back. A rank part may define
-    `load_other_world(states)` for a resume with another number of workers.
+    `load_other_world(states)` for a resume with another number of workers. `sharded` parts
+    are in pieces across the ranks (FSDP's model and optimizer): every rank saves its pieces
+    into a folder beside the step file (train/sharded_checkpoint.py).
     """
 
     def __init__(self, files: Checkpoints, ctx: DistContext, parts: Mapping[str, Stateful],
-                 rank_parts: Mapping[str, Stateful], identity: dict[str, Any]):
+                 rank_parts: Mapping[str, Stateful], identity: dict[str, Any],
+                 sharded: Mapping[str, Sharded] | None = None):
         self.files, self.ctx, self.identity = files, ctx, identity
         self.parts, self.rank_parts = dict(parts), dict(rank_parts)
+        self.sharded = ShardedParts(files.folder, ctx, sharded or {})
 
-    def save(self) -> Path | None:
+    def save(self, final: bool = False) -> Path | None:
         """Every rank contributes its own parts; the main worker writes the file, and every rank
-        learns whether it could (a full disk stops them all together)."""
+        learns whether it could (a full disk stops them all together). `final`: the run's last
+        checkpoint, where parts in pieces are also gathered whole into last.pt."""
+        ShardedParts.consolidate(self.parts)
+        pieces = self.sharded.save(self.parts["position"].state_dict()["step"])
+        whole = self.sharded.gather_whole() if final else {}
         # On the CPU before gathering: rank 0 would unpickle every rank's CUDA tensors onto
         # that rank's GPU (a CUDA context and memory on every GPU of the node).
         mine = {k: on_cpu(v) for k, part in self.rank_parts.items()
@@ -73,9 +82,11 @@ class Checkpointer:
             # as the gradients).
             ranks = [None] * self.ctx.world_size if self.ctx.is_main else None
             dist.gather_object(mine, ranks, dst=0)
-        return agree(self.ctx, lambda: self._write(ranks) if self.ctx.is_main else None)
+        return agree(self.ctx, lambda: self._write(ranks, pieces, whole) if self.ctx.is_main
+                     else None)
 
-    def _write(self, ranks: list[Any]) -> Path:
+    def _write(self, ranks: list[Any], pieces: dict[str, Any] | None,
+               whole: dict[str, Any]) -> Path:
         state: dict[str, Any] = {}
         for key, part in self.parts.items():
             if key in FLAT_PARTS:
@@ -83,10 +94,16 @@ class Checkpointer:
             else:
                 state[key] = part.state_dict()
         state.update(ranks=ranks, world_size=self.ctx.world_size, config=self.identity)
-        return self.files.save(state)
+        if pieces is None:
+            return self.files.save(state)
+        state.update(pieces)  # the folder's name, what the parts hold besides tensors
+        path = self.files.save(state)
+        self.sharded.publish(state, whole)
+        return path
 
     def restore(self, state: dict[str, Any]) -> None:
         """Give every part its state back (already checked: same run, allowed world size)."""
+        self.sharded.load(state)
         for key, part in self.parts.items():
             if key in FLAT_PARTS:
                 part.load_state_dict(state)
@@ -224,10 +241,14 @@ def load(path: Path) -> dict[str, Any]:
     if not blob:
         raise CorruptCheckpoint("the file is empty")
     try:
-        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means "damaged"
         lines = str(exc).strip().splitlines()
         raise CorruptCheckpoint((lines[0] if lines else type(exc).__name__)[:200]) from None
+    problem = damage(path, state)  # mode fsdp: the folder of every rank's pieces beside it
+    if problem:
+        raise CorruptCheckpoint(problem)
+    return state
 
 
 def step_of(path: Path) -> int:

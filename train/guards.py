@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from common.errors import CheckFailed
 from common.records import LEDGER_FILE
@@ -96,7 +97,11 @@ class SyncChecker:
     def after_step(self, model: nn.Module, step: int) -> None:
         if not self.every or not self.ctx.distributed or step % self.every:
             return
-        names, params = zip(*model.named_parameters(), strict=True)
+        # Sharded parameters (mode fsdp) are no replicas: each rank holds another piece.
+        replicated = [(n, p) for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        if not replicated:
+            return
+        names, params = zip(*replicated, strict=True)
         mine = torch.stack([p.detach().double().sum() for p in params] +
                            [p.detach().double().square().sum() for p in params])
         if self.ctx.backend == "gloo":

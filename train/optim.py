@@ -6,8 +6,9 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -102,18 +103,32 @@ class Optimization:
         return self.optimizer.param_groups[0]["lr"]
 
     def parts(self) -> dict[str, Any]:
-        parts: dict[str, Any] = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        """The checkpointed parts besides the optimizer, which the strategy hands the
+        checkpointer (FSDP's is in pieces across the ranks)."""
+        parts: dict[str, Any] = {"scheduler": self.scheduler}
         if self.scaler.is_enabled():  # fp16: its scale and growth tracker
             parts["scaler"] = self.scaler
         return parts
 
 
+class OptimizerHooks(Protocol):
+    """How a strategy builds the optimizer and the loss scaler (train/strategies/base.py)."""
+
+    def build_optimizer(self, params: Iterable[nn.Parameter], optimizer_class: type,
+                        **defaults: Any) -> torch.optim.Optimizer: ...
+
+    def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler: ...
+
+
 def build_optimization(cfg: OptimConfig, precision: str, model: nn.Module, world_size: int,
-                       total_steps: int, device_type: str) -> Optimization:
-    optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg, world_size),
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                nesterov=cfg.nesterov)
+                       total_steps: int, device_type: str,
+                       hooks: OptimizerHooks) -> Optimization:
+    """SGD over `model`'s parameters (after the strategy wrapped it: FSDP's are shards), its
+    schedule and, for fp16, a loss scaler."""
+    optimizer = hooks.build_optimizer(model.parameters(), torch.optim.SGD,
+                                      lr=scaled_lr(cfg, world_size), momentum=cfg.momentum,
+                                      weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scheduler = LRSchedule(optimizer, cfg, total_steps)
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    scaler = hooks.grad_scaler(device_type, enabled=precision == "fp16")
     return Optimization(optimizer, scheduler, scaler, device_type,
                         AUTOCAST_DTYPES.get(precision))

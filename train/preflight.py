@@ -6,6 +6,7 @@ Each raises `UserError` with one line, or returns warnings.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from common.errors import UserError
@@ -44,11 +45,40 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
                         "pytorch/pytorch#143580); set ddp.static_graph=false to accumulate")
     if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
         raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
+    check_mode_keys(cfg)
     warnings = []
     if cpu and cfg.perf.precision == "bf16" and not _cpu_has_bf16():
         warnings.append("perf.precision=bf16 on a CPU without bf16 units (AVX512-BF16/AMX): "
                         "expect it to be slower than fp32")
     return warnings
+
+
+def check_mode_keys(cfg: Config) -> None:
+    """Keys of one mode's section set under another mode would silently do nothing."""
+    if cfg.ddp.zero and cfg.mode != "ddp":
+        also = ("; mode fsdp shards the optimizer state itself (with the parameters and "
+                "gradients)" if cfg.mode == "fsdp" else "")
+        raise UserError(f"ddp.zero applies to mode ddp only (mode is {cfg.mode}){also}")
+    if cfg.mode != "fsdp" and (changed := _changed(cfg, "fsdp")):
+        raise UserError(f"{changed[0]} applies to mode fsdp only (mode is {cfg.mode})")
+    if cfg.mode == "fsdp" and (changed := _changed(cfg, "ddp") or _changed(cfg, "scratch")):
+        mode = changed[0].split(".")[0]
+        raise UserError(f"{changed[0]} is a key of mode {mode}, which mode fsdp does not read "
+                        f"(it shards with the fsdp.* keys); remove it")
+
+
+def _changed(cfg: Config, section: str) -> list[str]:
+    """`section.key=value` (the value as YAML writes it) for each key of a config section that
+    differs from the schema's default."""
+    values = getattr(cfg, section)
+    out = []
+    for f in dataclasses.fields(values):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(values, f.name)
+        if value != default:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            out.append(f"{section}.{f.name}={shown}")
+    return out
 
 
 def _cpu_has_bf16() -> bool:

@@ -1,6 +1,5 @@
-"""Continuing a run: find the newest valid checkpoint, check that it belongs to this run
-(train/identity.py decides), hand it to the checkpointer, and check that every rank did the
-same."""
+"""Continuing a run: find the newest valid checkpoint, check that every rank found the same one
+and that it belongs to this run (train/identity.py decides), and hand it to the checkpointer."""
 
 from __future__ import annotations
 
@@ -20,9 +19,11 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
            run: RunFolder) -> Path | None:
     """Load the newest valid checkpoint of `run.dir` into the run's parts, if resuming is on;
     return its path."""
-    if not cfg.checkpoint.resume or run.replace:  # a run being replaced is not continued
-        return None
-    found = checkpointer.files.load_latest()
+    found = None
+    if cfg.checkpoint.resume and not run.replace:  # a run being replaced is not continued
+        found = checkpointer.files.load_latest()
+    # Before any part loads: sharded parts load collectively, with every rank in the same one.
+    check_same_start(ctx, found[0] if found else None, cfg.run.dir)
     if found is None:
         return None
     path, state = found

@@ -80,7 +80,7 @@ class Trainer:
             self.totals.reset()
             agree(self.ctx, functools.partial(self.run.log_epoch, record))  # a full disk: all stop
             self.monitor.log_epoch(record)
-            self.save_checkpoint()
+            self.save_checkpoint(final=self.finished())
             # A stop asked for in the epoch's last step or in evaluation takes effect here,
             # after the epoch is recorded and saved whole (every rank checks alike).
             if not self.finished() and self.guards.stop.should_stop(self.state.step, True):
@@ -212,7 +212,8 @@ class Trainer:
         self.where = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
-        result = evaluate(model, self.guards.stop.each_alive(self.test_data.iterate()), self.ctx,
+        batches = self.guards.stop.each_alive(self.strategy.eval_batches(self.test_data))
+        result = evaluate(model, batches, self.ctx,
                           self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
@@ -232,10 +233,11 @@ class Trainer:
 
         return self.strategy.probe_sync_ms(self.model, forward_backward)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, final: bool = False) -> None:
+        """`final`: the run's last one (sharded models are then also gathered into last.pt)."""
         self.where = "saving a checkpoint"
         with self.guards.stop.busy():
-            self.parts.checkpointer.save()
+            self.parts.checkpointer.save(final)
         self.run.checkpoint_written()
 
 

@@ -27,7 +27,7 @@ from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_m
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
 from train.preflight import check_device_options, check_world_size
-from train.resume import check_same_start, resume
+from train.resume import resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
 from train.strategies import Strategy, make_strategy
@@ -51,7 +51,6 @@ def train(cfg: Config, ctx: DistContext) -> None:
         run = open_run(cfg, ctx, held)
         trainer = build_trainer(cfg, ctx, strategy, run)
         resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
-        check_same_start(ctx, resumed, cfg.run.dir)
         agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed
                                      else None))
         log.info(describe(cfg, trainer))
@@ -87,18 +86,19 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     if compiled:
         model = strategy.compile(model, cfg.perf.compile_mode)
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
-                               schedule.total_steps, ctx.device.type)
+                               schedule.total_steps, ctx.device.type, strategy)
     sinks: list = [Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []
     tracking: WandbSink | NoWandb = NoWandb()
     if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":
         tracking = WandbSink(cfg, ctx, strategy.name, run.folder)
         sinks.append(tracking)
     state, totals = TrainState(), EpochTotals(ctx)
+    whole, sharded = strategy.checkpoint_parts(plain, optim.optimizer)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step), ctx,
-        parts={"model": plain, **optim.parts(), "position": state, "tracking": tracking},
+        parts={**whole, **optim.parts(), "position": state, "tracking": tracking},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy},
-        identity=identity(cfg))
+        identity=identity(cfg), sharded=sharded)
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
         make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer))

@@ -1,5 +1,6 @@
-"""`make bench`: where the time goes and how we compare, every figure a ratio measured side by
-side in this run (the machine is shared and noisy: absolute numbers drift, ratios much less).
+"""`make bench`: where the time goes, where the memory goes and how we compare, every figure a
+ratio measured side by side in this run (the machine is shared and noisy: absolute numbers
+drift, ratios much less).
 
     python -m tools.bench [--out reports/bench] [--rounds 2] [--skip-peers]
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench import comm, overhead
+from tools.bench import comm, memory, overhead
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -122,6 +123,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     sync = report["resnet_sync"]
     bucketed = sync["ring_per_parameter"] / sync["ring_bucketed_25mb"]
     add("ResNet-18 gradients: per-parameter time / bucketed time", bucketed, ">= 3", bucketed >= 3)
+    mem = report["memory"]
+    goal = f"<= {mem['goal']:.2f}"
+    add(f"{mem['model']}: ZeRO optimizer state per rank / (DDP's / N), worst of N = 2, 4",
+        mem["zero_optimizer_vs_ideal"], goal, mem["zero_optimizer_vs_ideal"] <= mem["goal"])
+    add(f"{mem['model']}: fsdp parameters + gradients + optimizer state per rank / (DDP's / N), "
+        f"worst of N = 2, 4", mem["fsdp_total_vs_ideal"], goal,
+        mem["fsdp_total_vs_ideal"] <= mem["goal"])
     two = report["scaling"]["ddp"].get(2, {}).get("speedup")
     add("LeNet, 2 workers vs 1 (one thread each)", two, ">= 1.8",
         None if two is None else two >= 1.8)
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print("bench: DDP bucket sweep and overlap done", flush=True)
     report["overhead"] = overhead.measure(args.rounds, epochs=3, workers=2, samples=24_000)
     report["compiled"] = compiled(epochs=3, workers=2, samples=24_000)
+    report["memory"] = memory.measure("resnet18", (2, 4))
     ours = report["overhead"]["median_samples_per_s"]["ours_whole_epoch"]
     report["peers"] = {} if args.skip_peers else peers(ours, report["compiled"])
     report["targets"] = targets(report)

@@ -117,9 +117,24 @@ def _peers(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def memory_lines(report: dict[str, Any]) -> list[str]:
+    m = report["memory"]
+    lines = ["", f"## Memory per rank ({m['model']}, SGD with momentum, fp32)", "",
+             "Bytes each rank holds between steps (the largest over ranks); vs 1/N of DDP = "
+             "this / (DDP's / N), goal at most {:.2f}.".format(m["goal"]), "",
+             "| path | workers | parameters MiB | gradients MiB | optimizer MiB | total MiB | "
+             "optimizer vs 1/N of DDP | total vs 1/N of DDP |", "|---|---|---|---|---|---|---|---|"]
+    for r in m["rows"]:
+        mib = " | ".join(f"{r[k] / 2**20:.2f}" for k in
+                         ("parameters", "gradients", "optimizer", "total"))
+        lines.append(f"| {r['path']} | {r['workers']} | {mib} | {r['optimizer_vs_ideal']:.3f} | "
+                     f"{r['total_vs_ideal']:.3f} |")
+    return lines
+
+
 SECTIONS = [("targets", _targets), ("scaling", _scaling), ("allreduce", _allreduce),
             ("resnet_sync", _resnet_sync), ("ddp", _ddp), ("overhead", _overhead),
-            ("peers", _peers)]
+            ("memory", memory_lines), ("peers", _peers)]
 
 
 def figure(report: dict[str, Any], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The training paths, one file each: `single` (one process), `ddp`, `dp`, `scratch`."""
+"""The training paths, one file each: `single` (one process), `ddp`, `dp`, `scratch`, `fsdp`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def make_strategy(cfg: Config, ctx: DistContext) -> Strategy:
         from train.strategies.scratch import Scratch
 
         return Scratch(ctx, cfg.scratch)
+    if cfg.mode == "fsdp":
+        from train.strategies.fsdp import FSDP
+
+        return FSDP(ctx, cfg.fsdp, cfg.perf.precision)
     from train.strategies.ddp import DDP
 
     return DDP(ctx, cfg.ddp)

@@ -9,14 +9,19 @@ file per strategy; `make_strategy` (train/strategies/__init__.py) picks one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from common.errors import UserError
 from train.dist import DistContext
+
+if TYPE_CHECKING:
+    from train.data.batches import Batches
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Strategy:
@@ -85,6 +90,28 @@ class Strategy:
     def explain(self, exc: RuntimeError, step: int) -> UserError | None:
         """A one-line error for a failure this strategy's machinery reports cryptically."""
         return None
+
+    # --- what the optimizer and the checkpoints see (mode fsdp and ddp.zero shard them) -----
+
+    def build_optimizer(self, params: Iterable[nn.Parameter], optimizer_class: type,
+                        **defaults: Any) -> torch.optim.Optimizer:
+        """The optimizer over `params` (the wrapped model's: FSDP's are its shards)."""
+        return optimizer_class(params, **defaults)
+
+    def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler:
+        """fp16's loss scaler; its skip decision must be the same on every rank."""
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def eval_batches(self, batches: Batches) -> Iterator[Batch]:
+        """What evaluation iterates on this rank: its own batches (counts may differ by one
+        between ranks: evaluation runs no collective per batch)."""
+        return batches.iterate()
+
+    def checkpoint_parts(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(parts the same on every rank, saved from the main rank; parts in pieces across the
+        ranks, each saved by its own rank through torch.distributed.checkpoint)."""
+        return {"model": model, "optimizer": optimizer}, {}
 
 
 class Single(Strategy):

@@ -1,13 +1,15 @@
 """DistributedDataParallel: bucketed gradient allreduce overlapped with backward, optionally
-compressed by a comm hook (fp16, bf16, PowerSGD)."""
+compressed by a comm hook (fp16, bf16, PowerSGD), optionally with the optimizer state sharded
+across the ranks (ZeRO stage 1, `ddp.zero`)."""
 
 from __future__ import annotations
 
 import contextlib
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -40,6 +42,22 @@ class DDP(Strategy):
             self.probes_sync = False
             self.sync_method = ("included in compute: not estimated with the PowerSGD hook, "
                                 "whose state a probe would advance")
+
+    def describe(self) -> str:
+        zero = "; optimizer state in one shard per rank (ZeRO)" if self.cfg.zero else ""
+        return super().describe() + zero
+
+    def build_optimizer(self, params: Iterable[nn.Parameter], optimizer_class: type,
+                        **defaults: Any) -> torch.optim.Optimizer:
+        if not self.cfg.zero:
+            return super().build_optimizer(params, optimizer_class, **defaults)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        # Each rank keeps the state of its share of the parameters (whole tensors, balanced
+        # by size), steps them after DDP's allreduce, and broadcasts them to the others. The
+        # checkpointer gathers the state onto the main rank (`consolidate_state_dict`) and
+        # saves it whole; on loading, each rank keeps its share.
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **defaults)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         knobs = self.cfg

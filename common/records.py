@@ -7,3 +7,5 @@ METRICS_FILE = "metrics.jsonl"  # one record per epoch
 SUMMARY_FILE = "summary.json"  # written when a run finishes
 CHECKPOINT_DIR = "checkpoints"  # step_<step>.pt (+ .sha256) and last.pt
 LEDGER_FILE = "sample_ledger.jsonl"  # with check.sample_ledger=true
+HANG_DIR = "hang"  # rank_<r>.json + rank_<r>.txt: where each rank was when a job hung
+PROFILE_DIR = "profile"  # rank_<r>.trace.json (torch.profiler) + top_ops.txt

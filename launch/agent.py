@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common.errors import EXIT_INTERRUPTED, EXPLAINED_EXIT_CODES
 from common.host import die_with_parent
+from launch.hangs import collect_fatal_dumps, hang_block
 
 
 def node0_answers(endpoint: str, timeout_s: float) -> bool:
@@ -48,8 +50,12 @@ def node0_silent(endpoint: str, timeout_s: float | None) -> str:
 
 
 def run_torchrun(torchrun_args: list[str], verbose: bool = False,
-                 rendezvous_timeout_s: float | None = None) -> int:
-    """Run torchrun's elastic agent here; return 0, or the failed workers' exit code."""
+                 rendezvous_timeout_s: float | None = None, run_dir: str | None = None) -> int:
+    """Run torchrun's elastic agent here; return 0, or the failed workers' exit code.
+
+    `run_dir`: where the workers write their hang records; after a failure, one block sums
+    them up (launch/hangs.py)."""
+    started = time.time()
     os.environ["DPTRAIN_PARENT_PID"] = str(os.getpid())  # the workers' parent: see train/__main__
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -64,8 +70,11 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
-        return report_failures(exc.failures)
+        code = report_failures(exc.failures)
+        report_hang(exc.failures, run_dir, started)
+        return code
     except SignalException as exc:
+        report_hang({}, run_dir, started)
         # torchrun passed the signal on; the workers stopped at a step boundary and saved.
         print(f"launch: interrupted by {signal.Signals(exc.sigval).name}; the workers wrote a "
               f"checkpoint at a step boundary: run the same command to resume", file=sys.stderr)
@@ -98,6 +107,19 @@ def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: floa
         return (f"the rendezvous at {where} is closed: the job on node 0 already ended; start "
                 f"every node again together")
     return f"the rendezvous at {where} failed ({type(exc).__name__}: {exc}); {check}"
+
+
+def report_hang(failures: dict, run_dir: str | None, since: float) -> None:
+    """The hang block, when the workers of this job left records (launch/hangs.py)."""
+    if run_dir is None:
+        return
+    try:
+        collect_fatal_dumps(failures, Path(run_dir))
+        block = hang_block(Path(run_dir), since)
+    except OSError as exc:
+        block = f"hang: the records in {run_dir}/hang could not be read ({exc})"
+    if block:
+        print(block, file=sys.stderr, flush=True)
 
 
 def run_one_process(worker_args: list[str]) -> int:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ class StopRequest:
     def __init__(self, ctx: DistContext, grace_s: float, every: int = 5):
         self.ctx, self.every, self.grace_s = ctx, every, grace_s
         self.requested = 0  # the signal number, 0 when none
+        # Called (signal, seconds) when half the grace has passed without a step boundary:
+        # the rank's hang record (train/hang.py), on disk before torchrun's SIGKILL can come.
+        self.on_overdue: Callable[[int, float], None] | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -50,6 +54,11 @@ class StopRequest:
         watchdog = threading.Timer(self.grace_s, os._exit, args=(EXIT_INTERRUPTED,))
         watchdog.daemon = True
         watchdog.start()
+        if self.on_overdue is not None:
+            report = threading.Timer(self.grace_s / 2, self.on_overdue,
+                                     args=(signum, self.grace_s / 2))
+            report.daemon = True
+            report.start()
 
     def should_stop(self, step: int, force_check: bool = False) -> bool:
         if not self.ctx.distributed:

@@ -58,7 +58,8 @@ class EpochTrain:
 
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
                  facts: dict[str, Any], global_batch: int) -> dict[str, Any]:
-    """The epoch's figures, train metrics and step times reduced over ranks (mean and max).
+    """The epoch's figures: train metrics summed over ranks, step times and memory as the mean,
+    the max and each rank's value (one all_gather of every rank's vector).
 
     `facts`: epoch, step, lr, mode, sync_method and the like, copied as they are."""
     timing = dict(train.timing)
@@ -69,13 +70,14 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     local = torch.tensor([*train.totals.tolist(), *(timing[p] for p in PHASES),
                           peak_memory_mb(ctx.device), step_ms], dtype=torch.float64,
                          device=ctx.device)
-    high = local[3:].clone()
+    ranks = local.unsqueeze(0)
     if ctx.distributed:
-        dist.all_reduce(local)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        local[3:] /= ctx.world_size
-    loss_sum, correct, samples, *means = local.tolist()
-    highs = high.tolist()
+        gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, local)
+        ranks = torch.stack(gathered)
+    per_rank = ranks[:, 3:].T.tolist()  # one row per figure, one value per rank
+    loss_sum, correct, samples = ranks[:, :3].sum(0).tolist()
+    means, highs = ranks[:, 3:].mean(0).tolist(), ranks[:, 3:].max(0).values.tolist()
     record = {
         "epoch": facts["epoch"], "step": facts["step"],
         "train_loss": loss_sum / samples, "train_accuracy": correct / samples,
@@ -92,8 +94,11 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     for i, phase in enumerate(PHASES):
         record[f"time_{phase}_ms"] = means[i]
         record[f"time_{phase}_ms_max"] = highs[i]
+        record[f"time_{phase}_ms_ranks"] = per_rank[i]  # stragglers: `make plot`
     record["peak_memory_mb"], record["peak_memory_mb_max"] = means[-2], highs[-2]
+    record["peak_memory_mb_ranks"] = per_rank[-2]
     record["time_step_ms_max"] = highs[-1]  # the slowest rank's whole step
+    record["time_step_ms_ranks"] = per_rank[-1]
     return record
 
 
@@ -118,4 +123,7 @@ def summarize(records: list[dict[str, Any]], facts: dict[str, Any],
         "backend": facts["backend"],
         "device": facts["device"],
         "torch": torch.__version__,
+        # an elastic job's membership changes (or allowed ones): {"step", "from", "to"}
+        "world_size_changes": [r["world_size_change"] for r in records
+                               if "world_size_change" in r],
     }

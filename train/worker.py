@@ -18,16 +18,18 @@ from train.data.tensors import TensorData, place
 from train.dist import DistContext, agree, local_main_first
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
+from train.hang import HangRecorder, NoHangRecord, enable_fatal_dump
 from train.identity import identity
 from train.metrics import EpochTotals
 from train.model import build_plain_model, should_compile, use_channels_last
 from train.observe.console import Console
 from train.observe.monitor import Monitor
+from train.observe.profile import make_profiler
 from train.observe.wandb_sink import NoWandb, WandbSink, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
-from train.preflight import check_device_options, check_world_size
-from train.resume import check_same_start, resume
+from train.preflight import check_device_options, check_profile_steps, check_world_size
+from train.resume import check_same_start, elastic_nodes, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
 from train.strategies import Strategy, make_strategy
@@ -45,13 +47,24 @@ def train(cfg: Config, ctx: DistContext) -> None:
             log.warning("%s", warning)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
+    if ctx.distributed:
+        enable_fatal_dump()  # NCCL's watchdog aborts a timed-out rank: its stacks, then
     strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
     trainer = build_trainer(cfg, ctx, strategy, run)
+    agree(ctx, lambda: check_profile_steps(cfg.perf, trainer.schedule.total_steps))
     resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
     check_same_start(ctx, resumed, cfg.run.dir)
     run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
     log.info(describe(cfg, trainer))
+    change = trainer.state.world_size_change(ctx.world_size)
+    if resumed and change:
+        how = f"an elastic job, --nnodes {elastic_nodes()}" if elastic_nodes() else \
+            "checkpoint.allow_changes=true"
+        log.info("world size %d -> %d workers (%s): %s continues at step %d, the data "
+                 "re-sharded over %d workers, the global batch still %d", change["from"],
+                 change["to"], how, resumed.name, change["step"], change["to"],
+                 cfg.train.batch_size)
     if resumed and trainer.finished():
         log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
                  "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
@@ -97,7 +110,8 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         identity=identity(cfg))
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
-        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer))
+        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer,
+        make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device)))
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -112,9 +126,12 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
     # Agreeing on a stop reads a flag back from the device: on GPUs only every 10 steps.
     stop = StopRequest(ctx, grace_s=min(cfg.dist.timeout_s, 30.0),
                        every=10 if ctx.device.type == "cuda" else 5)
+    hang = HangRecorder(run.folder, ctx.rank, ctx.world_size) if ctx.distributed else \
+        NoHangRecord()
+    stop.on_overdue = hang.overdue
     return Guards(stop, SyncChecker(cfg.check, ctx),
                   SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None),
-                  Faults(cfg.debug, ctx), cfg.dist.timeout_s)
+                  Faults(cfg.debug, ctx), cfg.dist.timeout_s, hang)
 
 
 def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:

@@ -79,6 +79,7 @@ class HangRecorder:
         """A rank that waited: its collective timed out, or a peer it waited for went away."""
         frames = traceback.extract_tb(exc.__traceback__)
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        detail = detail.rsplit("] ", 1)[-1]  # gloo's and NCCL's source location first
         call = "The call that waited (most recent call last):\n"
         self._write(True, f"its collective failed: {detail[:200]}", frames,
                     call + "".join(traceback.format_list(frames)))

@@ -13,6 +13,7 @@ The Trainer calls `step_begins`/`step_ends` around every step and `close` at the
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ class StepProfiler(NoProfiler):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        # Kineto logs its stages and, on a CUDA build without a GPU, a failed device count
+        # as ERROR lines; level 5 keeps only its start/stop lines.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         warmup = 1 if step < self.first else 0
         active = self.last - max(step, self.first) + 1
         self.profiler = torch.profiler.profile(

@@ -122,6 +122,11 @@ def _join(job: Job, mine: dict[str, Any], expected: list[int], started: float,
     from launch.agent import node0_answers
 
     where = f"{job.args.master_addr}:{job.master_port}"
+    try:
+        resolve(job.args.master_addr, job.master_port)
+    except OSError as exc:
+        return Exchange({job.args.node_rank: mine}, expected, time.monotonic() - started,
+                        f"MASTER_ADDR {job.args.master_addr!r} does not resolve ({exc})")
     if not node0_answers(where, timeout):  # torch's client would print a C++ trace per retry
         return Exchange({job.args.node_rank: mine}, expected, time.monotonic() - started,
                         f"node 0's doctor did not answer at {where} within {timeout:.0f} s")

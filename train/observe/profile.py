@@ -62,10 +62,13 @@ class StepProfiler(NoProfiler):
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         warmup = 1 if step < self.first else 0
         active = self.last - max(step, self.first) + 1
+        # Counted from `step`, so that the trace's ProfilerStep#N are the run's step numbers.
         self.profiler = torch.profiler.profile(
             activities=activities, record_shapes=True, profile_memory=True,
-            schedule=torch.profiler.schedule(wait=0, warmup=warmup, active=active, repeat=1),
+            schedule=torch.profiler.schedule(skip_first=step, wait=0, warmup=warmup,
+                                             active=active, repeat=1),
             on_trace_ready=self._ready)
+        self.profiler.step_num = step
         self.profiler.start()
 
     def step_ends(self, step: int) -> None:

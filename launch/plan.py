@@ -128,9 +128,11 @@ def worker_environment(plan: Plan) -> dict[str, str]:
     if plan.elastic:
         env[ELASTIC_ENV] = f"{plan.min_nodes}:{plan.nnodes}"
         # The workers' store then lives in global rank 0 and is new for each worker group.
-        # torchrun's shared store lives in the agent of the first round's leader: a node that
-        # stays keeps pointing its workers there after that leader left, and a group restarted
-        # after a join would read the previous group's keys (its restart count is unchanged).
+        # torchrun's shared store lives in the agent of a round's leader, which publishes its
+        # address only when it first creates it (dynamic_rendezvous.py, next_rendezvous): a
+        # node that joined later waited for that address until its timeout, and the whole job
+        # failed (tried here: two nodes, a third joining); a restarted group would also see
+        # the previous group's keys when its restart count did not change (a join).
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if plan.device_kind == "cpu":
         env["OMP_NUM_THREADS"] = str(plan.threads)

@@ -13,24 +13,32 @@ the usual causes of a multi-node job that hangs at its first collective, or neve
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+from collections.abc import Callable
 
 from common.host import backend_for
 from launch.checks import FAIL, OK, SKIP, WARN, Verdict
 from launch.job import Job
-from launch.peers import Exchange, exchange_for, exchange_timeout
+from launch.peers import exchange_for, exchange_timeout
 
 CLOCK_WARN_S = 0.5  # logs and checkpoints of different nodes interleave wrongly
 VERSION_KEYS = (("torch", "torch"), ("cuda", "CUDA"), ("nccl", "NCCL"), ("python", "Python"))
 
 
-def _compared(job: Job) -> Exchange | Verdict:
-    if job.dp or not job.nodes.several:
-        return SKIP, "single node: nothing to compare"
-    found = exchange_for(job)
-    if len(found.facts) < 2:
-        return SKIP, "no other node's doctor reported (see the nodes row)"
-    return found
+def comparing(check: Callable[[Job, dict[int, dict]], Verdict]) -> Callable[[Job], Verdict]:
+    """A row that compares the facts (node rank -> facts, in rank order) of the nodes whose
+    doctors reported; SKIP when there is nothing to compare."""
+    @functools.wraps(check)
+    def row(job: Job) -> Verdict:
+        if job.dp or not job.nodes.several:
+            return SKIP, "single node: nothing to compare"
+        found = exchange_for(job)
+        if len(found.facts) < 2:
+            return SKIP, "no other node's doctor reported (see the nodes row)"
+        return check(job, dict(sorted(found.facts.items())))
+
+    return row
 
 
 def check_nodes(job: Job) -> Verdict:
@@ -58,11 +66,8 @@ def check_nodes(job: Job) -> Verdict:
     return OK, f"{came}: {names}"
 
 
-def check_versions(job: Job) -> Verdict:
-    found = _compared(job)
-    if isinstance(found, tuple):
-        return found
-    facts = dict(sorted(found.facts.items()))
+@comparing
+def check_versions(job: Job, facts: dict[int, dict]) -> Verdict:
     problems = []
     for key, label in VERSION_KEYS:
         values = {r: f.get(key) for r, f in facts.items()}
@@ -76,11 +81,8 @@ def check_versions(job: Job) -> Verdict:
     return OK, f"{same} on all {len(facts)} nodes"
 
 
-def check_interfaces(job: Job) -> Verdict:
-    found = _compared(job)
-    if isinstance(found, tuple):
-        return found
-    facts = dict(sorted(found.facts.items()))
+@comparing
+def check_interfaces(job: Job, facts: dict[int, dict]) -> Verdict:
     backend = backend_for(job.kind, job.cfg.dist.backend)
     spans_hosts = len({f["host"] for f in facts.values()}) > 1 or not _loopback(
         job.args.master_addr)
@@ -114,13 +116,11 @@ def check_interfaces(job: Job) -> Verdict:
     return OK, detail
 
 
-def check_clocks(job: Job) -> Verdict:
-    found = _compared(job)
-    if isinstance(found, tuple):
-        return found
+@comparing
+def check_clocks(job: Job, facts: dict[int, dict]) -> Verdict:
     limit = float(job.cfg.dist.node_heartbeat_s)
     parts, worst = [], 0.0
-    for rank, f in sorted(found.facts.items()):
+    for rank, f in facts.items():
         if rank == 0 or f.get("clock_offset_s") is None:
             continue
         offset, error = f["clock_offset_s"], f["clock_error_s"]

@@ -13,6 +13,10 @@ import sys
 
 from common.errors import UserError
 
+# Set by the launcher for the workers of an elastic job (`--nnodes MIN:MAX`, as "MIN:MAX"):
+# they resume a checkpoint of another world size without checkpoint.allow_changes.
+ELASTIC_ENV = "DPTRAIN_ELASTIC"
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, which SLURM and taskset narrow)."""

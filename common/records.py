@@ -13,3 +13,5 @@ LOCK_FILE = "job.lock"  # held by the job using the folder (common/lock.py)
 # written its first checkpoint; REPLACING while the move is under way.
 REPLACED_DIR = "replaced"
 REPLACING_DIR = "replaced.partial"
+HANG_DIR = "hang"  # rank_<r>.json + rank_<r>.txt: where each rank was when a job hung
+PROFILE_DIR = "profile"  # rank_<r>.trace.json (torch.profiler) + top_ops.txt

@@ -36,6 +36,20 @@ Positive = Check(lambda v: v > 0, "must be positive")
 NonNegative = Check(lambda v: v >= 0, "must not be negative")
 RUNTIME = "runtime"  # marker: not part of a run's identity
 
+
+def parse_step_range(text: str) -> tuple[int, int] | None:
+    """"A-B" (1-based optimizer steps, A <= B; "A" alone is A-A) -> (A, B); None if malformed."""
+    low, _, high = text.strip().partition("-")
+    if not (low.isdigit() and (high.isdigit() or not high)):
+        return None
+    first, last = int(low), int(high or low)
+    return (first, last) if 1 <= first <= last else None
+
+
+StepRange = Check(lambda v: v == "" or parse_step_range(v) is not None,
+                  "must be A-B, optimizer steps counted from 1 with A <= B (e.g. 10-12)",
+                  "leave it empty for no profile")
+
 PositiveInt = Annotated[int, Positive]
 PositiveFloat = Annotated[float, Positive]
 
@@ -103,6 +117,8 @@ class PerfConfig:
     # bitwise-repeatable GPU kernels (deterministic cuDNN/cuBLAS algorithms, cudnn_benchmark
     # off): slower; for debugging and for comparing a resumed run with an uninterrupted one
     deterministic: Annotated[bool, RUNTIME] = False
+    # torch.profiler trace of these steps on every rank ("A-B", 1-based) into run.dir/profile
+    profile_steps: Annotated[str, StepRange, RUNTIME] = ""
 
 
 @dataclass
@@ -196,6 +212,12 @@ class DistConfig:
     timeout_s: Annotated[float, Positive, RUNTIME] = 600.0  # a collective waiting longer fails
     # how long node 0 waits for the other nodes to join
     rendezvous_timeout_s: Annotated[float, Positive, RUNTIME] = 600.0
+    # elastic --nnodes MIN:MAX: once MIN nodes are there, wait this long for more (torchrun's
+    # last_call_timeout); also after a node left, before the group restarts without it
+    rendezvous_last_call_s: Annotated[int, NonNegative, RUNTIME] = 30
+    # seconds between the launchers' heartbeats; a node silent for 3 of them has left (a group
+    # restarts without it only then). torchrun's keep_alive_interval
+    node_heartbeat_s: Annotated[int, Positive, RUNTIME] = 5
     # threads per CPU worker; 0: usable cores / workers on this node
     cpu_threads: Annotated[int, NonNegative, RUNTIME] = 0
     cpu_flush_denormal: Annotated[bool, RUNTIME] = True  # denormals to zero on CPU (3x faster)

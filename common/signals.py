@@ -68,6 +68,9 @@ class StopSignals:
         self.requested = 0  # the first stop signal's number once training, 0 when none
         self.training = False
         self.busy_depth = 0  # > 0 while writing a checkpoint: no stall limit then
+        # Told (signal, seconds) once, half the stall limit into a stop without progress.
+        self.on_overdue: Callable[[int, float], None] | None = None
+        self._overdue_told = False
         self.last_alive = time.monotonic()
         self.intervals: deque[float] = deque(maxlen=16)  # between recent signs of progress
         self._receive, send = socket.socketpair()
@@ -114,9 +117,16 @@ class StopSignals:
                         self._on_signal(signum)
             except TimeoutError:
                 pass
-            if self.requested and not self.busy_depth and (
-                    time.monotonic() - self.last_alive > self.stall_limit_s()):
-                _exit()
+            if self.requested and not self.busy_depth:
+                self._check_stall(time.monotonic() - self.last_alive, self.stall_limit_s())
+
+    def _check_stall(self, quiet_s: float, limit_s: float) -> None:
+        if quiet_s > limit_s / 2 and self.on_overdue is not None and not self._overdue_told:
+            self._overdue_told = True
+            with contextlib.suppress(Exception):  # a record that fails must not stop the exit
+                self.on_overdue(self.requested, round(quiet_s, 1))
+        if quiet_s > limit_s:
+            _exit()
 
     def _on_signal(self, signum: int) -> None:
         if not self.training:

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.torchrun_args:
         print(f"launch: {plan.note}", flush=True)
         return run_one_process(plan.worker_args)
-    print(f"launch: {plan.note}; {plan.world_size} worker(s) in all, mode {plan.cfg.mode}"
+    total = (f"{plan.nproc * plan.min_nodes} to {plan.world_size}" if plan.elastic
+             else str(plan.world_size))
+    elastic = f", elastic over {plan.min_nodes} to {plan.nnodes} nodes" if plan.elastic else ""
+    print(f"launch: {plan.note}; {total} worker(s) in all, mode {plan.cfg.mode}{elastic}"
           + (f", up to {args.max_restarts} restart(s)" if args.max_restarts else ""), flush=True)
     timeout_s = plan.cfg.dist.rendezvous_timeout_s
     if plan.node_rank > 0 and not node0_answers(plan.rdzv_endpoint, timeout_s):

@@ -26,6 +26,7 @@ from common.errors import EXIT_INTERRUPTED, EXPLAINED_EXIT_CODES
 from common.host import die_with_parent
 from common.records import CHECKPOINT_DIR
 from common.signals import STOP_SIGNALS, signal_name, startup_line
+from launch.hangs import collect_fatal_dumps, hang_block
 
 
 def node0_answers(endpoint: str, timeout_s: float) -> bool:
@@ -59,7 +60,9 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
                  rendezvous_timeout_s: float | None = None, abort_note: str | None = None,
                  run_dir: Path | None = None) -> int:
     """Run torchrun's elastic agent here; return 0, or the failed workers' exit code.
-    `abort_note`: what a worker killed by SIGABRT means in this job (launch/plan.py)."""
+    `abort_note`: what a worker killed by SIGABRT means in this job (launch/plan.py);
+    `run_dir`: where the workers write their hang records; after a failure, one block sums
+    them up (launch/hangs.py)."""
     # Where this node's workers say whether they trained and where they stopped (only local
     # rank 0 writes it, so nothing exists unless training began).
     status_file = Path(tempfile.gettempdir()) / f"dptrain-status-{uuid.uuid4().hex}.json"
@@ -83,6 +86,7 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
 
 def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: float | None,
                abort_note: str | None, run_dir: Path | None, status_file: Path) -> int:
+    started = time.time()
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -96,8 +100,11 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
-        return report_failures(exc.failures, abort_note)
+        code = report_failures(exc.failures, abort_note)
+        report_hang(exc.failures, run_dir, started)
+        return code
     except SignalException as exc:
+        report_hang({}, run_dir, started)
         # torchrun passed the signal on and waited for the workers to leave.
         print(f"launch: {interrupted(exc.sigval, status.read(status_file), run_dir)}",
               file=sys.stderr, flush=True)
@@ -150,6 +157,19 @@ def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: floa
         return (f"the rendezvous at {where} is closed: the job on node 0 already ended; start "
                 f"every node again together")
     return f"the rendezvous at {where} failed ({type(exc).__name__}: {exc}); {check}"
+
+
+def report_hang(failures: dict, run_dir: Path | None, since: float) -> None:
+    """The hang block, when the workers of this job left records (launch/hangs.py)."""
+    if run_dir is None:
+        return
+    try:
+        collect_fatal_dumps(failures, Path(run_dir))
+        block = hang_block(Path(run_dir), since)
+    except OSError as exc:
+        block = f"hang: the records in {run_dir}/hang could not be read ({exc})"
+    if block:
+        print(block, file=sys.stderr, flush=True)
 
 
 def run_one_process(worker_args: list[str]) -> int:

@@ -26,7 +26,13 @@ from launch.net import try_connect
 from train.data import dataset_folder, ensure_available, torchvision_class
 from train.identity import check_resumable, check_run_dir
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
-from train.preflight import check_device_options, check_world_size
+from train.preflight import (
+    check_device_options,
+    check_profile_steps,
+    check_world_size,
+    known_total_steps,
+    profile_range,
+)
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 Verdict = tuple[str, str]
@@ -68,16 +74,21 @@ def check_options(job: Job) -> Verdict:
         warnings = check_device_options(job.cfg, job.kind)
     except UserError as exc:
         problems.append(str(exc))
-    restarts = job.args.max_restarts
+    restarts, nodes = job.args.max_restarts, job.nodes
     if restarts < 0:
         problems.append(f"--max-restarts must not be negative; got {restarts}")
-    if job.dp and job.args.nnodes > 1:
+    if job.dp and nodes.several:
         problems.append("mode dp runs one process on one node; several nodes need mode ddp or "
                         "scratch")
     elif job.dp and restarts > 0:
         problems.append(f"--max-restarts {restarts} needs torchrun workers (mode ddp or "
                         f"scratch); mode dp runs one process without torchrun, which nothing "
                         f"restarts")
+    if nodes.elastic and restarts == 0 and not job.dp:
+        # torchrun counts a node that leaves as a failure of the group (one restart each);
+        # a node that joins costs none.
+        warnings.append(f"--nnodes {nodes} with --max-restarts 0: the first node that leaves "
+                        f"ends the job; give --max-restarts K to outlive K departures")
     if problems:
         return FAIL, "; ".join(problems)
     if warnings:
@@ -104,25 +115,46 @@ def check_backend(job: Job) -> Verdict:
 
 
 def check_batch(job: Job) -> Verdict:
-    check_world_size(job.cfg, job.world_size)
+    """The global batch splits evenly at every world size the job may run at (elastic: each
+    number of nodes in its range)."""
+    sizes = job.world_sizes
+    for size in sizes:
+        try:
+            check_world_size(job.cfg, size)
+        except UserError as exc:
+            if len(sizes) == 1:
+                raise
+            raise UserError(f"{exc} (--nnodes {job.nodes} runs {sizes[0]} to {sizes[-1]} "
+                            f"workers; the batch must divide each of {sizes})") from None
     batch, accum = job.cfg.train.batch_size, job.cfg.train.grad_accum_steps
     split = f" in {accum} micro-batches" if accum > 1 else ""
     if job.dp:
         return OK, f"mode dp: one process takes the global batch {batch}{split}"
-    return OK, (f"global batch {batch} = {job.world_size} worker(s) x "
-                f"{batch // job.world_size} per worker{split}")
+    return OK, "; ".join(f"global batch {batch} = {size} worker(s) x {batch // size} per "
+                         f"worker{split}" for size in sizes)
+
+
+def check_profile(job: Job) -> Verdict:
+    """perf.profile_steps inside the run, as far as the launcher can count its steps."""
+    if not job.cfg.perf.profile_steps:
+        return SKIP, "no profile asked (perf.profile_steps)"
+    check_profile_steps(job.cfg.perf, known_total_steps(job.cfg))
+    first, last = profile_range(job.cfg.perf.profile_steps)
+    return OK, (f"steps {first}-{last} are traced on every rank into "
+                f"{job.cfg.run.dir}/profile/")
 
 
 def check_port(job: Job) -> Verdict:
     """The rendezvous: node 0's port free, several nodes given node 0's address."""
     if job.dp:
         return SKIP, "mode dp: one process, no rendezvous"
-    if job.args.nnodes > 1 and not job.args.master_addr:
+    several = job.nodes.several
+    if several and not job.args.master_addr:
         return FAIL, ("several nodes need --master-addr (MASTER_ADDR): the address of node 0, "
                       "reachable from every node")
-    if job.args.nnodes == 1 and job.args.master_port is None:
+    if not several and job.args.master_port is None:
         return OK, "single node: a free port is picked at launch"
-    if job.args.nnodes > 1 and job.args.node_rank > 0:
+    if several and job.args.node_rank > 0:
         return SKIP, f"node 0 hosts the rendezvous on port {job.master_port}"
     require_free_port(job.master_port)
     return OK, f"port {job.master_port} is free on this node"
@@ -262,4 +294,5 @@ CHECKS: dict[str, Callable[[Job], Verdict]] = {
     "wandb": check_wandb,
     "disk": check_disk,
     "run folder": check_run_folder,
+    "profile": check_profile,
 }

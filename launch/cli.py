@@ -20,8 +20,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="restart the worker group up to K times after a failure; each restart "
                         "resumes from the latest checkpoint (default 0)")
-    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX",
+                   help="nodes in the job (default 1); MIN:MAX for an elastic job, which goes "
+                        "on when nodes leave (down to MIN) or join (up to MAX)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this node's index, 0..nnodes-1 (0..MAX-1); node 0 hosts the rendezvous")
     p.add_argument("--master-addr", default=None,
                    help="address of node 0, reachable from every node (several nodes)")
     p.add_argument("--master-port", type=int, default=None,

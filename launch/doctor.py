@@ -5,8 +5,10 @@ Takes exactly the launcher's arguments, runs every check (unlike the launcher, w
 the first problem) and prints one row per check: OK, WARN (the job may still run), FAIL (it
 would not) or SKIP (does not apply). Exit 1 when a check fails, 0 otherwise; 2 when the config
 itself cannot be loaded. The rows are the launcher's own checks (launch/checks.py), run
-without changing anything, plus two that only the doctor makes: node 0 reachable from this
-node, and a real allreduce between two processes.
+without changing anything, plus those only the doctor makes: node 0 reachable from this
+node, the nodes' versions, network interfaces and clocks compared (launch/node_checks.py, from
+an exchange between the doctors of every node: launch/peers.py), and a real allreduce between
+two processes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from launch.checks import CHECKS, FAIL, OK, SKIP, WARN, Verdict, run_check
 from launch.cli import parse_args
 from launch.job import Job, describe, plan_job
 from launch.net import CONNECT_TIMEOUT_S, can_bind, resolve, why
+from launch.node_checks import check_clocks, check_interfaces, check_nodes, check_versions
+from launch.peers import exchange_for
 
 ALLREDUCE_BYTES = 4 * 2**20  # float32, the size of a small gradient bucket
 ALLREDUCE_REPEATS = 5
@@ -32,11 +36,13 @@ ALLREDUCE_TIMEOUT_S = 60.0  # process start, rendezvous and every all_reduce, al
 
 def check_master(job: Job) -> Verdict:
     """Several nodes: node 0 must own MASTER_ADDR; the others must reach it."""
-    if job.args.nnodes == 1:
+    if not job.nodes.several:
         return SKIP, "single node: the rendezvous is on 127.0.0.1"
     host, port = job.args.master_addr, job.master_port
     if not host:
         return SKIP, "no --master-addr given (the rendezvous port row says what to do)"
+    if job.args.node_rank > 0 and exchange_for(job).problem is None:
+        return OK, f"{host}:{port} answered: node 0's doctor hosted the exchange there"
     try:
         addresses = resolve(host, port)
     except OSError as exc:
@@ -74,7 +80,7 @@ def check_allreduce(job: Job) -> Verdict:
     if backend == "nccl" and visible_gpus() < 2:
         backend, device = "gloo", "cpu"
         note = f"; nccl needs 2 GPUs for this test ({visible_gpus()} visible): gloo on the CPU"
-    if job.args.nnodes > 1:
+    if job.nodes.several:
         note += "; on this node only (between nodes it is first exercised at launch)"
     try:
         seconds = spawn(timed_allreduce, 2, backend, device, ALLREDUCE_BYTES,
@@ -119,12 +125,19 @@ def timed_allreduce(backend: str, device_kind: str, nbytes: int) -> float:
         dist.destroy_process_group()
 
 
-# The launcher's checks in the table's order, with the doctor's own two among them.
+# The launcher's checks in the table's order, with the doctor's own among them. "nodes" hosts
+# (node 0) or joins the exchange between the nodes' doctors: after node 0's port check, before
+# the rows that compare what it brought.
 ROWS: list[tuple[str, Callable[[Job], Verdict]]] = [
     *((name, CHECKS[name]) for name in ("GPUs", "device options", "backend", "rendezvous port")),
+    ("nodes", check_nodes),
     ("master reachable", check_master),
+    ("versions", check_versions),
+    ("network interface", check_interfaces),
+    ("clocks", check_clocks),
     ("allreduce", check_allreduce),
-    *((name, CHECKS[name]) for name in ("dataset", "batch", "wandb", "disk", "run folder")),
+    *((name, CHECKS[name]) for name in ("dataset", "batch", "profile", "wandb", "disk",
+                                        "run folder")),
 ]
 
 

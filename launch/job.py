@@ -22,6 +22,42 @@ DEFAULT_MASTER_PORT = 29500
 
 
 @dataclass(frozen=True)
+class Nodes:
+    """`--nnodes N`, or `MIN:MAX` for an elastic job: torchrun runs it on as many nodes of the
+    range as are there, and restarts the worker group when one leaves or joins."""
+
+    min: int
+    max: int
+
+    @property
+    def elastic(self) -> bool:
+        return self.min < self.max
+
+    @property
+    def several(self) -> bool:
+        """The job may span nodes: a rendezvous at MASTER_ADDR, hosted by node 0."""
+        return self.max > 1
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.max}" if self.elastic else str(self.max)
+
+
+def parse_nodes(text: str | int) -> Nodes:
+    """`N` or `MIN:MAX` (torchrun's syntax); one line naming the flag when it is not."""
+    low, _, high = str(text).strip().partition(":")
+    try:
+        nodes = Nodes(int(low), int(high or low))
+    except ValueError:
+        raise UserError(f"--nnodes expects N or MIN:MAX (whole numbers); got {text!r}") from None
+    if nodes.min < 1:
+        raise UserError(f"--nnodes must be at least 1; got {text}")
+    if nodes.min > nodes.max:
+        raise UserError(f"--nnodes {text}: MIN must not exceed MAX (an elastic job runs on "
+                        f"MIN to MAX nodes)")
+    return nodes
+
+
+@dataclass(frozen=True)
 class Job:
     """What the launcher would start, as far as it can be decided without stopping."""
 
@@ -38,8 +74,20 @@ class Job:
         return self.cfg.mode == "dp"
 
     @property
+    def nodes(self) -> Nodes:
+        return parse_nodes(self.args.nnodes)
+
+    @property
     def world_size(self) -> int:
-        return 1 if self.dp else self.nproc * self.args.nnodes
+        """Workers in all (an elastic job: with every node of its range there)."""
+        return 1 if self.dp else self.nproc * self.nodes.max
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size the job may run at (one, unless elastic)."""
+        if self.dp:
+            return [1]
+        return [self.nproc * n for n in range(self.nodes.min, self.nodes.max + 1)]
 
     @property
     def master_port(self) -> int:
@@ -56,10 +104,9 @@ def worker_overrides(args: argparse.Namespace) -> list[str]:
 def plan_job(args: argparse.Namespace, dry: bool = False) -> Job:
     """The config and the worker count; UserError only for input no check can start from."""
     cfg = load_config(args.config, worker_overrides(args))
-    if args.nnodes < 1:
-        raise UserError(f"--nnodes must be at least 1; got {args.nnodes}")
-    if not 0 <= args.node_rank < args.nnodes:
-        raise UserError(f"--node-rank must be in 0..{args.nnodes - 1}; got {args.node_rank}")
+    nodes = parse_nodes(args.nnodes)
+    if not 0 <= args.node_rank < nodes.max:
+        raise UserError(f"--node-rank must be in 0..{nodes.max - 1}; got {args.node_rank}")
     asked = max(args.gpus or 1, 1)
     try:
         kind = resolve_device_kind(cfg.dist.device)
@@ -121,6 +168,9 @@ def describe(job: Job) -> str:
         backend = backend_for(job.kind, job.cfg.dist.backend)
     except UserError:
         backend = job.cfg.dist.backend
-    node = f" (this is node {job.args.node_rank})" if job.args.nnodes > 1 else ""
-    return (f"mode {job.cfg.mode}, {job.nproc} worker(s) x {job.args.nnodes} node(s){node} = "
-            f"{job.world_size} in all, {job.kind} ({backend})")
+    nodes = job.nodes
+    node = f" (this is node {job.args.node_rank})" if nodes.several else ""
+    sizes = job.world_sizes
+    total = f"{sizes[0]} to {sizes[-1]}" if nodes.elastic else str(job.world_size)
+    return (f"mode {job.cfg.mode}, {job.nproc} worker(s) x {nodes} node(s){node} = "
+            f"{total} in all, {job.kind} ({backend})")

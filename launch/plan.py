@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from common.host import backend_for, threads_per_worker, usable_cores, visible_gpus
+from common.host import (
+    ELASTIC_ENV,
+    backend_for,
+    threads_per_worker,
+    usable_cores,
+    visible_gpus,
+)
 from common.records import NCCL_TRACE_PREFIX
 from common.schema import Config
 from launch.checks import CHECKS, FAIL, run_check
@@ -25,8 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SHUTDOWN_TIMEOUT_S = 30  # after SIGTERM, workers get this long to checkpoint before SIGKILL
 # Cheap checks first; the dataset one may download.
-LAUNCH_ORDER = ("GPUs", "device options", "backend", "batch", "run folder", "wandb", "disk",
-                "rendezvous port", "dataset")
+LAUNCH_ORDER = ("GPUs", "device options", "backend", "batch", "profile", "run folder", "wandb",
+                "disk", "rendezvous port", "dataset")
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,16 @@ class Plan:
     worker_args: list[str]  # what `python -m train` gets: the config and overrides
     note: str  # what the console says about the choice
     gpus: int = 0  # mode dp: the GPUs its one process drives (0 on the CPU)
+    min_nodes: int | None = None  # an elastic job's MIN (`nnodes` is then its MAX)
 
     @property
     def world_size(self) -> int:
+        """Workers in all (an elastic job: with all MAX nodes)."""
         return self.nproc * self.nnodes
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.nnodes
 
     @property
     def rdzv_endpoint(self) -> str:
@@ -66,8 +78,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         threads = usable_cores() if kind == "cpu" else threads_per_worker(0, job.nproc)
         return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, job.note,
                     gpus=job.nproc if kind == "cuda" else 0)
+    nodes = job.nodes
     torchrun_args = [
-        "--nnodes", str(args.nnodes),
+        "--nnodes", str(nodes),
         "--nproc-per-node", str(job.nproc),
         *_rendezvous(job),
         "--max-restarts", str(args.max_restarts),
@@ -76,13 +89,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "-m", "train", *worker_args,
     ]
     threads = threads_per_worker(cfg.dist.cpu_threads, job.nproc)
-    return Plan(cfg, job.nproc, args.nnodes, args.node_rank, kind,
-                backend_for(kind, cfg.dist.backend), threads, torchrun_args, worker_args, job.note)
+    return Plan(cfg, job.nproc, nodes.max, args.node_rank, kind,
+                backend_for(kind, cfg.dist.backend), threads, torchrun_args, worker_args, job.note,
+                min_nodes=nodes.min if nodes.elastic else None)
 
 
 def _rendezvous(job: Job) -> list[str]:
-    args = job.args
-    if args.nnodes == 1:
+    args, dist = job.args, job.cfg.dist
+    if not job.nodes.several:
         # Standalone: a c10d store on 127.0.0.1, on a port the OS picks unless one is given.
         port = args.master_port if args.master_port is not None else 0
         return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
@@ -92,10 +106,15 @@ def _rendezvous(job: Job) -> list[str]:
     # join_timeout bounds the wait for the other nodes once connected; read_timeout bounds each
     # store call, the first connection included: without it a node whose node 0 never comes
     # waits torch's default 60 s, whatever dist.rendezvous_timeout_s says.
-    timeout = max(1, int(job.cfg.dist.rendezvous_timeout_s))
+    # last_call_timeout: once MIN nodes of an elastic range are there, how long to wait for
+    # more; keep_alive_interval: a node that missed 3 heartbeats has left, and only then does a
+    # shrunken group start again without it.
+    timeout = max(1, int(dist.rendezvous_timeout_s))
+    conf = (f"is_host={is_host},join_timeout={timeout},read_timeout={timeout},"
+            f"last_call_timeout={dist.rendezvous_last_call_s},"
+            f"keep_alive_interval={dist.node_heartbeat_s}")
     return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{args.master_addr}:{job.master_port}",
-            "--rdzv-id", f"{job.cfg.run.name}-{job.master_port}",
-            "--rdzv-conf", f"is_host={is_host},join_timeout={timeout},read_timeout={timeout}"]
+            "--rdzv-id", f"{job.cfg.run.name}-{job.master_port}", "--rdzv-conf", conf]
 
 
 def worker_environment(plan: Plan) -> dict[str, str]:
@@ -107,6 +126,15 @@ def worker_environment(plan: Plan) -> dict[str, str]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(visible_gpus())]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:plan.gpus])
+    if plan.elastic:
+        env[ELASTIC_ENV] = f"{plan.min_nodes}:{plan.nnodes}"
+        # The workers' store then lives in global rank 0 and is new for each worker group.
+        # torchrun's shared store lives in the agent of a round's leader, which publishes its
+        # address only when it first creates it (dynamic_rendezvous.py, next_rendezvous): a
+        # node that joined later waited for that address until its timeout, and the whole job
+        # failed (tried here: two nodes, a third joining); a restarted group would also see
+        # the previous group's keys when its restart count did not change (a join).
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if plan.device_kind == "cpu":
         env["OMP_NUM_THREADS"] = str(plan.threads)
     elif "OMP_NUM_THREADS" not in os.environ:

@@ -21,7 +21,7 @@ import torch
 from common.spawn import Env, SpawnError, free_port, spawn
 
 __all__ = ["REPO", "PYTHON", "free_port", "gpu_count", "gpu_env", "hide_gpus", "run_cli",
-           "run_distributed", "run_single", "small_run"]
+           "run_distributed", "run_single", "small_run", "start_nodes"]
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -114,3 +114,17 @@ def small_run(run_dir: Path, *extra: str) -> list[str]:
     """Overrides for a few-second LeNet run on small synthetic data."""
     return [f"run.dir={run_dir}", "data.synthetic.train_samples=1536",
             "data.synthetic.test_samples=501", "train.epochs=2", "wandb.mode=disabled", *extra]
+
+
+def start_nodes(nnodes: str, per_node: list[list[str]], port: int | None = None,
+                stdout: Any = subprocess.PIPE) -> list[subprocess.Popen]:
+    """Launchers on this machine acting as nodes 0, 1, ... of one job (`--nnodes nnodes`, one
+    CPU worker each, rendezvous on 127.0.0.1), each with its own arguments (config, overrides).
+    Output is captured (text); the caller waits for them."""
+    port = port or free_port()
+    env = environment({"WANDB_API_KEY": None, "PYTHONPATH": str(REPO)})
+    return [subprocess.Popen(
+        [PYTHON, "-m", "launch", "--cpu", "--gpus", "1", "--nnodes", nnodes, "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), *extra],
+        cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+        for rank, extra in enumerate(per_node)]

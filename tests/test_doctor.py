@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 
 import pytest
+import torch
 
 from common.config import to_yaml
 from common.lock import RunLock
@@ -87,14 +89,121 @@ def test_every_problem_is_reported_not_only_the_first(tmp_path):
 def test_other_node_warns_when_nothing_listens_at_the_master():
     port = free_port()  # nobody listens there
     result = doctor("--cpu", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
-                    "--master-port", str(port), CONFIG)
+                    "--master-port", str(port), CONFIG, "dist.rendezvous_timeout_s=3")
     assert result.returncode == 0, result.stdout
     table = rows(result.stdout)
+    verdict, detail = table["nodes"]
+    assert verdict == WARN and "node 0's doctor did not answer" in detail and "within 3 s" in detail
+    assert table["versions"][0] == "SKIP"
     verdict, detail = table["master reachable"]
     assert verdict == WARN and "nothing listens there yet" in detail and "start node 0" in detail
     assert f"127.0.0.1:{port}" in detail
     assert table["rendezvous port"][0] == "SKIP"
     assert "4 in all" in result.stdout.splitlines()[0]
+
+
+def two_doctors(*node1_env: tuple[str, str], extra: tuple[str, ...] = ()) -> list:
+    """Node 0's and node 1's doctors of one job, at once on this machine."""
+    import os
+    import subprocess
+
+    from tests.helpers import PYTHON, environment
+
+    port = str(free_port())
+    procs = []
+    for rank, env in ((0, {}), (1, dict(node1_env))):
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "launch.doctor", "--cpu", "--nnodes", "2", "--node-rank", str(rank),
+             "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=environment({"PYTHONPATH": str(REPO), "NETRC": os.devnull, **env})))
+    return [(p.returncode, rows(out), out + err)
+            for p, (out, err) in ((p, p.communicate(timeout=180)) for p in procs)]
+
+
+@pytest.mark.slow
+def test_doctors_of_two_nodes_compare_what_each_brings(tmp_path):
+    run = (f"run.dir={tmp_path}",)
+    # (Rows that do not compare nodes, the allreduce's timing say, are not this test's.)
+    for _, table, text in two_doctors(extra=run):
+        assert table["nodes"][0] == OK and "2 of 2 node(s) reported" in table["nodes"][1], text
+        assert table["versions"][0] == OK
+        assert f"torch {torch.__version__}" in table["versions"][1]
+        verdict, detail = table["network interface"]
+        assert verdict == OK and "node 0: lo (127.0.0.1); node 1: lo (127.0.0.1)" == detail
+        verdict, detail = table["clocks"]
+        assert verdict == OK and detail.startswith("against node 0: node 1 ")
+    # Node 1 names an interface it does not have: both doctors see it, before any launch.
+    for code, table, text in two_doctors(("GLOO_SOCKET_IFNAME", "nosuch0"), extra=run):
+        assert code == 1, text
+        verdict, detail = table["network interface"]
+        assert verdict == FAIL, text
+        assert "node 1: GLOO_SOCKET_IFNAME=nosuch0 matches none of its interfaces" in detail
+
+
+@pytest.mark.slow
+def test_a_node_whose_doctor_never_comes_is_named():
+    started = time.monotonic()
+    result = doctor("--cpu", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                    "--master-port", str(free_port()), CONFIG, "dist.rendezvous_timeout_s=3")
+    table = rows(result.stdout)
+    verdict, detail = table["nodes"]
+    assert verdict == WARN and "1 of 2 node(s) reported" in detail
+    assert "node(s) 1 never reported within 3 s" in detail
+    assert table["versions"][0] == table["clocks"][0] == "SKIP"
+    assert time.monotonic() - started < 60
+
+
+def facts(**changes) -> dict:
+    base = {"host": "a", "python": "3.11.7", "torch": "2.14.1", "cuda": "13.0", "nccl": "2.30.7",
+            "interfaces": {"lo": ["127.0.0.1"], "eth0": ["10.0.0.1"]},
+            "route": {"interface": "eth0", "address": "10.0.0.1"}, "gloo_address": "10.0.0.1",
+            "env": {}, "clock_offset_s": 0.0, "clock_error_s": 0.001}
+    return {**base, **changes}
+
+
+def compared(found_facts: dict, *argv: str):
+    """A two-node job whose exchange found `found_facts` (node rank -> facts)."""
+    from launch import peers
+
+    job = plan_job(parse_args(["--cpu", "--nnodes", "2", "--master-addr", "10.0.0.1", CONFIG,
+                               *argv]))
+    peers._DONE[id(job)] = peers.Exchange(found_facts, [0, 1], 1.0)
+    return job
+
+
+def test_different_versions_and_skewed_clocks_fail():
+    from launch.node_checks import check_clocks, check_versions
+
+    job = compared({0: facts(), 1: facts(host="b", torch="2.13.0", clock_offset_s=-7.5)})
+    verdict, detail = check_versions(job)
+    assert verdict == FAIL and "torch differs: node 0 2.14.1, node 1 2.13.0" in detail
+    verdict, detail = check_clocks(job)
+    assert verdict == FAIL and "node 1 -7.500 s" in detail and "taken for dead" in detail
+    job = compared({0: facts(), 1: facts(host="b", clock_offset_s=0.8)})
+    assert check_clocks(job)[0] == WARN and check_versions(job)[0] == OK
+
+
+def test_gloo_on_a_loopback_host_name_across_hosts_fails():
+    from launch.node_checks import check_interfaces
+
+    job = compared({0: facts(), 1: facts(host="b", gloo_address="127.0.1.1")})
+    verdict, detail = check_interfaces(job)
+    assert verdict == FAIL and "its host name b resolves to 127.0.1.1" in detail
+    assert "set GLOO_SOCKET_IFNAME=eth0" in detail
+    job = compared({0: facts(), 1: facts(host="b", gloo_address="127.0.1.1",
+                                         env={"GLOO_SOCKET_IFNAME": "eth0"})})
+    assert check_interfaces(job)[0] == OK
+
+
+def test_socket_ifname_follows_nccls_rules():
+    from launch.node_checks import matching_interfaces
+
+    names = ["lo", "eth0", "eth1", "ib0"]
+    assert matching_interfaces("eth", names) == ["eth0", "eth1"]
+    assert matching_interfaces("^lo,ib", names) == ["eth0", "eth1"]
+    assert matching_interfaces("=eth", names) == []
+    assert matching_interfaces("eth1", names, exact=True) == ["eth1"]
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,13 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import PYTHON, REPO, free_port, run_cli
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    free_port,
+    run_cli,
+    start_nodes,
+)
 from train.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
@@ -152,6 +160,67 @@ def test_a_killed_worker_restarts_the_group_which_resumes(tmp_path, uninterrupte
     assert_bitwise_equal(params(tmp_path), params(uninterrupted))
 
 
+def test_a_stalled_worker_makes_everyone_exit_with_a_message(tmp_path):
+    started = time.monotonic()
+    proc = start(tmp_path, "dist.timeout_s=5", "debug.stall_rank=1", "debug.stall_step=3",
+                 "debug.stall_seconds=120")
+    _wait_for_steps_started(proc)
+    children = workers_of(proc)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 3, err
+    assert time.monotonic() - started < 60
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1
+    assert "a collective failed at step 3" in message[0]
+    assert "dist.timeout_s=5 s" in message[0]
+    assert_all_gone(children)
+    # Every rank wrote where it was; the launcher's block names the rank that never came.
+    block = err[err.index("hang: "):].splitlines()
+    assert block[0].startswith("hang: rank(s) 1 did not reach the collective that rank(s) 0 "
+                               "waited in, at step 3"), err
+    assert block[1].startswith("  rank 1 ") and "did not reach it" in block[1]
+    assert "at train/faults.py:" in block[1] and "in inside_step" in block[1]
+    assert block[2].startswith("  rank 0 ") and "waited in it" in block[2]
+    assert "at train/optim.py:" in block[2] and "Timed out" in block[2]
+    records = {r: json.loads((tmp_path / "hang" / f"rank_{r}.json").read_text()) for r in (0, 1)}
+    assert [records[r]["waiting"] for r in (0, 1)] == [True, False]
+    assert {records[r]["step"] for r in (0, 1)} == {3}
+    stalled = (tmp_path / "hang" / "rank_1.txt").read_text()
+    assert "inside_step" in stalled and "Thread" in stalled  # every thread's stack
+    assert "The call that waited" in (tmp_path / "hang" / "rank_0.txt").read_text()
+
+
+def test_a_worker_killed_by_a_fatal_signal_leaves_its_stacks(tmp_path):
+    """The NCCL path's CPU twin: NCCL's watchdog aborts a rank whose collective timed out, and
+    no Python code runs then; faulthandler's dump reaches the run folder through the launcher."""
+    proc = start(tmp_path, "checkpoint.every_steps=100")
+    _wait_for_steps(proc)
+    victim = next(p for p in workers_of(proc) if _environ(p).get("RANK") == "1")
+    victim.send_signal(signal.SIGABRT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGABRT, err
+    assert "worker rank 1 was killed by signal 6" in err
+    dump = tmp_path / "hang" / "rank_1.fatal.txt"
+    assert dump.read_text().startswith("Fatal Python error: Aborted")
+    line = next(li for li in err.splitlines() if li.startswith("  rank 1"))
+    assert "did not reach it" in line and "fatal python error: aborted" in line
+    assert line.count(" at train/") + line.count(" at models/") == 1, line
+    assert not list(Path(tempfile.gettempdir()).glob(f"dptrain-fatal-{victim.pid}.txt"))
+
+
+def _environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except psutil.Error:
+        return {}
+
+
+def _wait_for_steps_started(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not workers_of(proc) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterrupted):
     first = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
                     "checkpoint.every_steps=5", "checkpoint.keep=3")
@@ -232,12 +301,7 @@ def test_resuming_with_another_config_names_the_difference(tmp_path):
 def two_nodes(*per_node: list[str], timeout: float = 240) -> list[tuple[int, str]]:
     """Two launchers on this machine acting as nodes 0 and 1 of one job, each with its own
     overrides; (exit code, stderr) of each."""
-    port = str(free_port())
-    nodes = [subprocess.Popen(
-        [PYTHON, "-m", "launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank),
-         "--master-addr", "127.0.0.1", "--master-port", port, CONFIG, *RUN, *extra], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)}) for rank, extra in enumerate(per_node)]
+    nodes = start_nodes("2", [[CONFIG, *RUN, *extra] for extra in per_node])
     outputs = [node.communicate(timeout=timeout) for node in nodes]
     return [(node.returncode, err) for node, (_, err) in zip(nodes, outputs, strict=True)]
 

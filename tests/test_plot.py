@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO, run_cli, small_run
-from tools.plot import PHASES, load_runs, plot_curves, plot_step_time
+from tools.plot import PHASES, load_runs, plot_curves, plot_rank_step_time, plot_step_time
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 
@@ -36,7 +36,8 @@ def runs(tmp_path_factory) -> list[Path]:
 def test_cli_writes_pngs_into_the_first_run(runs):
     result = run_cli("tools.plot", *map(str, runs))
     assert result.returncode == 0, result.stderr
-    written = [runs[0] / "plots" / "curves.png", runs[0] / "plots" / "step_time.png"]
+    written = [runs[0] / "plots" / name
+               for name in ("curves.png", "step_time.png", "step_time_ranks.png")]
     assert result.stdout.split() == [str(p) for p in written]
     for path in written:
         with Image.open(path) as image:
@@ -48,8 +49,8 @@ def test_cli_writes_pngs_into_the_first_run(runs):
 def test_out_folder(runs, tmp_path):
     result = run_cli("tools.plot", str(runs[1]), "--out", str(tmp_path / "figs"))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png",
-                                                                     "step_time.png"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "curves.png", "step_time.png", "step_time_ranks.png"]
 
 
 @pytest.mark.slow
@@ -86,6 +87,33 @@ def test_step_time_bars_are_the_mean_phase_times(runs):
         assert f"{summary['samples_per_s']:,.0f} samples/s" in texts
     note = "".join(t.get_text() for t in fig.texts).replace("\n    ", " ")
     assert f"{runs[0].name}: sync {read_metrics(runs[0])[0]['sync_method']}" in note
+
+
+@pytest.mark.slow
+def test_each_ranks_step_time_stands_side_by_side(runs):
+    fig = plot_rank_step_time(load_runs([str(r) for r in runs]))
+    for ax, run_dir, ranks in zip(fig.axes, runs, (2, 1), strict=True):
+        records = read_metrics(run_dir)
+        bars = [p for p in ax.patches if p.get_width() == pytest.approx(0.6)]
+        assert len(bars) == len(PHASES) * ranks
+        for i, phase in enumerate(PHASES):
+            heights = [b.get_height() for b in bars[i * ranks:(i + 1) * ranks]]
+            want = [statistics.fmean(r[f"time_{phase}_ms_ranks"][k] for r in records)
+                    for k in range(ranks)]
+            assert heights == pytest.approx(want)
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"rank {k}" for k in
+                                                                 range(ranks)]
+
+
+@pytest.mark.slow
+def test_the_records_per_rank_agree_with_their_mean_and_max(runs):
+    for record in read_metrics(runs[0]):
+        for key in [f"time_{p}_ms" for p in PHASES] + ["peak_memory_mb"]:
+            ranks = record[f"{key}_ranks"]
+            assert len(ranks) == record["world_size"] == 2
+            assert record[key] == pytest.approx(statistics.fmean(ranks))
+            assert record[f"{key}_max"] == max(ranks)
+        assert record["time_step_ms_max"] == max(record["time_step_ms_ranks"])
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +46,17 @@ class StopRequest:
         self.signals = stop_signals()
         # One flag on the collective's device, reused: no new tensor per check.
         self.flag = torch.zeros(1, dtype=torch.int64, device=ctx.device)
+
+    @property
+    def on_overdue(self) -> Callable[[int, float], None] | None:
+        """Called (signal, seconds) from the watcher once half the stall limit has passed
+        without progress after a stop signal: the rank's hang record (train/hang.py), on disk
+        before the rank exits or torchrun's SIGKILL comes."""
+        return self.signals.on_overdue
+
+    @on_overdue.setter
+    def on_overdue(self, report: Callable[[int, float], None] | None) -> None:
+        self.signals.on_overdue = report
 
     @property
     def requested(self) -> int:

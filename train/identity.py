@@ -88,8 +88,10 @@ def check_run_dir(cfg: Config) -> bool:
 _POSITION_KEYS = ("train.batch_size", "seed")
 
 
-def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: str) -> None:
-    """Refuse to continue a checkpoint made by another config or world size, unless allowed."""
+def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: str,
+                    elastic: bool = False) -> None:
+    """Refuse to continue a checkpoint made by another config or world size, unless allowed
+    (`elastic`: the job's nodes come and go, so its world size may change at any restart)."""
     old, new = state["config"], identity(cfg)
     changed = differences(old, new)
     if cfg.checkpoint.allow_changes:
@@ -105,7 +107,7 @@ def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: 
                         f"({describe_differences(old, new)}); set "
                         f"checkpoint.allow_changes=true to continue with this one, or "
                         f"checkpoint.resume=false to start over")
-    if state["world_size"] != world_size:
+    if state["world_size"] != world_size and not elastic:
         raise UserError(f"{where} was written by {state['world_size']} workers and this job has "
                         f"{world_size}; set checkpoint.allow_changes=true to continue with "
                         f"{world_size} (the data is re-sharded, the global batch stays "

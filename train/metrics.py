@@ -58,7 +58,8 @@ class EpochTrain:
 
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
                  facts: dict[str, Any], global_batch: int) -> dict[str, Any]:
-    """The epoch's figures, train metrics and step times reduced over ranks (mean and max).
+    """The epoch's figures: train metrics summed over ranks, step times and memory as the mean,
+    the max and each rank's value (one all_gather of every rank's vector).
 
     `facts`: epoch, step, lr, mode, sync_method and the like, copied as they are."""
     timing = dict(train.timing)
@@ -67,18 +68,20 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
         timing["compute"] -= timing["sync"]
     step_ms = sum(timing[p] for p in PHASES)
     peaks = train.peak_memory_mb
-    phases = [timing[p] for p in PHASES]
-    local = torch.tensor([*train.totals.tolist(), *phases, sum(peaks) / len(peaks), step_ms],
+    # Each rank's figures: phases, its mean peak, its step, and (over a dp process's GPUs) its
+    # highest and lowest peak.
+    local = torch.tensor([*train.totals.tolist(), *(timing[p] for p in PHASES),
+                          sum(peaks) / len(peaks), step_ms, max(peaks), min(peaks)],
                          dtype=torch.float64, device=ctx.device)
-    # Maxima over ranks (and over a dp process's GPUs); the smallest peak rides along negated.
-    high = torch.tensor([*phases, max(peaks), step_ms, -min(peaks)], dtype=torch.float64,
-                        device=ctx.device)
+    ranks = local.unsqueeze(0)
     if ctx.distributed:
-        dist.all_reduce(local)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        local[3:] /= ctx.world_size
-    loss_sum, correct, samples, *means = local.tolist()
-    highs = high.tolist()
+        gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, local)
+        ranks = torch.stack(gathered)
+    per_rank = ranks[:, 3:].T.tolist()  # one row per figure, one value per rank
+    lowest = ranks[:, -1].min().item()
+    loss_sum, correct, samples = ranks[:, :3].sum(0).tolist()
+    means, highs = ranks[:, 3:].mean(0).tolist(), ranks[:, 3:].max(0).values.tolist()
     record = {
         "epoch": facts["epoch"], "step": facts["step"],
         "train_loss": loss_sum / samples, "train_accuracy": correct / samples,
@@ -95,12 +98,16 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     for i, phase in enumerate(PHASES):
         record[f"time_{phase}_ms"] = means[i]
         record[f"time_{phase}_ms_max"] = highs[i]
-    peak, top, lowest = means[len(PHASES)], highs[len(PHASES)], -highs[-1]
+        record[f"time_{phase}_ms_ranks"] = per_rank[i]  # stragglers: `make plot`
+    peak, step = len(PHASES), len(PHASES) + 1  # their columns
+    top = highs[-2]
     # The spread shows an imbalance: dp's first GPU holds the outputs and the loss.
-    record.update(peak_memory_mb=peak, peak_memory_mb_max=top, peak_memory_mb_spread=top - lowest)
+    record.update(peak_memory_mb=means[peak], peak_memory_mb_max=top,
+                  peak_memory_mb_spread=top - lowest, peak_memory_mb_ranks=per_rank[peak])
     if len(peaks) > 1:
         record["peak_memory_mb_gpus"] = peaks
-    record["time_step_ms_max"] = highs[len(PHASES) + 1]  # the slowest rank's whole step
+    record["time_step_ms_max"] = highs[step]  # the slowest rank's whole step
+    record["time_step_ms_ranks"] = per_rank[step]
     return record
 
 
@@ -125,4 +132,7 @@ def summarize(records: list[dict[str, Any]], facts: dict[str, Any],
         "backend": facts["backend"],
         "device": facts["device"],
         "torch": torch.__version__,
+        # an elastic job's membership changes (or allowed ones): {"step", "from", "to"}
+        "world_size_changes": [r["world_size_change"] for r in records
+                               if "world_size_change" in r],
     }

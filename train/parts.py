@@ -3,7 +3,7 @@ bundle of built parts (train/worker.py builds them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -12,8 +12,10 @@ from train.checkpoint import Checkpointer
 from train.data.batches import Batches
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
+from train.hang import HangRecorder, NoHangRecord
 from train.metrics import EpochTotals
 from train.observe.monitor import Monitor
+from train.observe.profile import NoProfiler
 from train.optim import Optimization
 from train.run_folder import RunFolder
 from train.strategies.base import Strategy
@@ -26,6 +28,9 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     batch_in_epoch: int = 0  # optimizer steps completed inside the current epoch
+    # Not saved by this part: the workers that wrote the checkpoint resumed from (the
+    # checkpointer saves it), to tell a resume at another world size.
+    saved_world_size: int | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch}
@@ -33,6 +38,14 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        self.saved_world_size = state.get("world_size")  # the file's top level (flat part)
+
+    def world_size_change(self, world_size: int) -> dict[str, int] | None:
+        """{"step", "from", "to"} when the run resumed a checkpoint of another world size (an
+        elastic job whose nodes changed, or checkpoint.allow_changes)."""
+        if self.saved_world_size in (None, world_size):
+            return None
+        return {"step": self.step, "from": self.saved_world_size, "to": world_size}
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class Guards:
     ledger: SampleLedger
     faults: Faults
     timeout_s: float  # dist.timeout_s, named when a collective fails
+    hang: HangRecorder = field(default_factory=NoHangRecord)  # where this rank was, if hung
 
 
 @dataclass
@@ -76,3 +90,4 @@ class TrainerParts:
     run: RunFolder
     monitor: Monitor
     checkpointer: Checkpointer
+    profiler: NoProfiler = field(default_factory=NoProfiler)  # perf.profile_steps

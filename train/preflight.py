@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from common.errors import UserError
-from common.schema import Config
+from common.schema import Config, PerfConfig, parse_step_range
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
@@ -24,6 +24,35 @@ def check_world_size(cfg: Config, world_size: int) -> None:
     if local < cfg.train.grad_accum_steps:
         raise UserError(f"train.grad_accum_steps={cfg.train.grad_accum_steps} micro-batches do "
                         f"not fit in {local} samples per worker; lower it")
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """perf.profile_steps as (first, last) step; the schema already checked its form."""
+    found = parse_step_range(text)
+    if found is None:
+        raise UserError(f"perf.profile_steps must be A-B with 1 <= A <= B; got {text!r}")
+    return found
+
+
+def known_total_steps(cfg: Config) -> int | None:
+    """The run's optimizer steps when they can be counted without the data (synthetic data,
+    or train.max_steps); None otherwise. Steps per epoch do not depend on the world size."""
+    total = cfg.train.max_steps
+    if cfg.data.name == "synthetic":
+        steps = cfg.data.synthetic.train_samples // cfg.train.batch_size * cfg.train.epochs
+        total = min(steps, total) if total else steps
+    return total
+
+
+def check_profile_steps(perf: PerfConfig, total_steps: int | None) -> None:
+    """The profiled steps must lie inside the run (`total_steps`: None when unknown yet)."""
+    if not perf.profile_steps or total_steps is None:
+        return
+    first, last = profile_range(perf.profile_steps)
+    if last > total_steps:
+        raise UserError(f"perf.profile_steps={perf.profile_steps} is outside the run: it has "
+                        f"{total_steps} optimizer steps (1-{total_steps}); choose steps in "
+                        f"that range")
 
 
 def check_device_options(cfg: Config, device_kind: str) -> list[str]:

@@ -3,11 +3,13 @@ and that it belongs to this run (train/identity.py decides), and hand it to the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.host import ELASTIC_ENV
 from common.schema import Config
 from train.checkpoint import Checkpointer
 from train.dist import DistContext
@@ -27,9 +29,16 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     if found is None:
         return None
     path, state = found
-    check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}")
+    check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}",
+                    elastic=elastic_nodes() is not None)
     checkpointer.restore(state)
     return path
+
+
+def elastic_nodes() -> str | None:
+    """"MIN:MAX" when the launcher started this worker in an elastic job (`--nnodes MIN:MAX`);
+    with torchrun directly, set DPTRAIN_ELASTIC yourself (or checkpoint.allow_changes=true)."""
+    return os.environ.get(ELASTIC_ENV) or None
 
 
 def check_same_start(ctx: DistContext, resumed: Path | None, run_dir: str) -> None:

@@ -23,7 +23,7 @@ from train.dist import DistContext, agree, is_comm_failure
 from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
-from train.parts import TrainerParts
+from train.parts import Guards, TrainerParts
 from train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Trainer:
         self.timer = StepTimer(ctx.device, devices=parts.strategy.devices())
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
+        self.guards.hang.locate = lambda: (self.state.step + 1, self.where or "setup")
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
@@ -62,19 +63,25 @@ class Trainer:
             return self._fit()
         except RuntimeError as exc:
             explained = explain_failure(exc, self.strategy, self.state.step + 1, self.where,
-                                        self.guards.timeout_s)
+                                        self.guards)
             if explained is None:
                 raise
             raise explained from None
+        finally:
+            self.parts.profiler.close()
 
     def _fit(self) -> dict[str, Any]:
         started, trained = time.perf_counter(), False
         self.guards.stop.begin()
+        change = self.state.world_size_change(self.ctx.world_size)
         while not self.finished():
             trained = True
             train = self.train_epoch()
             test = self.evaluate()
-            record = epoch_record(self.ctx, train, test, facts(self), self.schedule.global_batch)
+            record = epoch_record(self.ctx, train, test, loop_facts(self),
+                                  self.schedule.global_batch)
+            if change:  # the first epoch record after the change says so
+                record["world_size_change"], change = change, None
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
             self.totals.reset()
@@ -85,7 +92,8 @@ class Trainer:
             # after the epoch is recorded and saved whole (every rank checks alike).
             if not self.finished() and self.guards.stop.should_stop(self.state.step, True):
                 self.interrupt()
-        summary = summarize(self.run.records, facts(self), time.perf_counter() - started)
+        self.guards.hang.withdraw()  # a stop signal at the very end is no hang
+        summary = summarize(self.run.records, loop_facts(self), time.perf_counter() - started)
         if trained:  # a complete run started again keeps the summary of the run that trained
             agree(self.ctx, lambda: self.run.finish(summary))
         return summary
@@ -112,6 +120,7 @@ class Trainer:
         window = (start, self.state.step)  # when and at which step the last step log was
         while self.state.step < self.schedule.total_steps:
             self.timer.start_step(self.state.step)
+            self.parts.profiler.step_begins(self.state.step + 1)
             with self.phase("data"):
                 batch = next(batches, None)
             if batch is None:
@@ -121,6 +130,7 @@ class Trainer:
             self.compile_clock.note_step(time.perf_counter() - step_started, self.timer)
             self.totals.add(loss * batch[1].shape[0], correct, batch[1].shape[0])
             self.after_step()
+            self.parts.profiler.step_ends(self.state.step)
             if self.state.step % self.schedule.log_every == 0:
                 window = self.log_step(loss, window)
             if guards.stop.should_stop(self.state.step) and not self.epoch_done():
@@ -179,6 +189,7 @@ class Trainer:
             # Schedulers end the whole job at the first process that exits (srun
             # --kill-on-bad-exit): the others must not leave while rank 0 is still writing.
             dist.barrier()
+        self.guards.hang.withdraw()  # it reached a step boundary: slow, perhaps, but no hang
         raise Interrupted(self.guards.stop.requested, self.state.step)
 
     def after_step(self) -> None:
@@ -241,7 +252,7 @@ class Trainer:
         self.run.checkpoint_written()
 
 
-def facts(trainer: Trainer) -> dict[str, Any]:
+def loop_facts(trainer: Trainer) -> dict[str, Any]:
     """What records and the summary copy as they are."""
     state, strategy, ctx = trainer.state, trainer.strategy, trainer.ctx
     return {"epoch": state.epoch + 1, "epochs": state.epoch, "step": state.step,
@@ -252,12 +263,14 @@ def facts(trainer: Trainer) -> dict[str, Any]:
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,
-                    timeout_s: float) -> UserError | None:
-    """One line for a failure the strategy knows, or for a collective that failed."""
+                    guards: Guards) -> UserError | None:
+    """One line for a failure the strategy knows, or for a collective that failed (whose
+    waiting rank also writes its hang record)."""
     explained = strategy.explain(exc, step)
     if explained is not None or not is_comm_failure(exc):
         return explained
+    guards.hang.collective_failed(exc)
     detail = str(exc).splitlines()[0].rsplit("] ", 1)[-1][:160] if str(exc) else ""
     return CheckFailed(
         f"a collective failed at step {step}, in {where or 'setup'}, after waiting up to "
-        f"dist.timeout_s={timeout_s:g} s: another worker stalled or died ({detail})")
+        f"dist.timeout_s={guards.timeout_s:g} s: another worker stalled or died ({detail})")

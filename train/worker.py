@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from common import status
 from common.schema import Config
@@ -18,16 +19,18 @@ from train.data.tensors import TensorData, place
 from train.dist import DistContext, agree, local_main_first
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
+from train.hang import HangRecorder, NoHangRecord, enable_fatal_dump
 from train.identity import identity
 from train.metrics import EpochTotals
 from train.model import build_plain_model, set_kernel_choice, should_compile, use_channels_last
 from train.observe.console import Console
 from train.observe.monitor import Monitor
+from train.observe.profile import make_profiler
 from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
-from train.preflight import check_device_options, check_world_size
-from train.resume import resume
+from train.preflight import check_device_options, check_profile_steps, check_world_size
+from train.resume import elastic_nodes, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
 from train.strategies import Strategy, make_strategy
@@ -46,21 +49,18 @@ def train(cfg: Config, ctx: DistContext) -> None:
             log.warning("%s", warning)
     agree(ctx, lambda: check_usable(cfg.wandb) if ctx.is_main else None)
     set_kernel_choice(cfg.perf, ctx.device.type)
+    if ctx.distributed:
+        enable_fatal_dump()  # NCCL's watchdog aborts a timed-out rank: its stacks, then
     strategy = make_strategy(cfg, ctx)
     with contextlib.ExitStack() as held:  # the run folder's lock, until the job ends
         run = open_run(cfg, ctx, held)
         trainer = build_trainer(cfg, ctx, strategy, run)
+        agree(ctx, lambda: check_profile_steps(cfg.perf, trainer.schedule.total_steps))
         resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
         agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed
                                      else None))
         log.info(describe(cfg, trainer))
-        if resumed and trainer.finished():
-            log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
-                     "checkpoint.resume=false trains it again", cfg.run.dir,
-                     trainer.state.step, trainer.schedule.total_steps, resumed)
-        elif resumed:
-            log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
-                     trainer.state.step)
+        say_resumed(cfg, ctx, trainer, resumed)
         agree(ctx, trainer.monitor.start)  # wandb's init, on the main worker
         status.report(trained_from=trainer.state.step)
         try:
@@ -68,6 +68,27 @@ def train(cfg: Config, ctx: DistContext) -> None:
         finally:
             trainer.monitor.close()
     log.info("run folder: %s", cfg.run.dir)
+
+
+def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path | None) -> None:
+    """Where a resumed run continues (and a world size that changed since its checkpoint)."""
+    if resumed is None:
+        return
+    change = trainer.state.world_size_change(ctx.world_size)
+    if change:
+        how = (f"an elastic job, --nnodes {elastic_nodes()}" if elastic_nodes()
+               else "checkpoint.allow_changes=true")
+        log.info("world size %d -> %d workers (%s): %s continues at step %d, the data "
+                 "re-sharded over %d workers, the global batch still %d", change["from"],
+                 change["to"], how, resumed.name, change["step"], change["to"],
+                 cfg.train.batch_size)
+    if trainer.finished():
+        log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
+                 "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
+                 trainer.schedule.total_steps, resumed)
+    else:
+        log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
+                 trainer.state.step)
 
 
 def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFolder) -> Trainer:
@@ -101,7 +122,8 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         identity=identity(cfg), sharded=sharded)
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
-        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer))
+        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer,
+        make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device)))
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -116,9 +138,12 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
     # Agreeing on a stop reads a flag back from the device, which waits for the GPU's queued
     # steps: there only on the steps whose loss is logged (read back anyway).
     stop = StopRequest(ctx, every=cfg.log.every_steps if ctx.device.type == "cuda" else 5)
+    hang = HangRecorder(run.folder, ctx.rank, ctx.world_size) if ctx.distributed else \
+        NoHangRecord()
+    stop.on_overdue = hang.overdue
     return Guards(stop, SyncChecker(cfg.check, ctx),
                   SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None),
-                  Faults(cfg.debug, ctx), cfg.dist.timeout_s)
+                  Faults(cfg.debug, ctx), cfg.dist.timeout_s, hang)
 
 
 def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:

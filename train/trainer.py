@@ -142,7 +142,7 @@ class Trainer:
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
         probe_started = time.perf_counter()
-        probe_sync_ms = self.probe_sync()
+        probe_sync_ms = probe_sync(self)
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
                           time.perf_counter() - probe_started, compile_s,
@@ -224,25 +224,10 @@ class Trainer:
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
         batches = self.guards.stop.each_alive(self.strategy.eval_batches(self.test_data))
-        result = evaluate(model, batches, self.ctx,
-                          self.optim.autocast)
+        result = evaluate(model, batches, self.ctx, self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
         return result
-
-    def probe_sync(self) -> float | None:
-        """For strategies whose sync hides inside backward: an estimate, on a training batch."""
-        self.where = "the DDP sync probe at the epoch's end"
-        if not self.strategy.probes_sync:
-            return None
-        images, labels = next(self.train_data.iterate())
-
-        def forward_backward() -> None:
-            with self.optim.autocast():
-                loss = F.cross_entropy(self.model(images), labels)
-            loss.backward()
-
-        return self.strategy.probe_sync_ms(self.model, forward_backward)
 
     def save_checkpoint(self, final: bool = False) -> None:
         """`final`: the run's last one (sharded models are then also gathered into last.pt)."""
@@ -250,6 +235,21 @@ class Trainer:
         with self.guards.stop.busy():
             self.parts.checkpointer.save(final)
         self.run.checkpoint_written()
+
+
+def probe_sync(trainer: Trainer) -> float | None:
+    """For strategies whose sync hides inside backward: an estimate, on a training batch."""
+    trainer.where = "the DDP sync probe at the epoch's end"
+    if not trainer.strategy.probes_sync:
+        return None
+    images, labels = next(trainer.train_data.iterate())
+
+    def forward_backward() -> None:
+        with trainer.optim.autocast():
+            loss = F.cross_entropy(trainer.model(images), labels)
+        loss.backward()
+
+    return trainer.strategy.probe_sync_ms(trainer.model, forward_backward)
 
 
 def loop_facts(trainer: Trainer) -> dict[str, Any]:

@@ -212,8 +212,10 @@ def check_disk(job: Job) -> Verdict:
 
 
 def check_run_folder(job: Job) -> Verdict:
-    """The same run resumes, a different one is refused (or replaced), the folder writable."""
-    from train.checkpoint import Checkpoints  # late: it imports torch
+    """The same run resumes (or is complete), a different one is refused (or replaced), the
+    folder writable."""
+    from train.checkpoint import Checkpoints, peek_position  # late: they import torch
+    from train.resume import is_complete
 
     if job.args.node_rank > 0:
         return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
@@ -226,7 +228,16 @@ def check_run_folder(job: Job) -> Verdict:
         return WARN, f"run.overwrite=true: the different run in {folder} will be deleted"
     found = Checkpoints(folder / "checkpoints", cfg.checkpoint.keep).candidates()
     if found and cfg.checkpoint.resume:
-        return OK, f"{folder}: will resume from {found[0].name}"
+        # The newest that reads back, as the workers take it (they also check its digest).
+        newest = next(((p, at) for p in found if (at := peek_position(p)) is not None), None)
+        if newest is None:
+            return WARN, (f"{folder}: {len(found)} checkpoint(s), none reads back here "
+                          f"(the workers refuse them); checkpoint.resume=false starts over")
+        path, (epochs, steps) = newest
+        if is_complete(cfg.train, epochs, steps):
+            return OK, (f"{folder}: complete ({path.name}: {epochs} epoch(s), {steps} steps); "
+                        f"nothing left to train, checkpoint.resume=false trains it again")
+        return OK, f"{folder}: will resume from {path.name} (epoch {epochs + 1}, step {steps})"
     if found:
         return OK, f"{folder}: checkpoint.resume=false: starts over, its checkpoints are removed"
     if (folder / "config.yaml").is_file():

@@ -16,6 +16,7 @@ from common.host import (
 )
 from common.schema import Config
 from train.config import load_config
+from train.run_path import settle_run_dir
 
 DEFAULT_CPU_WORKERS = 2
 DEFAULT_MASTER_PORT = 29500
@@ -54,12 +55,19 @@ def worker_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def plan_job(args: argparse.Namespace, dry: bool = False) -> Job:
-    """The config and the worker count; UserError only for input no check can start from."""
+    """The config, the worker count and the run folder; UserError only for input no check can
+    start from."""
     cfg = load_config(args.config, worker_overrides(args))
     if args.nnodes < 1:
         raise UserError(f"--nnodes must be at least 1; got {args.nnodes}")
     if not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--node-rank must be in 0..{args.nnodes - 1}; got {args.node_rank}")
+    job = _decide_workers(args, cfg, dry)
+    settle_run_dir(cfg, job.world_size)  # the workers decide the same folder (run_path.py)
+    return job
+
+
+def _decide_workers(args: argparse.Namespace, cfg: Config, dry: bool) -> Job:
     asked = max(args.gpus or 1, 1)
     try:
         kind = resolve_device_kind(cfg.dist.device)

@@ -53,6 +53,7 @@ class Checkpointer:
                  rank_parts: Mapping[str, Stateful], identity: dict[str, Any]):
         self.files, self.ctx, self.identity = files, ctx, identity
         self.parts, self.rank_parts = dict(parts), dict(rank_parts)
+        self.last_saved: str | None = None  # the newest file this process wrote (main worker)
 
     def save(self) -> Path | None:
         """Every rank contributes its own parts; the main worker writes the file."""
@@ -73,7 +74,9 @@ class Checkpointer:
             else:
                 state[key] = part.state_dict()
         state.update(ranks=ranks, world_size=self.ctx.world_size, config=self.identity)
-        return self.files.save(state)
+        path = self.files.save(state)
+        self.last_saved = str(path)
+        return path
 
     def restore(self, state: dict[str, Any]) -> None:
         """Give every part its state back (already checked: same run, allowed world size)."""
@@ -160,6 +163,16 @@ def load(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any failure to read means "damaged"
         lines = str(exc).strip().splitlines()
         raise CorruptCheckpoint((lines[0] if lines else type(exc).__name__)[:200]) from None
+
+
+def peek_position(path: Path) -> tuple[int, int] | None:
+    """(epochs completed, steps completed) of a checkpoint, its tensors left on disk (memory-
+    mapped, no digest): for the launcher and the doctor. None when it does not read back."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["epoch"]), int(state["step"])
+    except Exception:  # noqa: BLE001 - any failure to read means "cannot tell"
+        return None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

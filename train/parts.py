@@ -3,7 +3,7 @@ bundle of built parts (train/worker.py builds them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -46,6 +46,17 @@ class Schedule:
     grad_accum_steps: int
     log_every: int
     checkpoint_every: int  # 0: at epoch ends only
+    sync_probe: bool = True  # log.sync_probe: DDP's sync probe allowed at epoch ends
+
+    @property
+    def cut_by_max_steps(self) -> bool:
+        """train.max_steps ends the run before its last epoch does."""
+        return self.total_steps < self.epochs * self.steps_per_epoch
+
+    @property
+    def epochs_in_run(self) -> int:
+        """The epochs that will run: fewer than `epochs` when train.max_steps ends it early."""
+        return min(self.epochs, -(-self.total_steps // self.steps_per_epoch))
 
 
 @dataclass
@@ -76,3 +87,4 @@ class TrainerParts:
     run: RunFolder
     monitor: Monitor
     checkpointer: Checkpointer
+    labels: dict[str, str] = field(default_factory=dict)  # what summary.json names: model, data

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.schema import Config
+from common.schema import Config, TrainConfig
 from train.checkpoint import Checkpointer
 from train.dist import DistContext
 from train.identity import check_resumable
@@ -29,6 +29,12 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}")
     checkpointer.restore(state)
     return path
+
+
+def is_complete(cfg: TrainConfig, epochs_done: int, steps_done: int) -> bool:
+    """Nothing left to train at this position: every epoch done, or train.max_steps reached
+    (Trainer.finished, for those who do not know the steps per epoch: launcher, doctor)."""
+    return epochs_done >= cfg.epochs or (cfg.max_steps is not None and steps_done >= cfg.max_steps)
 
 
 def check_same_start(ctx: DistContext, resumed: Path | None, run_dir: str) -> None:

@@ -17,6 +17,7 @@ from common.records import CHECKPOINT_DIR, CONFIG_FILE, LEDGER_FILE, METRICS_FIL
 from common.schema import Config
 from train.dist import DistContext
 from train.identity import check_run_dir
+from train.run_path import point_latest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class RunFolder:
         self.records = [r for r in self._read_records() if r["epoch"] <= (resumed_epochs or 0)]
         atomic_write(self.metrics_path,
                      lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+        point_latest(self.folder)  # runs/latest: this run, the newest started
 
     def _read_records(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

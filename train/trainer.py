@@ -23,6 +23,7 @@ from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
 from train.parts import TrainerParts
+from train.probe import SyncProbe
 from train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Trainer:
         self.timer = StepTimer(ctx.device)
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
+        self.probe = SyncProbe(parts.strategy, parts.schedule, parts.optim.autocast)
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
@@ -71,7 +73,9 @@ class Trainer:
         while not self.finished():
             trained = True
             train = self.train_epoch()
+            evaluated = time.perf_counter()
             test = self.evaluate()
+            test["seconds"] = time.perf_counter() - evaluated
             record = epoch_record(self.ctx, train, test, self.facts(), self.schedule.global_batch)
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
@@ -99,7 +103,10 @@ class Trainer:
         self.model.train()
         self.timer.reset()
         first = self.state.batch_in_epoch  # > 0 when resuming inside the epoch
-        self.monitor.epoch_start(epoch + 1, self.schedule.steps_per_epoch, first)
+        # This epoch's steps, fewer when train.max_steps ends the run inside it.
+        steps = min(self.schedule.steps_per_epoch,
+                    first + self.schedule.total_steps - self.state.step)
+        self.monitor.epoch_start(epoch + 1, steps, first)
         batches = self.train_data.iterate(start=first)
         if self.ctx.distributed:
             # Start the clocks together: otherwise a rank that finished its setup early (the
@@ -129,10 +136,12 @@ class Trainer:
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
         probe_started = time.perf_counter()
-        probe_sync_ms = self.probe_sync()
+        self.where = "the DDP sync probe at the epoch's end"
+        probe_sync_ms, skipped = self.probe.at_epoch_end(self.model, self.train_data,
+                                                         whole=first == 0 and done == steps)
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
-                          time.perf_counter() - probe_started, compile_s)
+                          time.perf_counter() - probe_started, compile_s, skipped)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in
@@ -213,32 +222,21 @@ class Trainer:
                                       len(self.test_data.data))
         return result
 
-    def probe_sync(self) -> float | None:
-        """For strategies whose sync hides inside backward: an estimate, on a training batch."""
-        self.where = "the DDP sync probe at the epoch's end"
-        if not self.strategy.probes_sync:
-            return None
-        images, labels = next(self.train_data.iterate())
-
-        def forward_backward() -> None:
-            with self.optim.autocast():
-                loss = F.cross_entropy(self.model(images), labels)
-            loss.backward()
-
-        return self.strategy.probe_sync_ms(self.model, forward_backward)
-
     def save_checkpoint(self) -> None:
         self.where = "saving a checkpoint"
         self.parts.checkpointer.save()
 
     def facts(self) -> dict[str, Any]:
         """What records and the summary copy as they are."""
+        plan = self.schedule
         return {"epoch": self.state.epoch + 1, "epochs": self.state.epoch,
                 "step": self.state.step, "steps": self.state.step, "lr": self.optim.lr,
                 "mode": self.strategy.name, "sync_method": self.strategy.sync_method,
-                "probes_sync": self.strategy.probes_sync, "compiled": self.parts.compiled,
+                "measures_sync": self.strategy.measures_sync, "compiled": self.parts.compiled,
                 "world_size": self.ctx.world_size, "backend": self.ctx.backend,
-                "device": self.ctx.device.type}
+                "device": self.ctx.device.type, **self.parts.labels,
+                "final_checkpoint": self.parts.checkpointer.last_saved,
+                "stopped_by_max_steps": plan.cut_by_max_steps and self.finished()}
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,

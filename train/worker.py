@@ -19,6 +19,7 @@ from train.dist import DistContext, agree, local_main_first
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.identity import identity
+from train.inference import InputSpec
 from train.metrics import EpochTotals
 from train.model import build_plain_model, should_compile, use_channels_last
 from train.observe.console import Console
@@ -30,6 +31,7 @@ from train.preflight import check_device_options, check_world_size
 from train.resume import check_same_start, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
+from train.run_path import settle_run_dir
 from train.strategies import Strategy, make_strategy
 from train.trainer import Trainer
 
@@ -38,6 +40,7 @@ log = logging.getLogger("train")
 
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
+    settle_folder(cfg, ctx)
     # The same checks on every rank: agreed, so that one process reports them.
     agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
     for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
@@ -47,16 +50,19 @@ def train(cfg: Config, ctx: DistContext) -> None:
         torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     strategy = make_strategy(cfg, ctx)
     run = agree(ctx, lambda: open_run(cfg, ctx))
+    log.info("run folder: %s", cfg.run.dir)
     trainer = build_trainer(cfg, ctx, strategy, run)
     resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
     check_same_start(ctx, resumed, cfg.run.dir)
     run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
     log.info(describe(cfg, trainer))
     if resumed and trainer.finished():
+        # Nothing is opened (no wandb segment, no sync command): there is nothing to log.
         log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
                  "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
-                 trainer.schedule.total_steps, resumed)
-    elif resumed:
+                 trainer.schedule.total_steps, resumed.name)
+        return
+    if resumed:
         log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
                  trainer.state.step)
     trainer.monitor.start()
@@ -65,6 +71,15 @@ def train(cfg: Config, ctx: DistContext) -> None:
     finally:
         trainer.monitor.close()
     log.info("run folder: %s", cfg.run.dir)
+
+
+def settle_folder(cfg: Config, ctx: DistContext) -> None:
+    """run.dir and run.name, decided as the launcher does (train/run_path.py)."""
+    agree(ctx, lambda: settle_run_dir(cfg, ctx.world_size))
+    if ctx.distributed:  # runs/latest may change between two ranks' reads: rank 0's holds
+        chosen = [cfg.run.dir, cfg.run.name]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        cfg.run.dir, cfg.run.name = chosen
 
 
 def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFolder) -> Trainer:
@@ -84,7 +99,8 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         model = strategy.compile(model, cfg.perf.compile_mode)
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
                                schedule.total_steps, ctx.device.type)
-    sinks: list = [Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []
+    sinks: list = ([Console(cfg.log, schedule.epochs_in_run, schedule.total_steps)]
+                   if ctx.is_main else [])
     tracking: WandbSink | NoWandb = NoWandb()
     if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":
         tracking = WandbSink(cfg, ctx, strategy.name, run.folder)
@@ -92,12 +108,14 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     state, totals = TrainState(), EpochTotals(ctx)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep), ctx,
-        parts={"model": plain, **optim.parts(), "position": state, "tracking": tracking},
+        parts={"model": plain, **optim.parts(), "position": state, "tracking": tracking,
+               "inputs": InputSpec.of(train_set)},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy},
         identity=identity(cfg))
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
-        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer))
+        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer,
+        labels={"model": cfg.model.name, "dataset": cfg.data.name}))
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -105,7 +123,8 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     return Schedule(cfg.train.epochs, steps_per_epoch, total, cfg.train.batch_size,
-                    cfg.train.grad_accum_steps, cfg.log.every_steps, cfg.checkpoint.every_steps)
+                    cfg.train.grad_accum_steps, cfg.log.every_steps, cfg.checkpoint.every_steps,
+                    cfg.log.sync_probe)
 
 
 def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
@@ -134,14 +153,17 @@ def describe(cfg: Config, trainer: Trainer) -> str:
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
     shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
-    schedule, world = trainer.schedule, trainer.ctx.world_size
+    plan, world = trainer.schedule, trainer.ctx.world_size
+    length = f"{plan.epochs} epoch{'' if plan.epochs == 1 else 's'} ({plan.total_steps} steps)"
+    if plan.total_steps < plan.epochs * plan.steps_per_epoch:
+        length = (f"{plan.total_steps} steps: train.max_steps ends the run in epoch "
+                  f"{plan.epochs_in_run} of {plan.epochs}")
     return (
         f"{trainer.strategy.name}: {trainer.strategy.describe()}; {', '.join(knobs)}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
         f"{len(train_set):,} train / {len(test_set):,} test\n"
-        f"global batch {schedule.global_batch} ({schedule.global_batch // world} per worker), "
-        f"{schedule.steps_per_epoch} steps/epoch, {schedule.epochs} epochs"
-        + (f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps else "")
+        f"global batch {plan.global_batch} ({plan.global_batch // world} per worker), "
+        f"{plan.steps_per_epoch} steps/epoch, {length}"
     )
 
 

@@ -155,10 +155,7 @@ def epoch_axis(ax: Any, last: int) -> None:
     """Whole epochs on the x axis, also for a run of one epoch (matplotlib would otherwise
     spread 0.95-1.05 around a lone point)."""
     ax.set_xlim(0.5, last + 0.5)
-    if last <= 12:
-        ax.set_xticks(range(1, last + 1))
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def step_times(run: Run) -> tuple[dict[str, float], float, bool]:
@@ -191,17 +188,15 @@ def _epochs(numbers: list[int]) -> str:
     """[1] -> 'epoch 1'; [2, 3, 4] -> 'epochs 2-4'; [1, 3] -> 'epochs 1, 3'."""
     if len(numbers) == 1:
         return f"epoch {numbers[0]}"
-    if numbers == list(range(numbers[0], numbers[-1] + 1)):
-        return f"epochs {numbers[0]}-{numbers[-1]}"
-    return "epochs " + ", ".join(map(str, numbers))
+    run = numbers == list(range(numbers[0], numbers[-1] + 1))
+    return f"epochs {numbers[0]}-{numbers[-1]}" if run else f"epochs {', '.join(map(str, numbers))}"
 
 
 def sync_note(runs: list[Run], chars: int) -> str:
     """The footnote: per run, how its sync time was obtained, wrapped to `chars` columns."""
     lines = []
     for run in runs:
-        methods = sync_methods(run)
-        if len(methods) == 1:
+        if len(methods := sync_methods(run)) == 1:
             lines.append(textwrap.fill(f"{run.name}: sync {methods[0][1]}", chars,
                                        subsequent_indent="    "))
             continue

@@ -132,16 +132,42 @@ def test_run_folder_holding_another_run_fails(tmp_path):
     assert verdict == WARN and "will be deleted" in detail
 
 
+def checkpoints(folder, *positions: tuple[int, int]) -> None:
+    """Checkpoint files at (epochs done, steps done), as far as the check reads them."""
+    import torch
+
+    (folder / "checkpoints").mkdir()
+    for epoch, step in positions:
+        torch.save({"epoch": epoch, "step": step, "model": {"w": torch.zeros(3)}},
+                   folder / "checkpoints" / f"step_{step:08d}.pt")
+
+
 def test_run_folder_with_checkpoints_resumes(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(CONFIG, [f"run.dir={tmp_path}"])))
-    (tmp_path / "checkpoints").mkdir()
-    for step in (3, 6):
-        (tmp_path / "checkpoints" / f"step_{step:08d}.pt").write_bytes(b"")
+    checkpoints(tmp_path, (0, 3), (1, 6))
     assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}")) == (
-        OK, f"{tmp_path}: will resume from step_00000006.pt")
+        OK, f"{tmp_path}: will resume from step_00000006.pt (epoch 2, step 6)")
     verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}",
                                                "checkpoint.resume=false"))
     assert verdict == OK and "starts over" in detail
+
+
+@pytest.mark.parametrize("position, extra", [((6, 558), []),  # every epoch done
+                                             ((0, 40), ["train.max_steps=40"])])
+def test_a_complete_run_is_called_complete(tmp_path, position, extra):
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(CONFIG, [*extra])))
+    checkpoints(tmp_path, position)
+    verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}", *extra))
+    assert verdict == OK and f"{tmp_path}: complete (step_{position[1]:08d}.pt" in detail
+    assert "nothing left to train" in detail and "will resume" not in detail
+
+
+def test_checkpoints_that_do_not_read_back_are_a_warning(tmp_path):
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(CONFIG)))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000006.pt").write_bytes(b"truncated")
+    verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}"))
+    assert verdict == WARN and "none reads back" in detail
 
 
 def test_forced_online_wandb_without_credentials_fails(monkeypatch, tmp_path):

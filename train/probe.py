@@ -31,7 +31,8 @@ class SyncProbe:
     def at_epoch_end(self, model: nn.Module, batches: Batches,
                      whole: bool) -> tuple[float | None, str | None]:
         """(ms of sync per step, None), or (None, why it did not run); (None, None) for
-        strategies that need no probe. `whole`: the epoch ran all its steps here."""
+        strategies that need no probe. `whole`: this process ran all `steps_per_epoch` steps
+        of the epoch (not a resumed remainder, nor one that train.max_steps cut short)."""
         if not self.strategy.probes_sync:
             return None, None
         skipped = self.skipped(whole)

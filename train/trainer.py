@@ -135,10 +135,10 @@ class Trainer:
         done = self.state.batch_in_epoch
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
-        probe_started = time.perf_counter()
+        probe_started, spe = time.perf_counter(), self.schedule.steps_per_epoch
         self.where = "the DDP sync probe at the epoch's end"
         probe_sync_ms, skipped = self.probe.at_epoch_end(self.model, self.train_data,
-                                                         whole=first == 0 and done == steps)
+                                                         whole=first == 0 and done == spe)
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
                           time.perf_counter() - probe_started, compile_s, skipped)

@@ -60,8 +60,10 @@ class SyntheticConfig:
 class DataConfig:
     name: str = "synthetic"  # synthetic | fashion_mnist | mnist | cifar10
     root: str = "data"  # torchvision datasets are read from (and downloaded into) this folder
-    download: bool = True  # try to download torchvision datasets that are missing
-    on_device: bool = True  # hold the whole dataset on the worker's GPU when it fits
+    # try to download torchvision datasets that are missing (how files arrive: not the run)
+    download: Annotated[bool, RUNTIME] = True
+    # hold the whole dataset on the worker's GPU when it fits (where, not what: not the run)
+    on_device: Annotated[bool, RUNTIME] = True
     normalize: bool = True  # zero mean, unit variance per channel (training-set statistics)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

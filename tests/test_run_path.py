@@ -48,7 +48,8 @@ def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):
 
 @pytest.mark.parametrize("override", ["log.every_steps=3", "wandb.mode=disabled",
                                       "dist.cpu_threads=1", "checkpoint.keep=5",
-                                      "run.name=other", "log.sync_probe=false"])
+                                      "run.name=other", "log.sync_probe=false",
+                                      "data.download=false", "data.on_device=false"])
 def test_runtime_keys_do_not_change_it(override):
     assert fingerprint(load_config(CONFIG, [override]), 2) == DEFAULT_WITH_TWO_WORKERS
 

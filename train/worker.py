@@ -155,7 +155,7 @@ def describe(cfg: Config, trainer: Trainer) -> str:
     shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
     plan, world = trainer.schedule, trainer.ctx.world_size
     length = f"{plan.epochs} epoch{'' if plan.epochs == 1 else 's'} ({plan.total_steps} steps)"
-    if plan.total_steps < plan.epochs * plan.steps_per_epoch:
+    if plan.cut_by_max_steps:
         length = (f"{plan.total_steps} steps: train.max_steps ends the run in epoch "
                   f"{plan.epochs_in_run} of {plan.epochs}")
     return (

@@ -30,7 +30,7 @@ __all__ = ["Config", "apply_override", "flatten", "load_config", "runtime_keys",
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config, apply `a.b=value` overrides and fill the derived defaults."""
+    """Read a YAML config, apply `a.b=value` overrides; `run.name` defaults to the file's stem."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -45,10 +45,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     cfg = _build(Config, raw, prefix="", source=str(path))
     for item in overrides:
         apply_override(cfg, item)
-    if not cfg.run.name:
-        cfg.run.name = Path(cfg.run.dir).name if cfg.run.dir else path.stem
-    if not cfg.run.dir:
-        cfg.run.dir = str(Path("runs") / cfg.run.name)
+    if not cfg.run.name and not cfg.run.dir:
+        cfg.run.name = path.stem
+    # run.dir stays empty unless given: its default needs the number of workers
+    # (train/run_path.py: settle_run_dir, called by the launcher, the doctor and the workers).
     return cfg
 
 

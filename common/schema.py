@@ -74,8 +74,10 @@ class SyntheticConfig:
 class DataConfig:
     name: str = "synthetic"  # synthetic | fashion_mnist | mnist | cifar10
     root: str = "data"  # torchvision datasets are read from (and downloaded into) this folder
-    download: bool = True  # try to download torchvision datasets that are missing
-    on_device: bool = True  # hold the whole dataset on the worker's GPU when it fits
+    # try to download torchvision datasets that are missing (how files arrive: not the run)
+    download: Annotated[bool, RUNTIME] = True
+    # hold the whole dataset on the worker's GPU when it fits (where, not what: not the run)
+    on_device: Annotated[bool, RUNTIME] = True
     normalize: bool = True  # zero mean, unit variance per channel (training-set statistics)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -177,6 +179,10 @@ class LogConfig:
     # auto: a bar on a terminal, plain lines elsewhere
     progress: Annotated[Literal["auto", "bar", "lines", "off"], RUNTIME] = "auto"
     every_steps: Annotated[int, Positive, RUNTIME] = 20  # per-step metrics every N steps
+    # estimate DDP's sync hidden in backward: a forward+backward with and one without sync (two
+    # extra passes) at epoch ends, as often as that costs at most 3% of an epoch, else once per
+    # run; never in runs shorter than an epoch. false: records say n/a (train/trainer.py)
+    sync_probe: Annotated[bool, RUNTIME] = True
 
 
 @dataclass
@@ -200,8 +206,10 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    name: Annotated[str, RUNTIME] = ""  # default: run.dir's last part, else the config's stem
-    dir: Annotated[str, RUNTIME] = ""  # the run's output folder; default: runs/<name>
+    name: Annotated[str, RUNTIME] = ""  # default: the config's stem, else run.dir's last part
+    # the run's output folder; default: runs/<name>-<8 hex digits of the run's identity and
+    # worker count> (train/run_path.py), so the same command resumes and another gets its own
+    dir: Annotated[str, RUNTIME] = ""
     overwrite: Annotated[bool, RUNTIME] = False  # replace a different run already in `dir`
 
 

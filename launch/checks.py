@@ -244,9 +244,11 @@ def check_disk(job: Job) -> Verdict:
 
 
 def check_run_folder(job: Job) -> Verdict:
-    """Not in use by another job; the same run resumes (with this world size), a different one
-    is refused (or replaced); the folder writable. The workers check it all again."""
-    from train.checkpoint import Checkpoints, step_of  # late: it imports torch
+    """Not in use by another job; the same run resumes (with this world size) or is complete,
+    a different one is refused (or replaced); the folder writable. The workers check it all
+    again."""
+    from train.checkpoint import Checkpoints  # late: they import torch
+    from train.resume import is_complete
 
     if job.args.node_rank > 0:
         return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
@@ -264,12 +266,16 @@ def check_run_folder(job: Job) -> Verdict:
                       f"first checkpoint")
     files = Checkpoints(folder / CHECKPOINT_DIR, cfg.checkpoint.keep)
     if files.candidates() and cfg.checkpoint.resume:
-        latest = files.peek_latest()
+        latest = files.peek_latest()  # the newest that opens, as the workers take it
         if latest is None:
             raise files.none_valid()
         path, state = latest
         check_resumable(cfg, job.world_size, state, f"checkpoint {path}")
-        return OK, f"{folder}: will resume from {path.name} (step {step_of(path)})"
+        epochs, steps = int(state["epoch"]), int(state["step"])
+        if is_complete(cfg.train, epochs, steps):
+            return OK, (f"{folder}: complete ({path.name}: {epochs} epoch(s), {steps} steps); "
+                        f"nothing left to train, checkpoint.resume=false trains it again")
+        return OK, f"{folder}: will resume from {path.name} (epoch {epochs + 1}, step {steps})"
     if files.candidates():
         return OK, (f"{folder}: checkpoint.resume=false: starts over; its checkpoints are moved "
                     f"to {folder / REPLACED_DIR} until the new run's first checkpoint")

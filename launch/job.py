@@ -16,6 +16,7 @@ from common.host import (
 )
 from common.schema import Config
 from train.config import load_config
+from train.run_path import settle_run_dir
 
 DEFAULT_CPU_WORKERS = 2
 DEFAULT_MASTER_PORT = 29500
@@ -102,11 +103,21 @@ def worker_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def plan_job(args: argparse.Namespace, dry: bool = False) -> Job:
-    """The config and the worker count; UserError only for input no check can start from."""
+    """The config, the worker count and the run folder; UserError only for input no check can
+    start from."""
     cfg = load_config(args.config, worker_overrides(args))
     nodes = parse_nodes(args.nnodes)
     if not 0 <= args.node_rank < nodes.max:
         raise UserError(f"--node-rank must be in 0..{nodes.max - 1}; got {args.node_rank}")
+    job = _decide_workers(args, cfg, dry)
+    # The workers decide the same folder (run_path.py); an elastic job keeps one folder at
+    # every size of its range.
+    settle_run_dir(cfg, f"{job.nproc}x{nodes}" if nodes.elastic and not job.dp
+                   else job.world_size)
+    return job
+
+
+def _decide_workers(args: argparse.Namespace, cfg: Config, dry: bool) -> Job:
     asked = max(args.gpus or 1, 1)
     try:
         kind = resolve_device_kind(cfg.dist.device)

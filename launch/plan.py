@@ -73,7 +73,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if verdict == FAIL:
             raise UserError(detail)
     cfg, kind = job.cfg, job.kind
-    worker_args = [str(args.config), *worker_overrides(args)]
+    # The folder decided here, given on: a runs/latest that moves meanwhile changes nothing.
+    worker_args = [str(args.config), *worker_overrides(args), f"run.dir={cfg.run.dir}",
+                   f"run.name={cfg.run.name}"]
     if job.dp:
         threads = usable_cores() if kind == "cpu" else threads_per_worker(0, job.nproc)
         return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, job.note,

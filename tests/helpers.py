@@ -104,8 +104,10 @@ def run_cli(*args: str, cwd: Path | None = None, env: Env | None = None,
 
     `env`: overrides, e.g. `gpu_env()` (None removes a variable). Hermetic for wandb: no
     credentials are visible, so `wandb.mode=auto` logs offline."""
+    # DPTRAIN_PARENT_PID: a launcher run inside this process must not name it the parent
+    # of workers that torchrun starts here.
     full_env = environment({"WANDB_API_KEY": None, "NETRC": os.devnull, "PYTHONPATH": str(REPO),
-                            **(env or {})})
+                            "DPTRAIN_PARENT_PID": None, **(env or {})})
     return subprocess.run([PYTHON, "-m", *args], cwd=cwd or REPO, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
 

@@ -1,13 +1,16 @@
 """The real command line, end to end, as a user types it."""
 
 import json
+import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from launch.checks import check_run_folder
+from launch.cli import parse_args
+from launch.job import plan_job
 from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, small_run
 from train.config import load_config
 from train.identity import identity
@@ -20,6 +23,12 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
+def printed_folder(stdout: str) -> str:
+    """The run folder the workers name first (`run folder: ...`)."""
+    return next(line.split(": ", 1)[1] for line in stdout.splitlines()
+                if line.startswith("run folder: "))
+
+
 def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     result = run_cli("launch", "--cpu", "--gpus", "2", CONFIG, "train.epochs=2",
                      "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501",
@@ -27,13 +36,18 @@ def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 CPU worker(s) with gloo" in result.stdout
     assert "epoch 2/2" in result.stdout
-    run = tmp_path / "runs" / "default"  # run.dir defaults to runs/<config name>
+    # run.dir defaults to runs/<config name>-<8 hex digits>, printed before training starts
+    folder = printed_folder(result.stdout)
+    assert re.fullmatch(r"runs/default-[0-9a-f]{8}", folder), folder
+    assert result.stdout.index("run folder: ") < result.stdout.index("epoch 1/2")
+    run = tmp_path / folder
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "wandb"]
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
     saved = load_config(run / "config.yaml")
     assert identity(saved) == identity(load_config(CONFIG, [
-        "train.epochs=2", "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501",
-        f"run.dir={Path('runs') / 'default'}"]))
+        "train.epochs=2", "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501"]))
+    assert (saved.run.dir, saved.run.name) == (folder, "default")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
@@ -43,6 +57,15 @@ def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_accuracy"] == records[-1]["test_accuracy"]
     assert summary["steps"] == 2 * (1536 // 256)
+    best = max(records, key=lambda r: r["test_accuracy"])
+    assert (summary["best_epoch"], summary["best_test_accuracy"]) == (best["epoch"],
+                                                                      best["test_accuracy"])
+    assert (summary["model"], summary["dataset"], summary["stopped_by_max_steps"]) == (
+        "lenet", "synthetic", False)
+    assert summary["final_checkpoint"] == f"{folder}/checkpoints/step_{12:08d}.pt"
+    assert (tmp_path / summary["final_checkpoint"]).is_file()
+    assert summary["eval_time_s"] == pytest.approx(sum(r["eval_time_s"] for r in records))
+    assert all(r["eval_time_s"] > 0 for r in records)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])
     assert {"features.0.weight", "classifier.3.bias"} <= state["model"].keys()
@@ -70,6 +93,13 @@ def test_one_process_without_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["world_size"], summary["mode"]) == (1, "single")
+    assert summary["stopped_by_max_steps"] is True
+    header = result.stderr + result.stdout
+    # 2 usable cores here: one process takes both, and its first line says so plainly
+    assert "single: one process on cpu, 2 threads;" in header, header
+    assert "thread(s)" not in header and "threads each" not in header
+    assert "6 steps/epoch, 2 steps: train.max_steps ends the run in epoch 1 of 2" in header
+    assert "epoch 1/1 " in header and "epoch 1/2" not in header  # the run's real end
 
 
 @pytest.mark.parametrize("args, message", [
@@ -145,13 +175,22 @@ def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides
                      f"--master-port={free_port()}", "-m", "train", CONFIG,
                      f"run.dir={tmp_path}", "wandb.mode=disabled",
                      *(o.format(tmp=tmp_path) for o in overrides))
-    assert result.returncode != 0
+    # Our one line first; then torchrun's own report (each worker's exit code 2), and torchrun
+    # itself exits 1: its code, not ours (README: "Bad input").
+    assert result.returncode == 1
     reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(reported) == 1 and message in reported[0], result.stderr
+    report = result.stderr.index("ChildFailedError")
+    assert result.stderr.index(reported[0]) < report
+    assert "exitcode  : 2" in result.stderr[report:]
 
 
-def test_launcher_exit_code_is_non_zero_when_a_worker_fails():
+def test_launcher_exit_code_is_non_zero_when_a_worker_fails(monkeypatch):
     from launch.agent import run_torchrun
+
+    # run_torchrun names this process as the workers' parent in os.environ: undone afterwards,
+    # else workers that later tests start through torchrun directly exit at once (143).
+    monkeypatch.setenv("DPTRAIN_PARENT_PID", "0")
 
     code = run_torchrun(["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                          "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",
@@ -177,6 +216,11 @@ def test_dp_on_the_cpu_runs_one_process_and_says_gpus_is_ignored(tmp_path):
     assert "--gpus 3 ignored" in note
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["world_size"], summary["mode"]) == (1, "dp")
+    # DataParallel's sync is inside forward/backward: not measured, so not 0.0
+    assert "sync n/a" in next(line for line in result.stdout.splitlines()
+                              if line.startswith("epoch 1/1  "))
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert (record["time_sync_ms"], record["probe_time_s"]) == (None, None)
 
 
 def test_dp_on_gpus_makes_the_asked_gpus_visible_to_its_one_process(monkeypatch):
@@ -187,3 +231,50 @@ def test_dp_on_gpus_makes_the_asked_gpus_visible_to_its_one_process(monkeypatch)
     cfg = load_config(CONFIG, ["mode=dp"])
     plan = Plan(cfg, 1, 1, 0, "cuda", "none", 4, [], [], "", gpus=2)
     assert worker_environment(plan)["CUDA_VISIBLE_DEVICES"] == "3,5"
+
+
+TINY = ["data.synthetic.train_samples=768", "data.synthetic.test_samples=200", "train.epochs=1",
+        "train.batch_size=128"]
+
+
+@pytest.mark.timeout(600)  # five runs one after the other: slow when the machine is busy
+def test_readme_commands_in_order_never_collide(tmp_path, monkeypatch):
+    """The same command resumes (here: finds its run complete, and opens nothing); another
+    config, the one-process path and torchrun directly never meet a refusal; the launcher, the
+    doctor and workers started by torchrun name the same folder; runs/latest is the newest."""
+    def latest() -> str:
+        return str((tmp_path / "runs" / "latest").resolve().relative_to(tmp_path.resolve()))
+
+    first = run_cli("launch", "--cpu", CONFIG, *TINY, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    a = printed_folder(first.stdout)
+    segments = sorted((tmp_path / a / "wandb").glob("offline-run-*"))
+    assert len(segments) == 1 and latest() == a
+    metrics = (tmp_path / a / "metrics.jsonl").read_text()
+
+    again = run_cli("launch", "--cpu", CONFIG, *TINY, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert printed_folder(again.stdout) == a and f"{a} is complete" in again.stdout
+    assert "wandb" not in again.stdout  # no run opened, no sync command for an empty one
+    assert sorted((tmp_path / a / "wandb").glob("offline-run-*")) == segments
+    assert (tmp_path / a / "metrics.jsonl").read_text() == metrics
+
+    monkeypatch.chdir(tmp_path)  # the doctor's own row, in this process (the same function)
+    verdict, row = check_run_folder(plan_job(parse_args(["--cpu", CONFIG, *TINY]), dry=True))
+    assert verdict == "OK" and row.startswith(f"{a}: complete (step_{6:08d}.pt"), row
+
+    longer = run_cli("launch", "--cpu", CONFIG, *TINY, "train.epochs=2", "wandb.mode=disabled",
+                     cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    b = printed_folder(longer.stdout)
+    assert b != a and "epoch 2/2" in longer.stdout and latest() == b
+
+    alone = run_cli("train", CONFIG, *TINY, "wandb.mode=disabled", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr  # 1 worker, not the 2 of folder a: its own
+    c = printed_folder(alone.stdout + alone.stderr)
+    assert c not in (a, b) and latest() == c
+
+    direct = run_cli("torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+                     "-m", "train", CONFIG, *TINY, "wandb.mode=disabled", cwd=tmp_path)
+    assert direct.returncode == 0, direct.stderr
+    assert f"{a} is complete" in direct.stdout + direct.stderr  # the launcher's folder

@@ -60,6 +60,24 @@ def test_figures(report):
     assert rows[("ddp", 2)]["test_accuracy"] == rows[("scratch naive", 2)]["test_accuracy"]
 
 
+def test_the_report_names_every_change_to_the_config_and_its_method(report):
+    changes = report["json"]["config_changes"]
+    for change in ("train.epochs=2 (config: 6)", "train.batch_size=64 (config: 256)",
+                   "data.synthetic.train_samples=1024 (config: 24000)",
+                   "dist.cpu_threads=1 (config: 0)", "checkpoint.resume=False (config: True)",
+                   "wandb.mode=disabled (config: auto)"):
+        assert change in changes, changes
+    assert len(changes) == 8, changes  # those, test_samples, and dist.device=cpu (--cpu)
+    assert ", ".join(changes) in report["md"]
+    # 2 epochs: the second one's figures, not "the median over the epochs after the first"
+    assert "the second epoch (the first is warm-up)" in report["md"]
+    assert "median" not in report["json"]["methods"]["samples/s"]
+    # 16-step epochs: DDP's probe ran once (epoch 1), and that is the figure shown
+    ddp = next(r for r in report["json"]["runs"] if (r["path"], r["workers"]) == ("ddp", 2))
+    assert [r["time_sync_ms"] is not None for r in ddp["records"]] == [True, False]
+    assert report["rows"][("ddp", 2)]["sync_ms_per_step"] == ddp["records"][0]["time_sync_ms"]
+
+
 def test_cpu_workers_get_one_thread_each(report):
     for run in report["json"]["runs"]:
         cfg = yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())

@@ -60,11 +60,17 @@ def test_optional_keys_accept_null():
     assert cfg.train.max_steps is None
 
 
-def test_run_name_and_dir_default_from_the_config_file(tmp_path):
+def test_run_name_defaults_from_the_config_file_and_dir_waits_for_the_worker_count(tmp_path):
+    from train.run_path import fingerprint, settle_run_dir
+
     cfg = load_config(write(tmp_path, "train:\n  epochs: 2\n"))
-    assert cfg.run.name == "exp"
-    assert cfg.run.dir == str(Path("runs") / "exp")
-    assert load_config(DEFAULT, ["run.dir=/x/y"]).run.dir == "/x/y"
+    assert (cfg.run.name, cfg.run.dir) == ("exp", "")
+    settle_run_dir(cfg, 2)
+    assert cfg.run.dir == str(Path("runs") / f"exp-{fingerprint(cfg, 2)}")
+    explicit = load_config(DEFAULT, ["run.dir=/x/y"])
+    assert explicit.run.dir == "/x/y"
+    settle_run_dir(explicit, 2)
+    assert (explicit.run.dir, explicit.run.name) == ("/x/y", "y")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -251,11 +251,11 @@ def test_run_folder_with_checkpoints_resumes_with_this_world_size_only(tmp_path)
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     files = Checkpoints(tmp_path / "checkpoints", keep=3)
     for step in (3, 6):
-        files.save({"step": step, "epoch": 0, "batch_in_epoch": step, "world_size": 2,
+        files.save({"step": step, "epoch": 1, "batch_in_epoch": 0, "world_size": 2,
                     "config": identity(cfg)})
     (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"")  # damaged: skipped
     assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}")) == (
-        OK, f"{tmp_path}: will resume from step_00000006.pt (step 6)")
+        OK, f"{tmp_path}: will resume from step_00000006.pt (epoch 2, step 6)")
     verdict, detail = run_check(check_run_folder,
                                 job_for("--gpus", "3", CONFIG, f"run.dir={tmp_path}"))
     assert verdict == FAIL and "was written by 2 workers and this job has 3" in detail
@@ -269,6 +269,20 @@ def test_run_folder_in_use_by_another_job_fails(tmp_path):
         verdict, detail = run_check(check_run_folder, job_for(CONFIG, f"run.dir={tmp_path}"))
     assert verdict == FAIL and f"is in use by another job (pid {os.getpid()}" in detail
     assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}"))[0] == OK  # released
+
+
+@pytest.mark.parametrize("position, extra", [((6, 558), []),  # every epoch done
+                                             ((0, 40), ["train.max_steps=40"])])
+def test_a_complete_run_is_called_complete(tmp_path, position, extra):
+    cfg = load_config(CONFIG, [f"run.dir={tmp_path}", *extra])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    epoch, step = position
+    Checkpoints(tmp_path / "checkpoints", keep=3).save(
+        {"step": step, "epoch": epoch, "batch_in_epoch": 0, "world_size": 2,
+         "config": identity(cfg)})
+    verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}", *extra))
+    assert verdict == OK and f"{tmp_path}: complete (step_{step:08d}.pt" in detail
+    assert "nothing left to train" in detail and "will resume" not in detail
 
 
 def test_forced_online_wandb_without_credentials_fails(monkeypatch, tmp_path):

@@ -57,7 +57,8 @@ def test_one_offline_wandb_run_per_job_holds_config_metrics_and_system(wandb_run
     epochs = [h for h in run.history if "epoch/test_accuracy" in h]
     ours = records(run_dir)
     assert [h["epoch/test_accuracy"] for h in epochs] == [r["test_accuracy"] for r in ours]
-    assert [h["epoch/time_sync_ms"] for h in epochs] == [r["time_sync_ms"] for r in ours]
+    # n/a (null) in a record: nothing logged to wandb for that epoch
+    assert [h.get("epoch/time_sync_ms") for h in epochs] == [r["time_sync_ms"] for r in ours]
 
 
 def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, wandb_run):
@@ -74,16 +75,22 @@ def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, wandb_run):
     ids = {read_offline_run(f).run_id for f in offline_runs(run_dir)}
     assert len(offline_runs(run_dir)) == 2 and len(ids) == 1
     first, second = (f.parent for f in offline_runs(run_dir))
-    # Both segments are uploaded, in order, the second appended to the first.
-    assert f"wandb sync {first} && wandb sync --append {second}" in again.stdout
+    # Both segments are uploaded, in order, the second appended to the first, with the venv's
+    # wandb (not on PATH without an activated venv).
+    wandb = str(Path(PYTHON).parent.relative_to(REPO) / "wandb")
+    assert f"{wandb} sync {first} && {wandb} sync --append {second}" in again.stdout
 
 
 def test_plain_progress_lines_without_a_terminal_and_silent_other_ranks(wandb_run):
     _, result = wandb_run
     lines = result.stdout.splitlines()
-    assert any(line.startswith("epoch 1/2 step 4/12  loss ") and "samples/s  eta 0:" in line
-               for line in lines)
-    assert sum(line.startswith("epoch 2/2  loss") for line in lines) == 1  # once, not per rank
+    assert any(line.startswith("epoch 1/2 step 4/12  step loss ")
+               and "samples/s  eta epoch 0:" in line and ", run 0:" in line for line in lines)
+    # the epoch's mean loss, once (not per rank), with evaluation and the probe apart
+    [last] = [line for line in lines if line.startswith("epoch 2/2  mean loss")]
+    assert ", eval " in last and "probe" not in last and "sync n/a" in last
+    [first] = [line for line in lines if line.startswith("epoch 1/2  mean loss")]
+    assert ", sync probe " in first and "sync n/a" not in first
     assert "[rank 1]" not in result.stdout + result.stderr
     assert "\r" not in result.stdout  # no progress bar redraws in a log file
 
@@ -111,23 +118,38 @@ def test_a_progress_bar_on_a_terminal(tmp_path):
     text = out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert "epoch 1/2:" in text and "step/s" in text and "\r" in text  # tqdm redraws
-    assert "loss=" in text and "samples_s=" in text
+    assert "step_loss=" in text and "samples_s=" in text and "run_eta=" in text
     assert "epoch 1/2 step 4/12" not in text  # not the plain lines
 
 
 def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
     run_dir, _ = wandb_run
-    for r in records(run_dir):
-        phases = [r[f"time_{p}_ms"] for p in ("data", "compute", "sync", "optim")]
+    probed, skipped = records(run_dir)  # 12-step epochs: the probe runs once per run
+    for r in (probed, skipped):
+        known = [p for p in ("data", "compute", "sync", "optim") if r[f"time_{p}_ms"] is not None]
+        phases = [r[f"time_{p}_ms"] for p in known]
         assert all(v >= 0 for v in phases)
-        assert all(r[f"time_{p}_ms_max"] >= r[f"time_{p}_ms"] - 1e-9
-                   for p in ("data", "compute", "sync", "optim"))
+        assert all(r[f"time_{p}_ms_max"] >= r[f"time_{p}_ms"] - 1e-9 for p in known)
         step_ms = 1000 * r["epoch_time_s"] / 12
         assert 0.7 * step_ms < sum(phases) <= 1.05 * step_ms  # the phases make up the step
         assert r["time_compute_ms"] > r["time_data_ms"]  # in-memory data: waiting is negligible
-        assert r["time_sync_ms"] > 0  # two workers do synchronize
-        assert r["sync_method"].startswith("estimated: ")
+        assert r["eval_time_s"] > 0
         assert r["peak_memory_mb"] > 10
+    assert probed["time_sync_ms"] > 0 and probed["probe_time_s"] > 0  # two workers do sync
+    assert probed["sync_method"].startswith("estimated: ")
+    assert skipped["time_sync_ms"] is None and skipped["probe_time_s"] is None  # n/a, not 0.0
+    assert skipped["time_sync_ms_max"] is None
+    assert skipped["sync_method"].startswith("not estimated in this epoch (once per run: ")
+
+
+def test_the_sync_probe_can_be_turned_off(tmp_path):
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
+                     "wandb.mode=disabled", "log.sync_probe=false")
+    assert result.returncode == 0, result.stderr
+    for r in records(tmp_path):
+        assert (r["time_sync_ms"], r["probe_time_s"]) == (None, None)
+        assert r["sync_method"].startswith("not estimated in this epoch (log.sync_probe=false)")
+    assert "probe" not in "".join(x for x in result.stdout.splitlines() if "mean loss" in x)
 
 
 def test_scratch_path_measures_its_sync_directly(tmp_path):

@@ -80,13 +80,45 @@ def test_step_time_bars_are_the_mean_phase_times(runs):
     texts = [t.get_text() for t in ax.texts]
     for i, run_dir in enumerate(runs):
         records = read_metrics(run_dir)
+        # Epoch 1 has the probe's sync estimate, epoch 2 (partial: max_steps=8) does not: the
+        # bars average the epochs whose sync is known, where it is not inside compute.
+        assert [r["time_sync_ms"] is None for r in records] == [False, True]
         heights = [b.get_height() for b in bars[i * len(PHASES):(i + 1) * len(PHASES)]]
-        want = [statistics.fmean(r[f"time_{p}_ms"] for r in records) for p in PHASES]
+        want = [statistics.fmean(r[f"time_{p}_ms"] for r in records[:1]) for p in PHASES]
         assert heights == pytest.approx(want)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert f"{summary['samples_per_s']:,.0f} samples/s" in texts
-    note = "".join(t.get_text() for t in fig.texts).replace("\n    ", " ")
-    assert f"{runs[0].name}: sync {read_metrics(runs[0])[0]['sync_method']}" in note
+    note = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+    first, second = (r["sync_method"] for r in read_metrics(runs[0]))
+    assert f"{runs[0].name}: sync epoch 1: {first} epoch 2: {second}" in note
+    assert "a partial epoch" in second
+
+
+@pytest.mark.slow
+def test_the_footnote_fits_the_figure(runs):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_step_time(load_runs([str(r) for r in runs]))
+    fig.set_dpi(110)  # the PNGs' resolution: glyph widths depend on it
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    [note] = fig.texts
+    assert note.get_window_extent(renderer).x1 <= fig.bbox.width
+
+
+def test_one_epoch_is_drawn_on_whole_epochs(tmp_path):
+    run = tmp_path / "one"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.3, "test_accuracy": 0.35,
+         "time_sync_ms": None, "sync_method": "none: one process"}) + "\n")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_curves(load_runs([str(run)]))
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert (low, high) == (0.5, 1.5)
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1.0]
 
 
 @pytest.mark.slow

@@ -5,10 +5,11 @@
 Runs `python -m launch` for ddp, scratch (ring and naive allreduce) and dp, with 1 and N
 workers (dp: one process), all in one wandb group, and writes into the report folder:
 `compare.md` (the table), `compare.png` (test accuracy per epoch, and throughput) and
-`compare.json` (every figure). Without GPUs: LeNet on the synthetic data, a short run, 1 and 2
+`compare.json` (every figure). Without GPUs: LeNet on the synthetic data, 3 epochs, 1 and 2
 CPU workers with one thread each; with GPUs: the book's LeNet on Fashion-MNIST, 1 and every
 visible GPU. Every run trains from scratch (`checkpoint.resume=false`), even into a run folder
-that a previous comparison left behind.
+that a previous comparison left behind. The report names every key in which the runs differ
+from the config, and says how each figure was obtained for the epochs at hand.
 """
 
 from __future__ import annotations
@@ -31,17 +32,36 @@ PATHS = {  # label -> launcher flags and overrides
     "scratch naive": (["--mode", "scratch"], ["scratch.algorithm=naive"]),
     "dp": (["--mode", "dp"], []),
 }
-METHODS = {
-    "samples/s": "training samples per second of the main worker, median over the epochs "
-                 "after the first (warm-up)",
-    "epoch time": "seconds of training per epoch (no evaluation), median over the same epochs",
-    "sync ms/step": "gradient synchronization per step, mean over ranks: measured around our "
-                    "allreduce for scratch; for ddp estimated at each epoch end as a step with "
-                    "gradient sync minus one under no_sync() (DDP overlaps it with backward, "
-                    "so only the exposed part shows); dp: n/a, inside forward/backward, not "
-                    "separable",
-    "speedup": "samples/s over the same path with one worker",
-}
+# Set by the path or the run folder, not a difference from the config worth a line.
+COMPARED = ("mode", "scratch.algorithm", "run.dir", "run.name", "run.overwrite", "wandb.group")
+
+
+def steady(epochs: int) -> str:
+    """Which epochs a figure is read from, in words."""
+    if epochs == 1:
+        return "the run's only epoch (its first, so warm-up included)"
+    if epochs == 2:
+        return "the second epoch (the first is warm-up)"
+    return f"the median over epochs 2-{epochs} (the first is warm-up)"
+
+
+def methods(epochs: int) -> dict[str, str]:
+    """How each column is obtained, worded for runs of `epochs` epochs."""
+    return {
+        "samples/s": f"training samples per second of the main worker, {steady(epochs)}",
+        "epoch time": f"seconds of training steps per epoch (evaluation and the sync probe "
+                      f"not included), {steady(epochs)}",
+        "sync ms/step": "gradient synchronization per step, mean over ranks, from the same "
+                        "epochs (or, where none has it, every epoch that has it): measured "
+                        "around our allreduce for scratch; for ddp estimated after an epoch's "
+                        "steps as a forward+backward with gradient sync minus one under "
+                        "no_sync() (DDP overlaps it with backward, so only the exposed part "
+                        "shows), in the epochs where that probe ran (log.sync_probe; every "
+                        "epoch when it costs at most 3% of one, else once per run, never in "
+                        "a run shorter than an epoch: n/a); dp: n/a, inside forward/backward, "
+                        "not separable",
+        "speedup": "samples/s over the same path with one worker",
+    }
 
 
 @dataclass
@@ -51,14 +71,15 @@ class Result:
     run_dir: str
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    def median(self, key: str) -> float:
-        steady = self.records[1:] or self.records
-        return statistics.median(r[key] for r in steady)
-
-    @property
-    def sync_separable(self) -> bool:
-        """False for dp, whose gradient sync happens inside forward/backward."""
-        return not self.records[-1]["sync_method"].startswith("included in compute")
+    def median(self, key: str) -> float | None:
+        """The median over the epochs after the first (all of them for a 1-epoch run) that
+        have `key`; over every epoch that has it when none of those does; else None (n/a)."""
+        later = self.records[1:] or self.records
+        for records in (later, self.records):
+            values = [r[key] for r in records if r.get(key) is not None]
+            if values:
+                return statistics.median(values)
+        return None
 
 
 def default_workers(gpus: int, cpu: bool) -> str:
@@ -83,14 +104,30 @@ def run_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """What every run gets on top of the config, whatever its path and worker count."""
+    device = ["dist.device=cpu"] if args.cpu else []  # what the launcher's --cpu sets
+    return [f"train.epochs={args.epochs}", *device, *run_flags(args), *args.overrides]
+
+
+def config_changes(args: argparse.Namespace) -> list[str]:
+    """`key=value (config: value)` for every key in which the runs differ from the config file,
+    besides the path itself and the run folder."""
+    from common.config import flatten, to_dict
+    from train.config import load_config
+
+    given = flatten(to_dict(load_config(args.config)))
+    runs = flatten(to_dict(load_config(args.config, common_overrides(args))))
+    return [f"{k}={runs[k]} (config: {given.get(k)})" for k in sorted(runs)
+            if k not in COMPARED and runs[k] != given.get(k)]
+
+
 def run_one(path: str, workers: int, args: argparse.Namespace, group: str) -> Result:
     flags, overrides = PATHS[path]
     run_dir = Path(args.out) / "runs" / f"{path.replace(' ', '-')}-{workers}"
     cmd = [sys.executable, "-m", "launch", *flags, "--gpus", str(workers), args.config,
-           f"run.dir={run_dir}", "run.overwrite=true", f"train.epochs={args.epochs}",
-           f"wandb.group={group}", *run_flags(args), *overrides, *args.overrides]
-    if args.cpu:
-        cmd.insert(3, "--cpu")
+           f"run.dir={run_dir}", "run.overwrite=true", f"wandb.group={group}",
+           *overrides, *common_overrides(args)]
     print(f"compare: {path}, {workers} worker(s) ...", flush=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -113,7 +150,7 @@ def table(results: list[Result]) -> list[dict[str, Any]]:
         rows.append({
             "path": r.path, "workers": r.workers, "samples_per_s": speed,
             "epoch_time_s": r.median("epoch_time_s"),
-            "sync_ms_per_step": r.median("time_sync_ms") if r.sync_separable else None,
+            "sync_ms_per_step": r.median("time_sync_ms"),
             "test_accuracy": r.records[-1]["test_accuracy"],
             "speedup": speed / base[r.path] if r.path in base else None,
             "sync_method": r.records[-1]["sync_method"],
@@ -121,7 +158,7 @@ def table(results: list[Result]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], note: str) -> str:
+def markdown(rows: list[dict[str, Any]], note: str, how: dict[str, str]) -> str:
     out = ["| path | workers | samples/s | epoch time (s) | sync ms/step | test accuracy | "
            "speedup over 1 worker |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -131,7 +168,7 @@ def markdown(rows: list[dict[str, Any]], note: str) -> str:
                    f"{r['epoch_time_s']:.2f} | {sync} | "
                    f"{r['test_accuracy']:.2%} | {speedup} |")
     out += ["", note, "", "How each figure is obtained:", ""]
-    out += [f"- **{name}**: {how}" for name, how in METHODS.items()]
+    out += [f"- **{name}**: {text}" for name, text in how.items()]
     return "\n".join(out) + "\n"
 
 
@@ -183,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out = str(Path(args.out).resolve())  # the runs see it from the repo, not from here
     if args.workers is None:
         args.workers = default_workers(gpus, args.cpu)
-    if not gpus and not any(o.startswith("data.synthetic.train_samples") for o in args.overrides):
-        args.overrides.insert(0, "data.synthetic.train_samples=12000")
     workers = [int(w) for w in args.workers.split(",")]
     paths = [p.strip() for p in args.paths.split(",")]
     unknown = [p for p in paths if p not in PATHS]
@@ -205,14 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     threads = override(args.overrides, "dist.cpu_threads") or "1"
     each = "one thread each" if threads == "1" else f"{threads} threads each"
     device = f"CPU workers (gloo), {each}" if args.cpu else "GPUs"
-    note = (f"{Path(args.config).name}, {args.epochs} epochs, {device}; wandb group {group}. "
-            f"The same seed, data, model, loop and global batch in every run.")
-    (out / "compare.md").write_text(markdown(rows, note))
+    changes = config_changes(args)
+    note = (f"{Path(args.config).name}, {args.epochs} epoch{'' if args.epochs == 1 else 's'}, "
+            f"{device}; wandb group {group}. The same seed, data, model, loop and global batch "
+            f"in every run; what they change in the config: "
+            f"{', '.join(changes) if changes else 'nothing'}.")
+    how = methods(args.epochs)
+    (out / "compare.md").write_text(markdown(rows, note, how))
     (out / "compare.json").write_text(json.dumps(
-        {"note": note, "methods": METHODS, "rows": rows,
+        {"note": note, "config_changes": changes, "methods": how, "rows": rows,
          "runs": [asdict(r) for r in results]}, indent=2) + "\n")
     figure(results, out / "compare.png")
-    print("\n" + markdown(rows, note))
+    print("\n" + markdown(rows, note, how))
     print(f"written: {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
     return 0
 

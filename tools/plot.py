@@ -33,9 +33,11 @@ from matplotlib.ticker import MaxNLocator
 
 from common.errors import EXIT_USER_ERROR, UserError
 from common.records import PHASES
+from train.run_path import follow_latest
 
 PHASE_COLORS = {"data": "#9e9e9e", "compute": "#4c72b0", "sync": "#dd8452", "optim": "#55a868"}
 SLOWEST = "slowest rank's\nwhole step"
+DPI = 110  # the PNGs' resolution
 REQUIRED = ("epoch", "train_loss", "train_accuracy", "test_accuracy")
 
 
@@ -56,13 +58,14 @@ class Run:
         return f"{self.name} ({self.mode}, {self.world_size} {workers})"
 
     def series(self, key: str) -> list[float]:
-        """One value per epoch (NaN where an epoch lacks the key)."""
-        return [float(r.get(key, math.nan)) for r in self.records]
+        """One value per epoch (NaN where an epoch lacks the key or holds null: n/a)."""
+        return [math.nan if r.get(key) is None else float(r[key]) for r in self.records]
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run folder; a folder that is missing or holds no epoch yet is a UserError."""
-    folder = Path(path)
+    """Read a run folder (`runs/latest`: the newest run); a folder that is missing or holds no
+    epoch yet is a UserError."""
+    folder = follow_latest(Path(path))
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"run folder {folder} {what}")
@@ -80,12 +83,14 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_runs(paths: list[str]) -> list[Run]:
-    """Several runs; runs that share a name are told apart by their folder."""
+    """Several runs; runs that share a name (default folders of one config) are told apart by
+    their folder's name, or by its whole path where those are alike too."""
     runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
+    folders = [r.path.name for r in runs]
     for run in runs:
         if names.count(run.name) > 1:
-            run.name = str(run.path)
+            run.name = run.path.name if folders.count(run.path.name) == 1 else str(run.path)
     return runs
 
 
@@ -141,19 +146,32 @@ def plot_curves(runs: list[Run]) -> Figure:
     styles = [Line2D([], [], color="black", ls="--", marker="o", ms=3, label="train acc"),
               Line2D([], [], color="black", ls="-", marker="s", ms=3, label="test acc")]
     acc_ax.legend(handles=styles, fontsize=8, loc="lower right")
+    last = max(int(max(run.series("epoch"))) for run in runs)
     for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, last)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def step_times(run: Run) -> tuple[dict[str, float], float]:
-    """Per-phase ms per step (mean over ranks, averaged over epochs), and the slowest rank's
-    whole step (`time_step_ms_max`), averaged over epochs."""
-    means = {p: _mean(run.series(f"time_{p}_ms")) for p in PHASES}
-    worst = [r.get("time_step_ms_max", math.nan) for r in run.records]  # older runs lack it
-    return means, _mean(worst)
+def epoch_axis(ax: Any, last: int) -> None:
+    """Whole epochs on the x axis, also for a run of one epoch (matplotlib would otherwise
+    spread 0.95-1.05 around a lone point)."""
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def step_times(run: Run) -> tuple[dict[str, float], float, bool]:
+    """Per-phase ms per step (mean over ranks, averaged over epochs), the slowest rank's whole
+    step (`time_step_ms_max`) averaged alike, and whether the sync time is known.
+
+    Where only some epochs have a sync time (DDP's probe ran once per run), only those are
+    averaged: in the others the sync is inside compute, and mixing them would count it twice
+    or not at all."""
+    known = [r for r in run.records if r.get("time_sync_ms") is not None]
+    chosen = Run(run.path, run.name, run.mode, run.world_size, known or run.records)
+    means = {p: _mean(chosen.series(f"time_{p}_ms")) for p in PHASES}
+    return means, _mean(chosen.series("time_step_ms_max")), bool(known)
 
 
 def samples_per_s(run: Run) -> float:
@@ -161,24 +179,60 @@ def samples_per_s(run: Run) -> float:
     return float(run.summary.get("samples_per_s") or _mean(run.series("samples_per_s")))
 
 
-def sync_methods(run: Run) -> str:
-    methods = dict.fromkeys(str(r["sync_method"]) for r in run.records if r.get("sync_method"))
-    return "; ".join(methods) or "not recorded"
+def sync_methods(run: Run) -> list[tuple[str, str]]:
+    """(epochs, how the sync time was obtained) for each way a run's epochs recorded it."""
+    epochs: dict[str, list[int]] = {}
+    for r in run.records:
+        epochs.setdefault(str(r.get("sync_method") or "not recorded"), []).append(r["epoch"])
+    return [(_epochs(numbers), method) for method, numbers in epochs.items()]
+
+
+def _epochs(numbers: list[int]) -> str:
+    """[1] -> 'epoch 1'; [2, 3, 4] -> 'epochs 2-4'; [1, 3] -> 'epochs 1, 3'."""
+    if len(numbers) == 1:
+        return f"epoch {numbers[0]}"
+    run = numbers == list(range(numbers[0], numbers[-1] + 1))
+    return f"epochs {numbers[0]}-{numbers[-1]}" if run else f"epochs {', '.join(map(str, numbers))}"
+
+
+def sync_note(runs: list[Run], chars: int) -> str:
+    """The footnote: per run, how its sync time was obtained, wrapped to `chars` columns."""
+    lines = []
+    for run in runs:
+        if len(methods := sync_methods(run)) == 1:
+            lines.append(textwrap.fill(f"{run.name}: sync {methods[0][1]}", chars,
+                                       subsequent_indent="    "))
+            continue
+        lines.append(f"{run.name}: sync")
+        lines += [textwrap.fill(f"{epochs}: {method}", chars, initial_indent="    ",
+                                subsequent_indent="        ") for epochs, method in methods]
+    return "\n".join(lines)
+
+
+def _monospace_char_inches(fontsize: float) -> float:
+    """The width of one monospace glyph at `fontsize`, as this matplotlib renders it at the
+    PNGs' resolution (hinting rounds glyph advances to whole pixels: the width depends on it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(dpi=DPI)
+    text = fig.text(0, 0, "M" * 50, fontsize=fontsize, family="monospace")
+    width_px = text.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width
+    return width_px / 50 / fig.dpi
 
 
 def plot_step_time(runs: list[Run]) -> Figure:
     """Stacked ms per step per run, the max-over-ranks total marked, samples/s on top."""
     width = max(8.0, 4.5 + 1.8 * len(runs))
-    chars = int(width * 72 / 4.3)  # 7-point monospace glyphs are about 4.2 points wide
-    note = "\n".join(textwrap.fill(f"{run.name}: sync {sync_methods(run)}", chars,
-                                   subsequent_indent="    ") for run in runs)
+    # Wrapped to the glyphs' measured width, with a margin on both sides.
+    note = sync_note(runs, int((width - 0.3) / _monospace_char_inches(7)))
     note_lines = note.count("\n") + 1
     height = 4.6 + 0.14 * note_lines
     fig = Figure(figsize=(width, height))
     ax = fig.subplots()
-    tops = []
+    tops, labels = [], []
     for x, run in enumerate(runs):
-        means, worst = step_times(run)
+        means, worst, sync_known = step_times(run)
+        labels.append(textwrap.fill(run.label, 22) + ("" if sync_known else "\nsync n/a"))
         bottom = 0.0
         for phase in PHASES:
             ax.bar(x, means[phase], 0.6, bottom=bottom, color=PHASE_COLORS[phase],
@@ -190,7 +244,7 @@ def plot_step_time(runs: list[Run]) -> Figure:
         tops.append(top)
         ax.annotate(f"{samples_per_s(run):,.0f} samples/s", (x, top), xytext=(0, 4),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(runs)), [textwrap.fill(r.label, 22) for r in runs], fontsize=8)
+    ax.set_xticks(range(len(runs)), labels, fontsize=8)
     for i, tick in enumerate(ax.get_xticklabels()):
         tick.set_color(f"C{i % 10}")  # the run's colour in curves.png
     ax.set_xlim(-0.7, len(runs) - 0.3)
@@ -261,7 +315,7 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
     for name, make in (("curves.png", plot_curves), ("step_time.png", plot_step_time),
                        ("step_time_ranks.png", plot_rank_step_time)):
         path = out / name
-        make(runs).savefig(path, dpi=110)
+        make(runs).savefig(path, dpi=DPI)
         written.append(path)
     return written
 

@@ -64,6 +64,7 @@ class Checkpointer:
         self.files, self.ctx, self.identity = files, ctx, identity
         self.parts, self.rank_parts = dict(parts), dict(rank_parts)
         self.sharded = ShardedParts(files.folder, ctx, sharded or {})
+        self.last_saved: str | None = None  # the newest file this process wrote (main worker)
 
     def save(self, final: bool = False) -> Path | None:
         """Every rank contributes its own parts; the main worker writes the file, and every rank
@@ -95,10 +96,12 @@ class Checkpointer:
                 state[key] = part.state_dict()
         state.update(ranks=ranks, world_size=self.ctx.world_size, config=self.identity)
         if pieces is None:
-            return self.files.save(state)
-        state.update(pieces)  # the folder's name, what the parts hold besides tensors
-        path = self.files.save(state)
-        self.sharded.publish(state, whole)
+            path = self.files.save(state)
+        else:
+            state.update(pieces)  # the folder's name, what the parts hold besides tensors
+            path = self.files.save(state)
+            self.sharded.publish(state, whole)
+        self.last_saved = str(path)
         return path
 
     def restore(self, state: dict[str, Any]) -> None:

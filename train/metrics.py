@@ -50,10 +50,11 @@ class EpochTrain:
     steps: int  # optimizer steps taken in this segment of the epoch
     timing: dict[str, float]  # ms per step by phase
     totals: torch.Tensor  # [loss sum, correct, samples]
-    probe_sync_ms: float | None  # DDP's sync estimate, when the strategy probes
-    probe_s: float  # what the probe cost
+    probe_sync_ms: float | None  # DDP's sync estimate, when the probe ran
+    probe_s: float  # what the probe cost (seconds)
     compile_s: float  # torch.compile's compile time in this epoch
     peak_memory_mb: list[float]  # the epoch's peak of each device this rank drives (dp: all)
+    probe_skipped: str | None = None  # why a strategy that probes did not, at this epoch's end
 
 
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
@@ -61,11 +62,14 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     """The epoch's figures: train metrics summed over ranks, step times and memory as the mean,
     the max and each rank's value (one all_gather of every rank's vector).
 
-    `facts`: epoch, step, lr, mode, sync_method and the like, copied as they are."""
+    `test`: evaluate()'s figures and its `seconds`. `facts`: epoch, step, lr, mode, sync_method
+    and the like, copied as they are. The sync time is None (n/a) where it hides inside
+    compute and no probe estimated it."""
     timing = dict(train.timing)
     if train.probe_sync_ms is not None:  # DDP: sync hides inside compute; split it out
         timing["sync"] = min(train.probe_sync_ms, timing["compute"])
         timing["compute"] -= timing["sync"]
+    sync_known = train.probe_sync_ms is not None or facts["measures_sync"]
     step_ms = sum(timing[p] for p in PHASES)
     peaks = train.peak_memory_mb
     # Each rank's figures: phases, its mean peak, its step, and (over a dp process's GPUs) its
@@ -89,16 +93,22 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
         "test_samples": int(test["samples"]), "lr": facts["lr"],
         "epoch_time_s": train.seconds,
         "samples_per_s": train.steps * global_batch / train.seconds if train.seconds else 0.0,
+        "eval_time_s": test["seconds"],  # after the epoch's steps, not in epoch_time_s
+        # the sync probe's seconds (after the steps too); None where it did not run
+        "probe_time_s": train.probe_s if train.probe_sync_ms is not None else None,
         "world_size": ctx.world_size, "mode": facts["mode"], "sync_method": facts["sync_method"],
     }
+    if train.probe_skipped:
+        record["sync_method"] = (f"not estimated in this epoch ({train.probe_skipped}): DDP's "
+                                 f"sync runs inside backward, counted in compute")
     if facts.get("compiled"):
         record["compile_time_s"] = train.compile_s
-    if facts.get("probes_sync"):
-        record["probe_time_s"] = train.probe_s  # spent after the epoch's steps
     for i, phase in enumerate(PHASES):
-        record[f"time_{phase}_ms"] = means[i]
-        record[f"time_{phase}_ms_max"] = highs[i]
-        record[f"time_{phase}_ms_ranks"] = per_rank[i]  # stragglers: `make plot`
+        known = phase != "sync" or sync_known
+        record[f"time_{phase}_ms"] = means[i] if known else None
+        record[f"time_{phase}_ms_max"] = highs[i] if known else None
+        # each rank's value, for stragglers (`make plot`)
+        record[f"time_{phase}_ms_ranks"] = per_rank[i] if known else None
     peak, step = len(PHASES), len(PHASES) + 1  # their columns
     top = highs[-2]
     # The spread shows an imbalance: dp's first GPU holds the outputs and the loss.
@@ -116,15 +126,22 @@ def summarize(records: list[dict[str, Any]], facts: dict[str, Any],
     """summary.json: the run's final and best figures over every epoch it recorded (those of
     earlier segments of a resumed run too)."""
     last = records[-1] if records else {}
+    best = max(records, key=lambda r: r["test_accuracy"], default={})  # the first of equals
     train_time = sum(r["epoch_time_s"] for r in records)
     samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in records)
     return {
+        "model": facts.get("model"),
+        "dataset": facts.get("dataset"),
         "epochs": facts["epochs"],
         "steps": facts["steps"],
+        "stopped_by_max_steps": facts.get("stopped_by_max_steps", False),
         "final_test_accuracy": last.get("test_accuracy"),
-        "best_test_accuracy": max((r["test_accuracy"] for r in records), default=None),
+        "best_test_accuracy": best.get("test_accuracy"),
+        "best_epoch": best.get("epoch"),
         "final_train_loss": last.get("train_loss"),
+        "final_checkpoint": facts.get("final_checkpoint"),
         "train_time_s": train_time,
+        "eval_time_s": sum(r.get("eval_time_s") or 0.0 for r in records),
         "wall_time_s": wall_s,
         "samples_per_s": samples / train_time if train_time else None,
         "world_size": facts["world_size"],

@@ -59,6 +59,17 @@ class Schedule:
     grad_accum_steps: int
     log_every: int
     checkpoint_every: int  # 0: at epoch ends only
+    sync_probe: bool = True  # log.sync_probe: DDP's sync probe allowed at epoch ends
+
+    @property
+    def cut_by_max_steps(self) -> bool:
+        """train.max_steps ends the run before its last epoch does."""
+        return self.total_steps < self.epochs * self.steps_per_epoch
+
+    @property
+    def epochs_in_run(self) -> int:
+        """The epochs that will run: fewer than `epochs` when train.max_steps ends it early."""
+        return min(self.epochs, -(-self.total_steps // self.steps_per_epoch))
 
 
 @dataclass
@@ -91,3 +102,4 @@ class TrainerParts:
     monitor: Monitor
     checkpointer: Checkpointer
     profiler: NoProfiler = field(default_factory=NoProfiler)  # perf.profile_steps
+    labels: dict[str, str] = field(default_factory=dict)  # what summary.json names: model, data

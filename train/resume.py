@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from common.host import ELASTIC_ENV
-from common.schema import Config
+from common.schema import Config, TrainConfig
 from train.checkpoint import Checkpointer
 from train.dist import DistContext
 from train.identity import check_resumable
@@ -39,6 +39,10 @@ def elastic_nodes() -> str | None:
     """"MIN:MAX" when the launcher started this worker in an elastic job (`--nnodes MIN:MAX`);
     with torchrun directly, set DPTRAIN_ELASTIC yourself (or checkpoint.allow_changes=true)."""
     return os.environ.get(ELASTIC_ENV) or None
+def is_complete(cfg: TrainConfig, epochs_done: int, steps_done: int) -> bool:
+    """Nothing left to train at this position: every epoch done, or train.max_steps reached
+    (Trainer.finished, for those who do not know the steps per epoch: launcher, doctor)."""
+    return epochs_done >= cfg.epochs or (cfg.max_steps is not None and steps_done >= cfg.max_steps)
 
 
 def check_same_start(ctx: DistContext, resumed: Path | None, run_dir: str) -> None:

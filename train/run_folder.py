@@ -32,6 +32,7 @@ from common.schema import Config
 from train.checkpoint import Checkpoints
 from train.dist import DistContext, from_main
 from train.identity import check_run_dir
+from train.run_path import point_latest
 
 log = logging.getLogger(__name__)
 # What a run that starts over in its own folder (checkpoint.resume=false) sets aside.
@@ -66,6 +67,7 @@ class RunFolder:
         with self._writing(METRICS_FILE):
             atomic_write(self.metrics_path, lambda p: p.write_text(
                 "".join(json.dumps(r) + "\n" for r in self.records)))
+        point_latest(self.folder)  # runs/latest: this run, the newest started
 
     def _set_aside(self, names: list[str]) -> None:
         """Move `names` into replaced/ in one step: into replaced.partial/ first (config.yaml

@@ -24,6 +24,7 @@ from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
 from train.parts import Guards, TrainerParts
+from train.probe import SyncProbe
 from train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Trainer:
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
         self.guards.hang.locate = lambda: (self.state.step + 1, self.where or "setup")
+        self.probe = SyncProbe(parts.strategy, parts.schedule, parts.optim.autocast)
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
@@ -77,7 +79,9 @@ class Trainer:
         while not self.finished():
             trained = True
             train = self.train_epoch()
+            evaluated = time.perf_counter()
             test = self.evaluate()
+            test["seconds"] = time.perf_counter() - evaluated
             record = epoch_record(self.ctx, train, test, loop_facts(self),
                                   self.schedule.global_batch)
             if change:  # the first epoch record after the change says so
@@ -109,7 +113,10 @@ class Trainer:
         self.model.train()
         self.timer.reset()
         first = self.state.batch_in_epoch  # > 0 when resuming inside the epoch
-        self.monitor.epoch_start(epoch + 1, self.schedule.steps_per_epoch, first)
+        # This epoch's steps, fewer when train.max_steps ends the run inside it.
+        steps = min(self.schedule.steps_per_epoch,
+                    first + self.schedule.total_steps - self.state.step)
+        self.monitor.epoch_start(epoch + 1, steps, first)
         batches = self.train_data.iterate(start=first)
         if self.ctx.distributed:
             # Start the clocks together: otherwise a rank that finished its setup early (the
@@ -141,12 +148,14 @@ class Trainer:
         done = self.state.batch_in_epoch
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
-        probe_started = time.perf_counter()
-        probe_sync_ms = probe_sync(self)
+        probe_started, spe = time.perf_counter(), self.schedule.steps_per_epoch
+        self.where = "the DDP sync probe at the epoch's end"
+        probe_sync_ms, skipped = self.probe.at_epoch_end(self.model, self.train_data,
+                                                         whole=first == 0 and done == spe)
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
                           time.perf_counter() - probe_started, compile_s,
-                          self.timer.peak_memory_mb())
+                          self.timer.peak_memory_mb(), skipped)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in
@@ -237,29 +246,17 @@ class Trainer:
         self.run.checkpoint_written()
 
 
-def probe_sync(trainer: Trainer) -> float | None:
-    """For strategies whose sync hides inside backward: an estimate, on a training batch."""
-    trainer.where = "the DDP sync probe at the epoch's end"
-    if not trainer.strategy.probes_sync:
-        return None
-    images, labels = next(trainer.train_data.iterate())
-
-    def forward_backward() -> None:
-        with trainer.optim.autocast():
-            loss = F.cross_entropy(trainer.model(images), labels)
-        loss.backward()
-
-    return trainer.strategy.probe_sync_ms(trainer.model, forward_backward)
-
 
 def loop_facts(trainer: Trainer) -> dict[str, Any]:
     """What records and the summary copy as they are."""
-    state, strategy, ctx = trainer.state, trainer.strategy, trainer.ctx
+    state, strategy, ctx, parts = trainer.state, trainer.strategy, trainer.ctx, trainer.parts
     return {"epoch": state.epoch + 1, "epochs": state.epoch, "step": state.step,
             "steps": state.step, "lr": trainer.optim.lr, "mode": strategy.name,
-            "sync_method": strategy.sync_method, "probes_sync": strategy.probes_sync,
-            "compiled": trainer.parts.compiled, "world_size": ctx.world_size,
-            "backend": ctx.backend, "device": ctx.device.type}
+            "sync_method": strategy.sync_method, "measures_sync": strategy.measures_sync,
+            "compiled": parts.compiled, "world_size": ctx.world_size,
+            "backend": ctx.backend, "device": ctx.device.type, **parts.labels,
+            "final_checkpoint": parts.checkpointer.last_saved,
+            "stopped_by_max_steps": trainer.schedule.cut_by_max_steps and trainer.finished()}
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,

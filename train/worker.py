@@ -10,6 +10,8 @@ import contextlib
 import logging
 from pathlib import Path
 
+import torch
+
 from common import status
 from common.schema import Config
 from train.checkpoint import Checkpointer, Checkpoints
@@ -21,6 +23,7 @@ from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.hang import HangRecorder, NoHangRecord, enable_fatal_dump
 from train.identity import identity
+from train.inference import InputSpec
 from train.metrics import EpochTotals
 from train.model import build_plain_model, set_kernel_choice, should_compile, use_channels_last
 from train.observe.console import Console
@@ -33,6 +36,7 @@ from train.preflight import check_device_options, check_profile_steps, check_wor
 from train.resume import elastic_nodes, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
+from train.run_path import settle_run_dir
 from train.strategies import Strategy, make_strategy
 from train.trainer import Trainer
 
@@ -41,6 +45,7 @@ log = logging.getLogger("train")
 
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
+    settle_folder(cfg, ctx)
     # The same checks on every rank: agreed, so that one process reports them. All of them
     # pass before anything in the run folder changes.
     agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
@@ -54,13 +59,15 @@ def train(cfg: Config, ctx: DistContext) -> None:
     strategy = make_strategy(cfg, ctx)
     with contextlib.ExitStack() as held:  # the run folder's lock, until the job ends
         run = open_run(cfg, ctx, held)
+        log.info("run folder: %s", cfg.run.dir)
         trainer = build_trainer(cfg, ctx, strategy, run)
         agree(ctx, lambda: check_profile_steps(cfg.perf, trainer.schedule.total_steps))
         resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
         agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed
                                      else None))
         log.info(describe(cfg, trainer))
-        say_resumed(cfg, ctx, trainer, resumed)
+        if not say_resumed(cfg, ctx, trainer, resumed):
+            return  # complete: nothing is opened (no wandb segment, no sync command)
         agree(ctx, trainer.monitor.start)  # wandb's init, on the main worker
         status.report(trained_from=trainer.state.step)
         try:
@@ -70,10 +77,11 @@ def train(cfg: Config, ctx: DistContext) -> None:
     log.info("run folder: %s", cfg.run.dir)
 
 
-def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path | None) -> None:
-    """Where a resumed run continues (and a world size that changed since its checkpoint)."""
+def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path | None) -> bool:
+    """Where a resumed run continues (and a world size that changed since its checkpoint);
+    False when it is complete."""
     if resumed is None:
-        return
+        return True
     change = trainer.state.world_size_change(ctx.world_size)
     if change:
         how = (f"an elastic job, --nnodes {elastic_nodes()}" if elastic_nodes()
@@ -85,10 +93,22 @@ def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path |
     if trainer.finished():
         log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
                  "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
-                 trainer.schedule.total_steps, resumed)
-    else:
-        log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
-                 trainer.state.step)
+                 trainer.schedule.total_steps, resumed.name)
+        return False
+    log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
+             trainer.state.step)
+    return True
+
+
+def settle_folder(cfg: Config, ctx: DistContext) -> None:
+    """run.dir and run.name, decided as the launcher does (train/run_path.py)."""
+    nodes = elastic_nodes()  # an elastic job keeps one folder at every size of its range
+    workers = f"{ctx.local_world_size}x{nodes}" if nodes else ctx.world_size
+    agree(ctx, lambda: settle_run_dir(cfg, workers))
+    if ctx.distributed:  # runs/latest may change between two ranks' reads: rank 0's holds
+        chosen = [cfg.run.dir, cfg.run.name]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        cfg.run.dir, cfg.run.name = chosen
 
 
 def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFolder) -> Trainer:
@@ -108,7 +128,8 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         model = strategy.compile(model, cfg.perf.compile_mode)
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
                                schedule.total_steps, ctx.device.type, strategy)
-    sinks: list = [Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []
+    sinks: list = ([Console(cfg.log, schedule.epochs_in_run, schedule.total_steps)]
+                   if ctx.is_main else [])
     tracking: WandbSink | NoWandb = NoWandb()
     if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":
         tracking = WandbSink(cfg, ctx, strategy.name, run.folder)
@@ -117,13 +138,15 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     whole, sharded = strategy.checkpoint_parts(plain, optim.optimizer)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step), ctx,
-        parts={**whole, **optim.parts(), "position": state, "tracking": tracking},
+        parts={**whole, **optim.parts(), "position": state, "tracking": tracking,
+               "inputs": InputSpec.of(train_set)},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy},
         identity=identity(cfg), sharded=sharded)
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
         make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer,
-        make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device)))
+        make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device),
+        labels={"model": cfg.model.name, "dataset": cfg.data.name}))
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -131,7 +154,8 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     return Schedule(cfg.train.epochs, steps_per_epoch, total, cfg.train.batch_size,
-                    cfg.train.grad_accum_steps, cfg.log.every_steps, cfg.checkpoint.every_steps)
+                    cfg.train.grad_accum_steps, cfg.log.every_steps, cfg.checkpoint.every_steps,
+                    cfg.log.sync_probe)
 
 
 def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
@@ -163,14 +187,17 @@ def describe(cfg: Config, trainer: Trainer) -> str:
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
     shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
-    schedule, world = trainer.schedule, trainer.ctx.world_size
+    plan, world = trainer.schedule, trainer.ctx.world_size
+    length = f"{plan.epochs} epoch{'' if plan.epochs == 1 else 's'} ({plan.total_steps} steps)"
+    if plan.cut_by_max_steps:
+        length = (f"{plan.total_steps} steps: train.max_steps ends the run in epoch "
+                  f"{plan.epochs_in_run} of {plan.epochs}")
     return (
         f"{trainer.strategy.name}: {trainer.strategy.describe()}; {', '.join(knobs)}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
         f"{len(train_set):,} train / {len(test_set):,} test\n"
-        f"global batch {schedule.global_batch} ({schedule.global_batch // world} per worker), "
-        f"{schedule.steps_per_epoch} steps/epoch, {schedule.epochs} epochs"
-        + (f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps else "")
+        f"global batch {plan.global_batch} ({plan.global_batch // world} per worker), "
+        f"{plan.steps_per_epoch} steps/epoch, {length}"
     )
 
 

@@ -46,9 +46,10 @@ def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
 
 
 def whole_epoch_samples_per_s(record: dict[str, Any]) -> float:
-    """An epoch's samples/s counting the DDP sync probe that follows its steps."""
+    """An epoch's samples/s counting the DDP sync probe that follows its steps (null, or
+    absent in older records, where it did not run)."""
     return record["samples_per_s"] * record["epoch_time_s"] / (
-        record["epoch_time_s"] + record.get("probe_time_s", 0.0))
+        record["epoch_time_s"] + (record.get("probe_time_s") or 0.0))
 
 
 def measure(rounds: int, epochs: int, workers: int, samples: int) -> dict[str, Any]:

@@ -16,14 +16,17 @@ from common.schema import LogConfig
 
 class Console:
     """A tqdm bar per epoch on a terminal; plain lines every `log.every_steps` steps elsewhere
-    (CI, SLURM logs), where a bar would print thousands of carriage returns."""
+    (CI, SLURM logs), where a bar would print thousands of carriage returns.
 
-    def __init__(self, cfg: LogConfig, epochs: int, stream: Any = None):
+    `epochs` and `total_steps` are where the run really ends (train.max_steps included): the
+    epoch counter and the ETA follow them."""
+
+    def __init__(self, cfg: LogConfig, epochs: int, total_steps: int, stream: Any = None):
         self.stream = stream or sys.stdout
         mode = cfg.progress
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "lines"
-        self.mode, self.epochs = mode, epochs
+        self.mode, self.epochs, self.total_steps = mode, epochs, total_steps
         self.bar: tqdm | None = None
         self.epoch, self.steps, self.done = 0, 0, 0
         self.started = time.perf_counter()
@@ -49,16 +52,31 @@ class Console:
             self.bar.update(1)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
+        """`step`: optimizer steps done in the run; `values["loss"]`: this step's loss."""
+        epoch_left, run_left = self._eta(step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}",
-                                 samples_s=f"{values['samples_per_s']:,.0f}", refresh=False)
+            # In this order (tqdm sorts keyword arguments): a narrow terminal cuts the end.
+            postfix = {"step_loss": f"{values['loss']:.4f}",
+                       "samples_s": f"{values['samples_per_s']:,.0f}"}
+            if self.epochs > 1:
+                postfix["run_eta"] = _clock(run_left)
+            self.bar.set_postfix(postfix, refresh=False)
         elif self.mode == "lines":
-            elapsed = time.perf_counter() - self.started
-            rate = (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
-            eta = (self.steps - self.done) / rate if rate > 0 else 0.0
+            eta = _clock(epoch_left)
+            if self.epochs > 1:
+                eta = f"epoch {eta}, run {_clock(run_left)}"
             print(f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps}  "
-                  f"loss {values['loss']:.4f}  {values['samples_per_s']:,.0f} samples/s  "
-                  f"eta {_clock(eta)}", file=self.stream, flush=True)
+                  f"step loss {values['loss']:.4f}  {values['samples_per_s']:,.0f} samples/s  "
+                  f"eta {eta}", file=self.stream, flush=True)
+
+    def _eta(self, step: int) -> tuple[float, float]:
+        """Seconds of steps left in this epoch and in the run, at this epoch's pace so far
+        (evaluation not included)."""
+        elapsed = time.perf_counter() - self.started
+        rate = (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+        if rate <= 0:
+            return 0.0, 0.0
+        return (self.steps - self.done) / rate, max(0, self.total_steps - step) / rate
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -73,11 +91,22 @@ class Console:
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    times = "/".join(f"{record[f'time_{p}_ms']:.1f}" for p in PHASES)
-    return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+    """The epoch's line: its mean training loss, accuracies, where its time went (training
+    steps, evaluation, the sync probe) and the mean step's phases (n/a: not measured)."""
+    spent = [f"train {record['epoch_time_s']:.1f} s"]
+    if record.get("eval_time_s") is not None:
+        spent.append(f"eval {record['eval_time_s']:.1f} s")
+    if record.get("probe_time_s") is not None:
+        spent.append(f"sync probe {record['probe_time_s']:.1f} s")
+    times = ", ".join(f"{p} {_ms(record[f'time_{p}_ms'])}" for p in PHASES)
+    return (f"epoch {record['epoch']}/{epochs}  mean loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}  "
-            f"{record['epoch_time_s']:.1f} s  {record['samples_per_s']:,.0f} samples/s  "
-            f"step ms {'/'.join(PHASES)} {times}")
+            f"{record['samples_per_s']:,.0f} samples/s  {', '.join(spent)}  "
+            f"step ms: {times}")
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _clock(seconds: float) -> str:

@@ -14,6 +14,7 @@ import netrc
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -161,8 +162,23 @@ def sync_commands(segment: Path) -> str:
     id): the first is synced as is, the later ones appended in order (`wandb sync --append`)."""
     run_id = segment.name.rsplit("-", 1)[-1]
     segments = sorted(segment.parent.glob(f"offline-run-*-{run_id}"))
-    return " && ".join(f"wandb sync {'--append ' if i else ''}{s}"
+    tool = wandb_command()
+    return " && ".join(f"{tool} sync {'--append ' if i else ''}{s}"
                        for i, s in enumerate(segments or [segment]))
+
+
+def wandb_command() -> str:
+    """The wandb command of this Python's environment (`.venv/bin/wandb`, relative to the
+    current folder when inside it), so that the printed line runs as printed without an
+    activated venv; plain `wandb` when there is none beside the interpreter."""
+    # Not resolved: .venv may be a link to a shared venv, and the link is what users typed.
+    tool = Path(os.path.abspath(sys.executable)).parent / "wandb"
+    if not tool.is_file():
+        return "wandb"
+    try:
+        return str(tool.relative_to(Path.cwd()))
+    except ValueError:
+        return str(tool)
 
 
 class NoWandb:

@@ -30,6 +30,8 @@ class Strategy:
     name = "single"
     sync_method = "none: one process"
     probes_sync = False  # True: the sync hides inside backward and is estimated by a probe
+    probe_passes = 0  # forward+backward passes one probe costs (each about a step)
+    measures_sync = True  # the loop's timed sync phase is the whole sync (else: n/a, or a probe)
 
     def __init__(self, ctx: DistContext):
         self.ctx = ctx
@@ -38,7 +40,9 @@ class Strategy:
         """Where the workers run and how they synchronize, for the console's first line."""
         where = self.placement()
         if self.ctx.device.type == "cpu":
-            where += f", {self.ctx.cpu_threads} thread(s) each"
+            threads = self.ctx.cpu_threads
+            where += f", {threads} thread{'' if threads == 1 else 's'}"
+            where += " each" if self.ctx.world_size > 1 else ""
         return where
 
     def placement(self) -> str:

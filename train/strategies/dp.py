@@ -17,6 +17,7 @@ class DataParallel(Strategy):
     """
 
     name = "dp"
+    measures_sync = False  # inside forward and backward, not separable
     sync_method = ("included in compute: DataParallel replicates the model in forward and "
                    "reduces gradients onto the first GPU in backward")
 

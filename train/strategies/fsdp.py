@@ -45,6 +45,7 @@ class FSDP(Strategy):
     name = "fsdp"
     sync_method = ("included in compute: FSDP all-gathers each block's parameters in forward "
                    "and backward and reduce-scatters its gradients in backward")
+    measures_sync = False  # inside forward and backward: the loop's sync phase holds nothing
 
     def __init__(self, ctx: DistContext, cfg: FSDPConfig, precision: str):
         super().__init__(ctx)

@@ -1,0 +1,161 @@
+"""Where a run lives: the default folder's fingerprint, `run.dir` settled, `runs/latest`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.errors import UserError
+from common.schema import Config
+from tests.helpers import PYTHON, REPO
+from train.config import load_config
+from train.run_path import LATEST, fingerprint, follow_latest, point_latest, settle_run_dir
+
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+# configs/default.yaml's fingerprint with 2 workers, as computed when the rule was written: a
+# change of this value renames every default folder, and runs stop resuming (fix the code).
+DEFAULT_WITH_TWO_WORKERS = "0dde853e"
+
+
+def test_the_fingerprint_is_fixed_across_processes_and_hash_seeds():
+    assert fingerprint(load_config(CONFIG), 2) == DEFAULT_WITH_TWO_WORKERS
+    code = ("from common.config import load_config; from train.run_path import fingerprint; "
+            f"print(fingerprint(load_config({CONFIG!r}), 2))")  # no torch: a quick start
+    for seed in ("0", "12345"):
+        out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+        assert out.strip() == DEFAULT_WITH_TWO_WORKERS
+
+
+def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):
+    shuffled = tmp_path / "default.yaml"  # the same settings, sections and keys reversed
+    import yaml
+
+    raw = yaml.safe_load(Path(CONFIG).read_text())
+    reverse = {k: (dict(reversed(v.items())) if isinstance(v, dict) else v)
+               for k, v in reversed(raw.items())}
+    shuffled.write_text(yaml.safe_dump(reverse, sort_keys=False))
+    assert fingerprint(load_config(shuffled), 2) == DEFAULT_WITH_TWO_WORKERS
+    # A key written out at its schema default is the same run as one left out.
+    assert fingerprint(load_config(CONFIG, ["optim.nesterov=false"]), 2) == \
+        DEFAULT_WITH_TWO_WORKERS
+
+
+@pytest.mark.parametrize("override", ["log.every_steps=3", "wandb.mode=disabled",
+                                      "dist.cpu_threads=1", "checkpoint.keep=5",
+                                      "run.name=other", "log.sync_probe=false",
+                                      "data.download=false", "data.on_device=false"])
+def test_runtime_keys_do_not_change_it(override):
+    assert fingerprint(load_config(CONFIG, [override]), 2) == DEFAULT_WITH_TWO_WORKERS
+
+
+@pytest.mark.parametrize("override", ["train.epochs=1", "optim.lr=0.05", "mode=scratch",
+                                      "data.synthetic.train_samples=1000", "seed=1"])
+def test_what_a_run_computes_changes_it(override):
+    assert fingerprint(load_config(CONFIG, [override]), 2) != DEFAULT_WITH_TWO_WORKERS
+
+
+def test_the_worker_count_changes_it():
+    cfg = load_config(CONFIG)
+    assert len({fingerprint(cfg, n) for n in (1, 2, 3, 8)}) == 4
+
+
+def test_settle_names_the_default_folder_and_keeps_an_explicit_one():
+    cfg = load_config(CONFIG)
+    assert (cfg.run.name, cfg.run.dir) == ("default", "")
+    settle_run_dir(cfg, 2)
+    assert cfg.run.dir == str(Path("runs") / f"default-{DEFAULT_WITH_TWO_WORKERS}")
+    settle_run_dir(cfg, 2)  # idempotent
+    assert cfg.run.dir == str(Path("runs") / f"default-{DEFAULT_WITH_TWO_WORKERS}")
+    named = load_config(CONFIG, ["run.name=exp"])
+    settle_run_dir(named, 2)
+    assert named.run.dir == str(Path("runs") / f"exp-{DEFAULT_WITH_TWO_WORKERS}")
+    explicit = load_config(CONFIG, ["run.dir=/x/try1"])
+    settle_run_dir(explicit, 2)
+    assert (explicit.run.dir, explicit.run.name) == ("/x/try1", "try1")
+
+
+def test_allow_changes_needs_a_named_folder():
+    cfg = load_config(CONFIG, ["checkpoint.allow_changes=true"])
+    with pytest.raises(UserError, match="name its folder with run.dir=.*runs/latest"):
+        settle_run_dir(cfg, 2)
+    explicit = load_config(CONFIG, ["checkpoint.allow_changes=true", "run.dir=runs/a"])
+    settle_run_dir(explicit, 2)
+    assert explicit.run.dir == "runs/a"
+
+
+def test_runs_latest_is_followed_to_the_run_it_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "default-1234abcd").mkdir(parents=True)
+    point_latest(Path("runs") / "default-1234abcd")
+    assert os.readlink(tmp_path / "runs" / LATEST) == "default-1234abcd"  # relative
+    cfg = load_config(CONFIG, ["run.dir=runs/latest"])
+    settle_run_dir(cfg, 2)
+    assert (cfg.run.dir, cfg.run.name) == (str(Path("runs") / "default-1234abcd"),
+                                           "default-1234abcd")
+
+
+def test_without_symbolic_links_latest_is_a_file_that_tools_read(tmp_path, monkeypatch):
+    """File systems without links (FAT, some shares) cannot be mounted here: os.symlink fails
+    as it does there."""
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs") / "default-1234abcd"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "test_accuracy": 0.5}) + "\n")
+
+    def no_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    point_latest(run)
+    latest = tmp_path / "runs" / LATEST
+    assert latest.is_file() and not latest.is_symlink()
+    assert latest.read_text() == "default-1234abcd\n"
+    assert follow_latest(Path("runs/latest")) == run
+    from tools.plot import load_run
+
+    assert load_run("runs/latest").path == run
+
+
+def test_latest_is_only_kept_in_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere" / "x").mkdir(parents=True)
+    point_latest(Path("elsewhere") / "x")
+    assert not (tmp_path / "elsewhere" / LATEST).exists()
+
+
+def test_a_folder_in_the_way_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / LATEST / "something").mkdir(parents=True)  # a real folder, not a link
+    (tmp_path / "runs" / "a").mkdir()
+    point_latest(Path("runs") / "a")
+    assert (tmp_path / "runs" / LATEST / "something").is_dir()
+    assert "could not point" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a", LATEST]  # no debris
+
+
+def test_runs_started_at_once_leave_one_valid_link(tmp_path):
+    names = [f"run{i}" for i in range(4)]
+    for name in names:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from train.run_path import point_latest\n"
+            "for _ in range(300): point_latest(Path('runs') / sys.argv[1])")
+    procs = [subprocess.Popen([PYTHON, "-c", code, name], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}) for name in names]
+    assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
+    assert os.readlink(tmp_path / "runs" / LATEST) in names
+    assert (tmp_path / "runs" / LATEST).resolve().parent == (tmp_path / "runs").resolve()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([*names, LATEST])
+
+
+def test_the_schema_default_is_the_reference(tmp_path):
+    # An empty config is the schema's defaults: the fingerprint covers only the world size.
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert fingerprint(load_config(empty), 1) == fingerprint(Config(), 1)

@@ -9,22 +9,18 @@ change nothing: no download, no folder created.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from urllib.parse import urlparse
 
 from common.errors import UserError
 from common.host import backend_for, visible_gpus
-from common.lock import holder as lock_holder
-from common.lock import in_use
-from common.records import CHECKPOINT_DIR, CONFIG_FILE, REPLACED_DIR
+from launch.folder_checks import check_disk, check_run_folder
 from launch.job import Job
 from launch.net import try_connect
+from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
 from train.data import dataset_folder, ensure_available, torchvision_class
-from train.identity import check_resumable, check_run_dir
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
 from train.preflight import (
     check_device_options,
@@ -33,11 +29,6 @@ from train.preflight import (
     known_total_steps,
     profile_range,
 )
-
-OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
-Verdict = tuple[str, str]
-DISK_FAIL_BYTES = 200 * 2**20
-DISK_WARN_BYTES = 2 * 2**30
 
 
 def run_check(fn: Callable[[Job], Verdict], job: Job, raise_errors: bool = False) -> Verdict:
@@ -230,64 +221,6 @@ def check_wandb(job: Job) -> Verdict:
             return WARN, (f"online ({found}), but {url.hostname} does not answer ({error}); "
                           f"wandb.mode=offline logs into run.dir/wandb for a later `wandb sync`")
     return OK, f"online ({found}), project {cfg.wandb.project}"
-
-
-def check_disk(job: Job) -> Verdict:
-    existing = nearest_existing(Path(job.cfg.run.dir))
-    free = shutil.disk_usage(existing).free
-    detail = f"{free / 2**30:.1f} GiB free on the file system of {existing}"
-    if free < DISK_FAIL_BYTES:
-        return FAIL, f"{detail}: checkpoints and metrics need more"
-    if free < DISK_WARN_BYTES:
-        return WARN, f"{detail}: checkpoints of larger models may not fit"
-    return OK, detail
-
-
-def check_run_folder(job: Job) -> Verdict:
-    """Not in use by another job; the same run resumes (with this world size) or is complete,
-    a different one is refused (or replaced); the folder writable. The workers check it all
-    again."""
-    from train.checkpoint import Checkpoints  # late: they import torch
-    from train.resume import is_complete
-
-    if job.args.node_rank > 0:
-        return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
-    cfg, folder = job.cfg, Path(job.cfg.run.dir)
-    existing = nearest_existing(folder)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is not a folder" if not existing.is_dir() else "is not writable"
-        return FAIL, f"run.dir {folder} cannot be created: {existing} {why}"
-    other = lock_holder(folder)
-    if other is not None:
-        raise in_use(folder, other)
-    if check_run_dir(cfg):
-        return WARN, (f"run.overwrite=true: the different run in {folder} is moved to "
-                      f"{folder / REPLACED_DIR} and deleted once the new run has written its "
-                      f"first checkpoint")
-    files = Checkpoints(folder / CHECKPOINT_DIR, cfg.checkpoint.keep)
-    if files.candidates() and cfg.checkpoint.resume:
-        latest = files.peek_latest()  # the newest that opens, as the workers take it
-        if latest is None:
-            raise files.none_valid()
-        path, state = latest
-        check_resumable(cfg, job.world_size, state, f"checkpoint {path}")
-        epochs, steps = int(state["epoch"]), int(state["step"])
-        if is_complete(cfg.train, epochs, steps):
-            return OK, (f"{folder}: complete ({path.name}: {epochs} epoch(s), {steps} steps); "
-                        f"nothing left to train, checkpoint.resume=false trains it again")
-        return OK, f"{folder}: will resume from {path.name} (epoch {epochs + 1}, step {steps})"
-    if files.candidates():
-        return OK, (f"{folder}: checkpoint.resume=false: starts over; its checkpoints are moved "
-                    f"to {folder / REPLACED_DIR} until the new run's first checkpoint")
-    if (folder / CONFIG_FILE).is_file():
-        return OK, f"{folder}: holds this run without checkpoints: starts over"
-    return OK, f"{folder}: a new run folder"
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path` or its nearest parent that exists."""
-    path = path.absolute()
-    return next(p for p in (path, *path.parents) if p.exists())
 
 
 CHECKS: dict[str, Callable[[Job], Verdict]] = {

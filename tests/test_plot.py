@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO, run_cli, small_run
-from tools.plot import PHASES, load_runs, plot_curves, plot_rank_step_time, plot_step_time
+from tools.plot import PHASES, load_runs, plot_curves, plot_step_time
+from tools.plot_ranks import plot_rank_step_time
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 

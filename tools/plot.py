@@ -33,9 +33,9 @@ from matplotlib.ticker import MaxNLocator
 
 from common.errors import EXIT_USER_ERROR, UserError
 from common.records import PHASES
+from tools.plot_ranks import PHASE_COLORS, plot_rank_step_time
 from train.run_path import follow_latest
 
-PHASE_COLORS = {"data": "#9e9e9e", "compute": "#4c72b0", "sync": "#dd8452", "optim": "#55a868"}
 SLOWEST = "slowest rank's\nwhole step"
 DPI = 110  # the PNGs' resolution
 REQUIRED = ("epoch", "train_loss", "train_accuracy", "test_accuracy")
@@ -258,55 +258,9 @@ def plot_step_time(runs: list[Run]) -> Figure:
     return fig
 
 
-def rank_step_times(run: Run) -> dict[str, list[float]]:
-    """Per-phase ms per step of each rank (`time_<phase>_ms_ranks`), averaged over the epochs
-    that have them at the run's last world size; {} for runs that lack them (older runs)."""
-    size = len(run.records[-1].get("time_step_ms_ranks") or [])
-    records = [r for r in run.records if len(r.get("time_step_ms_ranks") or []) == size]
-    if not size:
-        return {}
-    return {p: [statistics.fmean(r[f"time_{p}_ms_ranks"][i] for r in records)
-                for i in range(size)] for p in PHASES}
-
-
-def plot_rank_step_time(runs: list[Run]) -> Figure:
-    """Each rank's step time side by side, one panel per run: a straggler's bar stands out,
-    and the others' extra sync time is what they spent waiting for it."""
-    fig = Figure(figsize=(max(6.0, 3.6 * len(runs)), 4.6))
-    axes = fig.subplots(1, len(runs), squeeze=False)[0]
-    for ax, run in zip(axes, runs, strict=True):
-        per_rank = rank_step_times(run)
-        ax.set_title(textwrap.fill(run.label, 34), fontsize=9)
-        if not per_rank:
-            ax.text(0.5, 0.5, "no per-rank step times\nin this run's records", ha="center",
-                    va="center", transform=ax.transAxes, fontsize=9)
-            ax.set_xticks([])
-            continue
-        ranks = range(len(per_rank[PHASES[0]]))
-        bottom = [0.0] * len(ranks)
-        for phase in PHASES:
-            ax.bar(ranks, per_rank[phase], 0.6, bottom=bottom, color=PHASE_COLORS[phase],
-                   label=phase)
-            bottom = [b + v for b, v in zip(bottom, per_rank[phase], strict=True)]
-        slowest = max(ranks, key=lambda r: bottom[r] - per_rank["sync"][r])
-        ax.annotate("slowest\n(before sync)", (slowest, bottom[slowest]), xytext=(0, 4),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(list(ranks), [f"rank {r}" for r in ranks], fontsize=8)
-        ax.set_ylim(0, 1.2 * max(bottom + [1e-3]))
-        ax.set_ylabel("ms per step (averaged over epochs)", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("step time of each rank: data / compute / sync / optim", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def _mean(values: list[float]) -> float:
     present = [v for v in values if not math.isnan(v)]
     return statistics.fmean(present) if present else 0.0
-
-
-# --- command line ----------------------------------------------------------------------------
 
 
 def write_plots(runs: list[Run], out: Path) -> list[Path]:

@@ -57,6 +57,15 @@ class EpochTrain:
     probe_skipped: str | None = None  # why a strategy that probes did not, at this epoch's end
 
 
+def gather_ranks(ctx: DistContext, local: torch.Tensor) -> torch.Tensor:
+    """Every rank's `local` vector, one row per rank, in rank order (one all_gather)."""
+    if not ctx.distributed:
+        return local.unsqueeze(0)
+    gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, local)
+    return torch.stack(gathered)
+
+
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
                  facts: dict[str, Any], global_batch: int) -> dict[str, Any]:
     """The epoch's figures: train metrics summed over ranks, step times and memory as the mean,
@@ -77,11 +86,7 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     local = torch.tensor([*train.totals.tolist(), *(timing[p] for p in PHASES),
                           sum(peaks) / len(peaks), step_ms, max(peaks), min(peaks)],
                          dtype=torch.float64, device=ctx.device)
-    ranks = local.unsqueeze(0)
-    if ctx.distributed:
-        gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
-        dist.all_gather(gathered, local)
-        ranks = torch.stack(gathered)
+    ranks = gather_ranks(ctx, local)
     per_rank = ranks[:, 3:].T.tolist()  # one row per figure, one value per rank
     lowest = ranks[:, -1].min().item()
     loss_sum, correct, samples = ranks[:, :3].sum(0).tolist()

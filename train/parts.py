@@ -40,6 +40,10 @@ class TrainState:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.saved_world_size = state.get("world_size")  # the file's top level (flat part)
 
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
     def world_size_change(self, world_size: int) -> dict[str, int] | None:
         """{"step", "from", "to"} when the run resumed a checkpoint of another world size (an
         elastic job whose nodes changed, or checkpoint.allow_changes)."""

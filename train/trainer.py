@@ -86,8 +86,7 @@ class Trainer:
                                   self.schedule.global_batch)
             if change:  # the first epoch record after the change says so
                 record["world_size_change"], change = change, None
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            self.state.end_epoch()
             self.totals.reset()
             agree(self.ctx, functools.partial(self.run.log_epoch, record))  # a full disk: all stop
             self.monitor.log_epoch(record)

@@ -179,3 +179,25 @@ def test_an_elastic_job_without_restarts_is_warned_about():
     job = plan_job(parse_args(["--cpu", "--nnodes", "2:3", "--master-addr", "h",
                                "--max-restarts", "2", CONFIG]))
     assert check_options(job)[0] != WARN
+
+
+def test_an_elastic_job_keeps_one_default_folder_at_every_size(tmp_path, monkeypatch):
+    """The launcher names the default folder for the whole range; a worker of the job, at any
+    size of it, must find the same one (else a job that shrank would start over elsewhere)."""
+    from common.host import ELASTIC_ENV
+    from train.dist import DistContext
+    from train.worker import settle_folder
+
+    monkeypatch.chdir(tmp_path)
+    job = plan_job(parse_args(["--cpu", "--gpus", "2", "--nnodes", "2:3", "--master-addr", "h",
+                               CONFIG, *RUN]), dry=True)
+    fixed = plan_job(parse_args(["--cpu", "--gpus", "2", "--nnodes", "3", "--master-addr", "h",
+                                 CONFIG, *RUN]), dry=True)
+    assert job.cfg.run.dir != fixed.cfg.run.dir  # another job: a folder of its own
+    monkeypatch.setenv(ELASTIC_ENV, "2:3")  # what the launcher tells its workers
+    folders = set()
+    for world_size in (4, 6):
+        cfg = load_config(CONFIG, [*RUN, "dist.device=cpu"])
+        settle_folder(cfg, DistContext(0, 0, world_size, 2, torch.device("cpu"), "none", 1))
+        folders.add(cfg.run.dir)
+    assert folders == {job.cfg.run.dir}

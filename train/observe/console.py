@@ -55,12 +55,10 @@ class Console:
         """`step`: optimizer steps done in the run; `values["loss"]`: this step's loss."""
         epoch_left, run_left = self._eta(step)
         if self.bar is not None:
-            # In this order (tqdm sorts keyword arguments): a narrow terminal cuts the end.
-            postfix = {"step_loss": f"{values['loss']:.4f}",
-                       "samples_s": f"{values['samples_per_s']:,.0f}"}
-            if self.epochs > 1:
-                postfix["run_eta"] = _clock(run_left)
-            self.bar.set_postfix(postfix, refresh=False)
+            extra = {} if self.epochs == 1 else {"run_eta": _clock(run_left)}
+            self.bar.set_postfix(step_loss=f"{values['loss']:.4f}",
+                                 samples_s=f"{values['samples_per_s']:,.0f}", **extra,
+                                 refresh=False)
         elif self.mode == "lines":
             eta = _clock(epoch_left)
             if self.epochs > 1:

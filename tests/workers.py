@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -144,7 +145,8 @@ def resume_and_report(overrides: list[str]) -> dict:
     cfg = load_config(DEFAULT_CONFIG, overrides)
     ctx = dist.setup(cfg.dist)
     try:
-        run = open_run(cfg, ctx)
+        held = contextlib.ExitStack()  # the run folder's lock, as train.worker holds it
+        run = open_run(cfg, ctx, held)
         trainer = build_trainer(cfg, ctx, make_strategy(cfg, ctx), run)
         path = resume(cfg, ctx, trainer.parts.checkpointer, run)
         saved = load(path)["ranks"][ctx.rank]["rng"]
@@ -171,6 +173,7 @@ def resume_and_report(overrides: list[str]) -> dict:
         finally:
             trainer.monitor.close()
         report["finished_step"] = trainer.state.step
+        held.close()
         return report
     finally:
         dist.teardown(ctx)

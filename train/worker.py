@@ -36,7 +36,7 @@ from train.preflight import check_device_options, check_profile_steps, check_wor
 from train.resume import elastic_nodes, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
-from train.run_path import settle_run_dir
+from train.run_path import LATEST, settle_run_dir
 from train.strategies import Strategy, make_strategy
 from train.trainer import Trainer
 
@@ -104,8 +104,16 @@ def settle_folder(cfg: Config, ctx: DistContext) -> None:
     """run.dir and run.name, decided as the launcher does (train/run_path.py)."""
     nodes = elastic_nodes()  # an elastic job keeps one folder at every size of its range
     workers = f"{ctx.local_world_size}x{nodes}" if nodes else ctx.world_size
+    moving = not cfg.run.dir or Path(cfg.run.dir).name == LATEST  # runs/latest may be
     agree(ctx, lambda: settle_run_dir(cfg, workers))
-    if ctx.distributed:  # runs/latest may change between two ranks' reads: rank 0's holds
+    if not ctx.distributed:
+        return
+    # runs/latest may change between two ranks' reads: rank 0's holds. A folder named
+    # explicitly stays each rank's own: nodes that see different ones (no shared file system)
+    # are stopped before training (train/resume.py). Every rank takes the same branch.
+    asked: list[bool | None] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(asked, moving)
+    if any(asked):
         chosen = [cfg.run.dir, cfg.run.name]
         torch.distributed.broadcast_object_list(chosen, src=0)
         cfg.run.dir, cfg.run.name = chosen

@@ -1,0 +1,122 @@
+"""This rank's batches from an in-memory dataset, sharded by index: `DistributedSampler` decides
+which indices each rank trains on; evaluation counts every sample exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DistributedSampler, Sampler
+
+from common.errors import UserError
+from train.data.tensors import TensorData
+
+
+class EvalSampler(Sampler[int]):
+    """Rank r takes samples r, r+W, r+2W, ...: every sample exactly once across ranks.
+
+    `DistributedSampler` pads the last shard with repeated samples so that ranks get equal
+    counts, which double-counts them in accuracy. Evaluation needs no equal counts: it runs no
+    collective per batch, only one all_reduce of the totals at the end.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class Batches:
+    """This rank's batches from an in-memory dataset, in the order its sampler gives.
+
+    Training drops the last incomplete batch so that every rank runs the same number of steps
+    (a rank with one step more would wait forever in its gradient allreduce).
+    """
+
+    def __init__(self, data: TensorData, sampler: Sampler[int], batch_size: int,
+                 device: torch.device, drop_last: bool, channels_last: bool = False):
+        self.data, self.sampler, self.batch_size = data, sampler, batch_size
+        self.device, self.drop_last = device, drop_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._order: torch.Tensor | None = None
+        if data.mean is not None:
+            self.mean, self.std = data.mean.to(device), data.std.to(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        # Without this DistributedSampler shuffles every epoch the same way.
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        self._order = None
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in order (computed once)."""
+        if self._order is None:
+            self._order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        return self._order
+
+    def seen(self, batches: int) -> list[int]:
+        """The sample indices of this epoch's first `batches` batches, in order."""
+        return self.indices()[:self.batch_size * batches].tolist()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start + 1`, ...: resuming inside an epoch skips by index, no work."""
+        order = self.indices().to(self.data.images.device)
+        for i in range(start, len(self)):
+            yield self.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.data.images[idx].to(self.device, non_blocking=True).float()
+        labels = self.data.labels[idx].to(self.device, non_blocking=True)
+        if self.data.mean is None:
+            images = images.div_(255)
+        else:
+            images = images.sub_(self.mean).div_(self.std)
+        return images.contiguous(memory_format=self.memory_format), labels
+
+
+def train_batches(data: TensorData, rank: int, world_size: int, global_batch: int, seed: int,
+                  device: torch.device, channels_last: bool = False) -> Batches:
+    """Shuffled shards of equal size per rank; a global step sees exactly `global_batch` samples."""
+    sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
+                                 shuffle=True, seed=seed, drop_last=True)
+    batches = Batches(data, sampler, global_batch // world_size, device, drop_last=True,
+                      channels_last=channels_last)
+    if len(batches) == 0:
+        raise UserError(f"the training set ({len(data)} samples) is smaller than one global batch "
+                        f"({global_batch}); lower train.batch_size", agreed=True)  # every rank
+    return batches
+
+
+def eval_batches(data: TensorData, rank: int, world_size: int, batch_size: int,
+                 device: torch.device, pad: bool = False, channels_last: bool = False) -> Batches:
+    """Every test sample exactly once across ranks. `pad=True` plants the classic bug
+    (DistributedSampler's padding counts some samples twice), for the sample ledger's test."""
+    if pad:
+        sampler: Sampler[int] = DistributedSampler(range(len(data)), num_replicas=world_size,
+                                                   rank=rank, shuffle=False)
+    else:
+        sampler = EvalSampler(len(data), rank, world_size)
+    return Batches(data, sampler, batch_size, device, drop_last=False,
+                   channels_last=channels_last)
+
+
+def split_batch(images: torch.Tensor, labels: torch.Tensor,
+                parts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The book's split_batch: `parts` micro-batches (views) along dim 0, their sizes in
+    samples differing by at most one; here for gradient accumulation inside one worker."""
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if not 1 <= parts <= images.shape[0]:
+        raise ValueError(f"cannot split a batch of {images.shape[0]} samples into {parts} parts")
+    return list(zip(images.tensor_split(parts), labels.tensor_split(parts), strict=True))

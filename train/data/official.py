@@ -1,0 +1,94 @@
+"""The book's datasets as torchvision reads them (Fashion-MNIST, MNIST, CIFAR-10), turned into
+uint8 tensors; files present are read as they are, missing ones downloaded when allowed."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import UserError
+from common.schema import DataConfig
+from train.data.tensors import TensorData
+
+_IDX = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (IDX files, unzipped)")
+_EXPECTED_FILES = {  # data.name -> (folder under data.root, the files it must hold)
+    "fashion_mnist": ("FashionMNIST/raw", _IDX),
+    "mnist": ("MNIST/raw", _IDX),
+    "cifar10": ("cifar-10-batches-py", "data_batch_1 ... data_batch_5, test_batch and "
+                "batches.meta (the python version, cifar-10-python.tar.gz, extracted)"),
+}
+_READ_ERRORS = (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError)
+
+
+def torchvision_class(name: str) -> Any:
+    """The torchvision dataset class behind `data.name` (for its download URLs too)."""
+    return _torchvision_classes()[name]
+
+
+def _torchvision_classes() -> dict[str, Any]:
+    import torchvision.datasets as tvd
+
+    class CIFAR10(tvd.CIFAR10):
+        # torchvision checks every batch file's md5 before reading; the md5 protects downloads,
+        # and files already present (copied from elsewhere, or written by our tests) are read
+        # as they are. Downloads still verify the archive's md5.
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise RuntimeError(f"{path} not found")
+            with path.open("rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    return {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": CIFAR10}
+
+
+def dataset_folder(cfg: DataConfig) -> Path:
+    """Where dataset `cfg.name`'s files live under `data.root`."""
+    return Path(cfg.root) / _EXPECTED_FILES[cfg.name][0]
+
+
+def ensure_files(cfg: DataConfig) -> None:
+    """Download what is missing (once, before workers start), or fail with one clear line."""
+    for train in (True, False):
+        _open(cfg, train, cfg.download)
+
+
+def load(cfg: DataConfig, download: bool) -> tuple[TensorData, TensorData]:
+    """(train, test) as uint8 tensors [N, C, H, W]."""
+    splits = []
+    for train in (True, False):
+        ds = _open(cfg, train, download)
+        images = torch.as_tensor(ds.data)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        labels = torch.as_tensor(ds.targets, dtype=torch.long)
+        splits.append(TensorData(images.contiguous(), labels, len(ds.classes)))
+    return splits[0], splits[1]
+
+
+def _open(cfg: DataConfig, train: bool, download: bool) -> Any:
+    """The torchvision dataset, read from `data.root`; downloaded first if missing and allowed."""
+    cls = torchvision_class(cfg.name)
+    # Not download=True straight away: torchvision then prints a line even when files exist.
+    for allow_download in ([False, True] if download else [False]):
+        try:
+            return cls(cfg.root, train=train, download=allow_download)
+        except _READ_ERRORS as exc:
+            error = exc
+    folder, files = _EXPECTED_FILES[cfg.name]
+    why = f"download failed: {_first_line(error)}" if download else _first_line(error)
+    raise UserError(f"dataset {cfg.name} cannot be read from {Path(cfg.root) / folder} ({why}); "
+                    f"put {files} there") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__).strip()[:160]

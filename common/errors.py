@@ -27,3 +27,14 @@ class CheckFailed(UserError):
     """A guard stopped training: the replicas diverged, shards overlap, a collective timed out."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+class PeerFailed(UserError):
+    """Another worker stopped with an error it reported itself; this one's collectives failed
+    because of it. Nothing more to say: the exit code is the other worker's."""
+
+    quiet = True
+
+    def __init__(self, rank: int, message: str, exit_code: int):
+        super().__init__(f"rank {rank} failed first: {message}")
+        self.exit_code = exit_code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,3 +46,20 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def why_not_writable(folder: Path) -> str | None:
+    """Why `folder` (which may not exist yet) cannot be created and written, or None.
+
+    Tried for real, in its nearest existing parent (a temp folder made and removed again):
+    permission bits say nothing for root, read-only mounts or /proc and /sys.
+    """
+    folder = folder.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dptrain-probe-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return None

@@ -7,3 +7,4 @@ METRICS_FILE = "metrics.jsonl"  # one record per epoch
 SUMMARY_FILE = "summary.json"  # written when a run finishes
 CHECKPOINT_DIR = "checkpoints"  # step_<step>.pt (+ .sha256) and last.pt
 LEDGER_FILE = "sample_ledger.jsonl"  # with check.sample_ledger=true
+CLASSES_FILE = "classes.json"  # class index -> name, as the model's outputs are numbered

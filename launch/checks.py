@@ -18,10 +18,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from common.errors import UserError
+from common.files import why_not_writable
 from common.host import backend_for, visible_gpus
 from launch.job import Job
 from launch.net import try_connect
-from train.data import dataset_folder, ensure_available, torchvision_class
+from train.data import DOWNLOADABLE, ensure_available, torchvision_class
 from train.identity import check_run_dir
 from train.observe.wandb_sink import credentials, resolve_mode
 from train.preflight import check_device_options, check_world_size
@@ -140,17 +141,14 @@ def require_free_port(port: int) -> None:
 
 
 def check_dataset(job: Job) -> Verdict:
-    """Files present (every node reads its own copy), else downloaded now; the doctor only
-    looks, and says whether a download host answers."""
+    """Files present and readable (every node reads its own copy), else downloaded now; image
+    folders laid out right; a data.factory that imports and gives (image, label) pairs. The
+    doctor only looks, and says whether a download host answers."""
     data = job.cfg.data
-    if data.name == "synthetic":
-        return OK, (f"synthetic: generated in memory ({data.synthetic.train_samples:,} train / "
-                    f"{data.synthetic.test_samples:,} test)")
     try:
-        ensure_available(replace(data, download=data.download and not job.dry))
-        return OK, f"{data.name}: files present in {dataset_folder(data)}"
+        return OK, ensure_available(replace(data, download=data.download and not job.dry))
     except UserError as missing:
-        if not job.dry:
+        if not job.dry or data.name not in DOWNLOADABLE:
             raise
         if not data.download:
             return FAIL, f"{missing} (data.download=false)"
@@ -218,10 +216,9 @@ def check_run_folder(job: Job) -> Verdict:
     if job.args.node_rank > 0:
         return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
     cfg, folder = job.cfg, Path(job.cfg.run.dir)
-    existing = nearest_existing(folder)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is not a folder" if not existing.is_dir() else "is not writable"
-        return FAIL, f"run.dir {folder} cannot be created: {existing} {why}"
+    why = why_not_writable(folder)
+    if why:
+        return FAIL, f"run.dir {folder} cannot be created or written: {why}"
     if check_run_dir(cfg):
         return WARN, f"run.overwrite=true: the different run in {folder} will be deleted"
     found = Checkpoints(folder / "checkpoints", cfg.checkpoint.keep).candidates()

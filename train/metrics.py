@@ -57,10 +57,12 @@ class EpochTrain:
 
 
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
-                 facts: dict[str, Any], global_batch: int) -> dict[str, Any]:
+                 facts: dict[str, Any], global_batch: int,
+                 counts: dict[str, float] | None = None) -> dict[str, Any]:
     """The epoch's figures, train metrics and step times reduced over ranks (mean and max).
 
-    `facts`: epoch, step, lr, mode, sync_method and the like, copied as they are."""
+    `facts`: epoch, step, lr, mode, sync_method and the like, copied as they are; `counts`:
+    this rank's counts (skipped files), summed over ranks."""
     timing = dict(train.timing)
     if train.probe_sync_ms is not None:  # DDP: sync hides inside compute; split it out
         timing["sync"] = min(train.probe_sync_ms, timing["compute"])
@@ -94,6 +96,11 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
         record[f"time_{phase}_ms_max"] = highs[i]
     record["peak_memory_mb"], record["peak_memory_mb_max"] = means[-2], highs[-2]
     record["time_step_ms_max"] = highs[-1]  # the slowest rank's whole step
+    if counts:
+        summed = torch.tensor(list(counts.values()), dtype=torch.float64, device=ctx.device)
+        if ctx.distributed:
+            dist.all_reduce(summed)
+        record.update(zip(counts, (int(v) for v in summed.tolist()), strict=True))
     return record
 
 

@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from common.config import to_yaml
-from common.files import atomic_write
-from common.records import CHECKPOINT_DIR, CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
+from common.errors import UserError
+from common.files import atomic_write, why_not_writable
+from common.records import (
+    CHECKPOINT_DIR,
+    CLASSES_FILE,
+    CONFIG_FILE,
+    LEDGER_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+)
 from common.schema import Config
 from train.dist import DistContext
 from train.identity import check_run_dir
@@ -49,6 +57,10 @@ class RunFolder:
         atomic_write(self.metrics_path,
                      lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
 
+    def save_classes(self, names: list[str]) -> None:
+        """classes.json: class index -> name, as the model's outputs are numbered."""
+        atomic_write(self.folder / CLASSES_FILE, lambda p: p.write_text(json.dumps(names) + "\n"))
+
     def _read_records(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
@@ -70,6 +82,9 @@ class NullRun(RunFolder):
     def start(self, cfg: Config, resumed_epochs: int | None = None) -> None:
         pass
 
+    def save_classes(self, names: list[str]) -> None:
+        pass
+
     def log_epoch(self, record: dict[str, Any]) -> None:
         pass
 
@@ -81,4 +96,7 @@ def open_run(cfg: Config, ctx: DistContext) -> RunFolder:
     """Check `run.dir` on every rank (all must agree whether an old run is replaced, and so
     not resumed); nothing on disk changes before `start`."""
     replace = check_run_dir(cfg)
+    why = why_not_writable(Path(cfg.run.dir)) if ctx.is_main else None  # only it writes there
+    if why:
+        raise UserError(f"run.dir {cfg.run.dir} cannot be created or written: {why}")
     return (RunFolder if ctx.is_main else NullRun)(Path(cfg.run.dir), replace)

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.errors import CheckFailed, UserError
+from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
-from train.dist import DistContext, is_comm_failure
+from train.dist import DistContext, is_comm_failure, peer_failure
 from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
@@ -61,7 +61,7 @@ class Trainer:
             return self._fit()
         except RuntimeError as exc:
             explained = explain_failure(exc, self.strategy, self.state.step + 1, self.where,
-                                        self.guards.timeout_s)
+                                        self.guards.timeout_s, self.ctx)
             if explained is None:
                 raise
             raise explained from None
@@ -72,10 +72,12 @@ class Trainer:
             trained = True
             train = self.train_epoch()
             test = self.evaluate()
-            record = epoch_record(self.ctx, train, test, self.facts(), self.schedule.global_batch)
+            record = epoch_record(self.ctx, train, test, self.facts(), self.schedule.global_batch,
+                                  self.parts.counters.values())
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
             self.totals.reset()
+            self.parts.counters.reset()
             self.run.log_epoch(record)
             self.monitor.log_epoch(record)
             self.save_checkpoint()
@@ -242,11 +244,16 @@ class Trainer:
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,
-                    timeout_s: float) -> UserError | None:
-    """One line for a failure the strategy knows, or for a collective that failed."""
+                    timeout_s: float, ctx: DistContext) -> UserError | None:
+    """One line for a failure the strategy knows, or for a collective that failed (nothing
+    when the worker that failed first has said why)."""
     explained = strategy.explain(exc, step)
     if explained is not None or not is_comm_failure(exc):
         return explained
+    peer = peer_failure(ctx)
+    if peer is not None:
+        rank, code, message = peer
+        return PeerFailed(rank, message, code)
     detail = str(exc).splitlines()[0].rsplit("] ", 1)[-1][:160] if str(exc) else ""
     return CheckFailed(
         f"a collective failed at step {step}, in {where or 'setup'}, after waiting up to "

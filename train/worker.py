@@ -12,10 +12,8 @@ import torch
 
 from common.schema import Config
 from train.checkpoint import Checkpointer, Checkpoints
-from train.data import load_datasets
-from train.data.batches import eval_batches, train_batches
-from train.data.tensors import TensorData, place
-from train.dist import DistContext, agree, local_main_first
+from train.data.build import DataParts, build_data
+from train.dist import DistContext, agree
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.identity import identity
@@ -51,6 +49,7 @@ def train(cfg: Config, ctx: DistContext) -> None:
     resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
     check_same_start(ctx, resumed, cfg.run.dir)
     run.start(cfg, resumed_epochs=trainer.state.epoch if resumed else None)
+    run.save_classes(trainer.parts.data.classes)
     log.info(describe(cfg, trainer))
     if resumed and trainer.finished():
         log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
@@ -70,14 +69,10 @@ def train(cfg: Config, ctx: DistContext) -> None:
 def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFolder) -> Trainer:
     """Data, model, optimization, guards, monitor and checkpointer of this worker (the same
     on every path), assembled into a Trainer."""
-    train_set, test_set = load_data(cfg, ctx)
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
-    train_data = train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size,
-                               cfg.seed, ctx.device, channels_last=nhwc)
-    test_data = eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size,
-                             ctx.device, pad=cfg.debug.pad_eval, channels_last=nhwc)
-    schedule = make_schedule(cfg, len(train_data))
-    plain = build_plain_model(cfg, ctx, train_set, nhwc)
+    data = load_data(cfg, ctx, nhwc)
+    schedule = make_schedule(cfg, len(data.train))
+    plain = build_plain_model(cfg, ctx, data.facts, nhwc)
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)
     if compiled:
@@ -92,12 +87,17 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     state, totals = TrainState(), EpochTotals(ctx)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep), ctx,
-        parts={"model": plain, **optim.parts(), "position": state, "tracking": tracking},
-        rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy},
+        # The class names first: a resume with other classes is refused before the model,
+        # whose last layer would not fit, is loaded.
+        parts={"classes": data.classes, "model": plain, **optim.parts(), "position": state,
+               "tracking": tracking},
+        rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy,
+                    "data": data.counters},
         identity=identity(cfg))
     return Trainer(ctx, TrainerParts(
-        strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
-        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer))
+        strategy, plain, model, compiled, nhwc, data.train, data.test, optim, state, totals,
+        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer, data.counters,
+        data.facts))
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -117,28 +117,28 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
                   Faults(cfg.debug, ctx), cfg.dist.timeout_s)
 
 
-def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:
-    """One process per node downloads what is missing; then every rank reads the files."""
-    with local_main_first(ctx):
-        train_set, test_set = load_datasets(cfg.data, cfg.seed, download=ctx.local_rank == 0)
-    return (place(train_set, ctx.device, cfg.data.on_device),
-            place(test_set, ctx.device, cfg.data.on_device))
+def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
+    """Both splits' batches on the memory or the stream path (train/data/build.py)."""
+    return build_data(cfg.data, cfg.seed, ctx, cfg.train.batch_size, cfg.train.eval_batch_size,
+                      channels_last, pad_eval=cfg.debug.pad_eval)
 
 
 def describe(cfg: Config, trainer: Trainer) -> str:
     """The three lines the console starts with: where, what, how long."""
-    train_set, test_set = trainer.train_data.data, trainer.test_data.data
+    facts = trainer.parts.data
     params = sum(p.numel() for p in trainer.plain.parameters())
     knobs = [cfg.perf.precision] + (["channels_last"] if trainer.parts.channels_last else [])
     knobs += ["torch.compile"] if trainer.parts.compiled else []
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
-    shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
+    shape = f"{facts.channels}x{facts.image_size}x{facts.image_size}"
     schedule, world = trainer.schedule, trainer.ctx.world_size
+    augment = f", augment {cfg.data.augment}" if cfg.data.augment != "none" else ""
     return (
         f"{trainer.strategy.name}: {trainer.strategy.describe()}; {', '.join(knobs)}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
-        f"{len(train_set):,} train / {len(test_set):,} test\n"
+        f"{facts.train_samples:,} train / {facts.test_samples:,} test, {facts.num_classes} "
+        f"classes{augment}; {facts.note}\n"
         f"global batch {schedule.global_batch} ({schedule.global_batch // world} per worker), "
         f"{schedule.steps_per_epoch} steps/epoch, {schedule.epochs} epochs"
         + (f", at most {cfg.train.max_steps} steps" if cfg.train.max_steps else "")

@@ -3,13 +3,16 @@ which indices each rank trains on; evaluation counts every sample exactly once."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 from common.errors import UserError
 from train.data.tensors import TensorData
+
+# (images [B, C, H, W] float on the device, their sample indices, epoch) -> training images
+Augment = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class EvalSampler(Sampler[int]):
@@ -38,9 +41,11 @@ class Batches:
     """
 
     def __init__(self, data: TensorData, sampler: Sampler[int], batch_size: int,
-                 device: torch.device, drop_last: bool, channels_last: bool = False):
+                 device: torch.device, drop_last: bool, channels_last: bool = False,
+                 augment: Augment | None = None):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
         self.device, self.drop_last = device, drop_last
+        self.augment, self.epoch = augment, 0  # the recipe's batched ops (train/data/augment.py)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._order: torch.Tensor | None = None
         if data.mean is not None:
@@ -50,6 +55,7 @@ class Batches:
         # Without this DistributedSampler shuffles every epoch the same way.
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
+        self.epoch = epoch
         self._order = None
 
     def __len__(self) -> int:
@@ -78,6 +84,8 @@ class Batches:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.data.images[idx].to(self.device, non_blocking=True).float()
         labels = self.data.labels[idx].to(self.device, non_blocking=True)
+        if self.augment is not None:  # on the device, each sample keyed by (seed, epoch, index)
+            images = self.augment(images, idx.to(self.device, non_blocking=True), self.epoch)
         if self.data.mean is None:
             images = images.div_(255)
         else:
@@ -86,12 +94,13 @@ class Batches:
 
 
 def train_batches(data: TensorData, rank: int, world_size: int, global_batch: int, seed: int,
-                  device: torch.device, channels_last: bool = False) -> Batches:
+                  device: torch.device, channels_last: bool = False,
+                  augment: Augment | None = None) -> Batches:
     """Shuffled shards of equal size per rank; a global step sees exactly `global_batch` samples."""
     sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
                                  shuffle=True, seed=seed, drop_last=True)
     batches = Batches(data, sampler, global_batch // world_size, device, drop_last=True,
-                      channels_last=channels_last)
+                      channels_last=channels_last, augment=augment)
     if len(batches) == 0:
         raise UserError(f"the training set ({len(data)} samples) is smaller than one global batch "
                         f"({global_batch}); lower train.batch_size", agreed=True)  # every rank

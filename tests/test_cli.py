@@ -29,7 +29,7 @@ def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     assert "epoch 2/2" in result.stdout
     run = tmp_path / "runs" / "default"  # run.dir defaults to runs/<config name>
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "wandb"]
+        "checkpoints", "classes.json", "config.yaml", "metrics.jsonl", "summary.json", "wandb"]
     saved = load_config(run / "config.yaml")
     assert identity(saved) == identity(load_config(CONFIG, [
         "train.epochs=2", "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501",

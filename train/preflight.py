@@ -34,6 +34,13 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
     if cfg.model.sync_bn and (cpu or cfg.mode != "ddp"):
         raise UserError("model.sync_bn needs mode ddp on GPUs: torch's SyncBatchNorm runs on "
                         "CUDA only")
+    if cpu and cfg.data.decoder == "nvjpeg":
+        raise UserError("data.decoder=nvjpeg decodes on the GPU; on the CPU use data.decoder=pil")
+    if cfg.data.decoder == "nvjpeg" and (cfg.data.name != "imagefolder"
+                                         or cfg.data.loader != "stream"
+                                         or cfg.data.cache != "none"):
+        raise UserError("data.decoder=nvjpeg needs data.name=imagefolder, data.loader=stream "
+                        "and data.cache=none (it decodes files on the GPU as they stream)")
     if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
         raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
     warnings = []

@@ -140,8 +140,12 @@ class Augment:
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear",
                                    antialias=True, align_corners=False)
         if self.name == "cifar":
-            images = self._shift(images, batch_uniforms(batch_keys(self.seed, epoch, indices), 3))
+            images = self.shift(images, indices, epoch)
         return images
+
+    def shift(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """cifar's pad, crop and flip of a batch [B, C, S, S] (uint8 or float), per sample."""
+        return self._shift(images, batch_uniforms(batch_keys(self.seed, epoch, indices), 3))
 
     def _shift(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Pad by `padding` zeros, crop back at offsets u[:, 0], u[:, 1], flip where u[:, 2]."""

@@ -25,6 +25,7 @@ from train.data.batches import Batches, EvalSampler, eval_batches, train_batches
 from train.data.cache import cache_folder
 from train.data.counters import DataClock, DataCounters
 from train.data.decode import render_tensor
+from train.data.imagefolder import FileSet
 from train.data.stream import LoaderOptions, Raw, SampleReader, StreamBatches, TensorSet
 from train.data.tensors import TensorData, channel_stats, place
 from train.dist import DistContext, local_main_first
@@ -203,18 +204,45 @@ def _streams(cfg: DataConfig, ctx: DistContext, train: Any, test: Any, augment: 
         else EvalSampler(len(test), ctx.rank, ctx.world_size))
     device_op = augment.device_train if caches[0] is not None else None
     finish = DeviceFinish(stats, ctx.device, channels_last, counters)
-    train_data = StreamBatches(
-        SampleReader(train, augment, "stored" if caches[0] else "train", caches[0]),
-        train_sampler, local, True, ctx.device, options, finish.with_op(device_op), clock,
-        counters)
-    test_data = StreamBatches(SampleReader(test, augment, "eval", caches[1]), eval_sampler,
-                              eval_batch, False, ctx.device, options, finish, clock, counters)
+    if cfg.decoder == "nvjpeg":
+        train_data, test_data = _nvjpeg_streams(cfg, ctx, train, test, augment, finish, options,
+                                                (train_sampler, eval_sampler), local,
+                                                eval_batch, clock, counters)
+    else:
+        train_data = StreamBatches(
+            SampleReader(train, augment, "stored" if caches[0] else "train", caches[0]),
+            train_sampler, local, True, ctx.device, options, finish.with_op(device_op), clock,
+            counters)
+        test_data = StreamBatches(SampleReader(test, augment, "eval", caches[1]),
+                                  eval_sampler, eval_batch, False, ctx.device, options, finish,
+                                  clock, counters)
     pinned = "pinned" if options.pin_memory else "not pinned"
     cached = f", decoded cache in {cache_folder(cfg.cache_dir)}" if caches[0] else ""
     auto = "" if cfg.num_workers is not None else " (auto: usable cores per worker - 1)"
     note = (f"streamed ({why}): {options.num_workers} loader process(es) per worker{auto}, "
             f"batches {pinned}{cached}")
     return train_data, test_data, note
+
+
+def _nvjpeg_streams(cfg: DataConfig, ctx: DistContext, train: Any, test: Any,
+                    augment: Augment, finish: DeviceFinish, options: LoaderOptions,
+                    samplers: tuple[Sampler[int], Sampler[int]], local: int, eval_batch: int,
+                    clock: DataClock, counters: DataCounters) -> tuple[Any, Any]:
+    """Loader processes read bytes; the GPU decodes (train/data/nvjpeg.py)."""
+    from train.data.nvjpeg import BytesReader, NvjpegDecode, collate_bytes
+
+    if ctx.device.type != "cuda" or not isinstance(train, FileSet) or cfg.cache != "none":
+        raise UserError("data.decoder=nvjpeg decodes image folders on GPUs, on the stream "
+                        "path without the decoded cache (data.name=imagefolder, "
+                        "data.loader=stream, data.cache=none)", agreed=True)
+    out = []
+    for samples, split, sampler, size, drop in ((train, "train", samplers[0], local, True),
+                                                (test, "eval", samplers[1], eval_batch, False)):
+        reader = BytesReader(samples, augment, split)
+        out.append(StreamBatches(reader, sampler, size, drop, ctx.device, options,
+                                 NvjpegDecode(reader, ctx.device, finish), clock, counters,
+                                 collate_bytes))
+    return out[0], out[1]
 
 
 class DeviceFinish:

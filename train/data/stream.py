@@ -158,7 +158,8 @@ class StreamBatches:
     def __init__(self, reader: SampleReader, sampler: Sampler[int], batch_size: int,
                  drop_last: bool, device: torch.device, options: LoaderOptions,
                  finish: Callable[[Raw, int], tuple[torch.Tensor, torch.Tensor]],
-                 clock: DataClock, counters: DataCounters):
+                 clock: DataClock, counters: DataCounters,
+                 collate_fn: Callable[[list[Item]], Raw] = collate):
         self.reader, self.sampler, self.batch_size = reader, sampler, batch_size
         self.data = reader.samples  # len() is the split's size, as the memory path's `data`
         self.drop_last, self.device, self.finish = drop_last, device, finish
@@ -167,7 +168,7 @@ class StreamBatches:
         self._plan = _Plan()
         workers = options.num_workers
         self.loader = DataLoader(
-            reader, batch_sampler=self._plan, num_workers=workers, collate_fn=collate,
+            reader, batch_sampler=self._plan, num_workers=workers, collate_fn=collate_fn,
             pin_memory=options.pin_memory, worker_init_fn=_quiet_loader_process,
             persistent_workers=options.persistent_workers and workers > 0,
             prefetch_factor=options.prefetch_factor if workers else None,
@@ -231,7 +232,8 @@ def ahead(raws: Iterator[Raw], device: torch.device) -> Iterator[Raw]:
     def start(raw: Raw) -> tuple[Raw, torch.cuda.Event]:
         images, labels, indices, bad = raw
         with torch.cuda.stream(stream):
-            moved = (None if images is None else images.to(device, non_blocking=True),
+            moved = (images.to(device, non_blocking=True)  # nvjpeg's byte lists stay
+                     if isinstance(images, torch.Tensor) else images,
                      labels.to(device, non_blocking=True), indices.to(device, non_blocking=True),
                      bad)
             done = torch.cuda.Event()
@@ -252,6 +254,6 @@ def _ready(raw: Raw, done: Any) -> Raw:
     current = torch.cuda.current_stream()
     current.wait_event(done)
     for t in raw[:3]:
-        if t is not None:
+        if isinstance(t, torch.Tensor):
             t.record_stream(current)  # the side stream's memory is now the compute stream's
     return raw

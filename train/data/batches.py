@@ -33,7 +33,36 @@ class EvalSampler(Sampler[int]):
         return len(self.indices)
 
 
-class Batches:
+class ShardOrder:
+    """A rank's sample order and batch count for an epoch, from its sampler (both paths)."""
+
+    sampler: Sampler[int]
+    batch_size: int
+    drop_last: bool
+    _order: torch.Tensor | None = None
+
+    def new_epoch(self, epoch: int) -> None:
+        # Without this DistributedSampler shuffles every epoch the same way.
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        self._order = None
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in order (computed once)."""
+        if self._order is None:
+            self._order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        return self._order
+
+    def seen(self, batches: int) -> list[int]:
+        """The sample indices of this epoch's first `batches` batches, in order."""
+        return self.indices()[:self.batch_size * batches].tolist()
+
+
+class Batches(ShardOrder):
     """This rank's batches from an in-memory dataset, in the order its sampler gives.
 
     Training drops the last incomplete batch so that every rank runs the same number of steps
@@ -52,25 +81,8 @@ class Batches:
             self.mean, self.std = data.mean.to(device), data.std.to(device)
 
     def set_epoch(self, epoch: int) -> None:
-        # Without this DistributedSampler shuffles every epoch the same way.
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        self.new_epoch(epoch)
         self.epoch = epoch
-        self._order = None
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def indices(self) -> torch.Tensor:
-        """This rank's sample indices for the current epoch, in order (computed once)."""
-        if self._order is None:
-            self._order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        return self._order
-
-    def seen(self, batches: int) -> list[int]:
-        """The sample indices of this epoch's first `batches` batches, in order."""
-        return self.indices()[:self.batch_size * batches].tolist()
 
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ...: resuming inside an epoch skips by index, no work."""

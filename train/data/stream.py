@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
 from train.data.augment import Augment
+from train.data.batches import ShardOrder
 from train.data.cache import DecodedFile
 from train.data.counters import DataClock, DataCounters, Problem
 from train.data.decode import render_tensor
@@ -152,7 +153,7 @@ class LoaderOptions:
     seed: int
 
 
-class StreamBatches:
+class StreamBatches(ShardOrder):
     """This rank's batches from a DataLoader, in the order its sampler gives."""
 
     def __init__(self, reader: SampleReader, sampler: Sampler[int], batch_size: int,
@@ -175,24 +176,8 @@ class StreamBatches:
             generator=torch.Generator().manual_seed(options.seed))
 
     def set_epoch(self, epoch: int) -> None:
-        # Without this DistributedSampler shuffles every epoch the same way.
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        self.new_epoch(epoch)
         self.clock.set_epoch(epoch)
-        self._order = None
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def indices(self) -> torch.Tensor:
-        """This rank's sample indices for the current epoch, in order (computed once)."""
-        if self._order is None:
-            self._order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        return self._order
-
-    def seen(self, batches: int) -> list[int]:
-        return self.indices()[:self.batch_size * batches].tolist()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate()

@@ -54,7 +54,7 @@ convert: venv
 doctor: venv
 	$(PY) -m launch.doctor $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
 
-# make bench: scaling, allreduce bandwidth, overlap, overhead, peers -> reports/bench.
+# make bench [ARGS="--only data"]: scaling, allreduce bandwidth, overlap, data, overhead, peers -> reports/bench.
 bench: venv
 	$(PY) -m tools.bench $(ARGS)
 

@@ -35,3 +35,14 @@ class WriteFailed(UserError):
     """The run folder could not be written: a full disk, a quota, an I/O error."""
 
     exit_code = EXIT_WRITE_FAILED
+
+
+class PeerFailed(UserError):
+    """Another worker stopped with an error it reported itself; this one's collectives failed
+    because of it. Nothing more to say: the exit code is the other worker's."""
+
+    quiet = True
+
+    def __init__(self, rank: int, message: str, exit_code: int):
+        super().__init__(f"rank {rank} failed first: {message}")
+        self.exit_code = exit_code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,3 +62,20 @@ def write_failure(exc: OSError, what: str, run_dir: Path, last_step: int | None)
         return WriteFailed(f"{NO_SPACE[exc.errno]} of {run_dir} writing {what}; {last}: free "
                            f"some space, then run the same command to resume")
     return WriteFailed(f"could not write {what} in {run_dir} ({exc.strerror or exc}); {last}")
+
+
+def why_not_writable(folder: Path) -> str | None:
+    """Why `folder` (which may not exist yet) cannot be created and written, or None.
+
+    Tried for real, in its nearest existing parent (a temp folder made and removed again):
+    permission bits say nothing for root, read-only mounts or /proc and /sys.
+    """
+    folder = folder.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dptrain-probe-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return None

@@ -15,3 +15,4 @@ REPLACED_DIR = "replaced"
 REPLACING_DIR = "replaced.partial"
 HANG_DIR = "hang"  # rank_<r>.json + rank_<r>.txt: where each rank was when a job hung
 PROFILE_DIR = "profile"  # rank_<r>.trace.json (torch.profiler) + top_ops.txt
+CLASSES_FILE = "classes.json"  # class index -> name, as the model's outputs are numbered

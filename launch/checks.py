@@ -20,7 +20,7 @@ from launch.folder_checks import check_disk, check_run_folder
 from launch.job import Job
 from launch.net import try_connect
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
-from train.data import dataset_folder, ensure_available, torchvision_class
+from train.data import DOWNLOADABLE, ensure_available, torchvision_class
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
 from train.preflight import (
     check_device_options,
@@ -165,17 +165,14 @@ def require_free_port(port: int) -> None:
 
 
 def check_dataset(job: Job) -> Verdict:
-    """Files present (every node reads its own copy), else downloaded now; the doctor only
-    looks, and says whether a download host answers."""
+    """Files present and readable (every node reads its own copy), else downloaded now; image
+    folders laid out right; a data.factory that imports and gives (image, label) pairs. The
+    doctor only looks, and says whether a download host answers."""
     data = job.cfg.data
-    if data.name == "synthetic":
-        return OK, (f"synthetic: generated in memory ({data.synthetic.train_samples:,} train / "
-                    f"{data.synthetic.test_samples:,} test)")
     try:
-        ensure_available(replace(data, download=data.download and not job.dry))
-        return OK, f"{data.name}: files present in {dataset_folder(data)}"
+        return OK, ensure_available(replace(data, download=data.download and not job.dry))
     except UserError as missing:
-        if not job.dry:
+        if not job.dry or data.name not in DOWNLOADABLE:
             raise
         if not data.download:
             return FAIL, f"{missing} (data.download=false)"

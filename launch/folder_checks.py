@@ -3,10 +3,10 @@ the same run, writable). Part of launch/checks.py's CHECKS."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from common.files import why_not_writable
 from common.lock import holder as lock_holder
 from common.lock import in_use
 from common.records import CHECKPOINT_DIR, CONFIG_FILE, REPLACED_DIR
@@ -39,10 +39,9 @@ def check_run_folder(job: Job) -> Verdict:
     if job.args.node_rank > 0:
         return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
     cfg, folder = job.cfg, Path(job.cfg.run.dir)
-    existing = nearest_existing(folder)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is not a folder" if not existing.is_dir() else "is not writable"
-        return FAIL, f"run.dir {folder} cannot be created: {existing} {why}"
+    why = why_not_writable(folder)  # tried for real: permission bits say nothing for root
+    if why:
+        return FAIL, f"run.dir {folder} cannot be created or written: {why}"
     other = lock_holder(folder)
     if other is not None:
         raise in_use(folder, other)

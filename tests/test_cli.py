@@ -42,7 +42,7 @@ def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     assert result.stdout.index("run folder: ") < result.stdout.index("epoch 1/2")
     run = tmp_path / folder
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "wandb"]
+        "checkpoints", "classes.json", "config.yaml", "metrics.jsonl", "summary.json", "wandb"]
     assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
     saved = load_config(run / "config.yaml")
     assert identity(saved) == identity(load_config(CONFIG, [

@@ -100,5 +100,5 @@ def test_truncated_idx_file_is_reported(tmp_path):
     images.write_bytes(images.read_bytes()[:100])
     cfg = load_config(DEFAULT_CONFIG, ["data.name=mnist", f"data.root={tmp_path}",
                                        "data.download=false"])
-    with pytest.raises(UserError, match="dataset mnist cannot be read"):
+    with pytest.raises(UserError, match=f"{images} is truncated: 100 bytes"):
         load_datasets(cfg.data, cfg.seed, download=False)

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                      "same command to resume", signal_name(exc.signum), exc.step)
         return EXIT_INTERRUPTED
     except UserError as exc:
+        if not exc.agreed and not getattr(exc, "quiet", False):
+            dist.publish_failure(ctx, str(exc), exc.exit_code)  # before the others notice
         report(exc, ctx)
         if exc.agreed:
             # Exit after the reporting rank has printed: torchrun stops everyone at the
@@ -73,6 +75,8 @@ def report(exc: UserError, ctx: DistContext | None) -> None:
     """Errors every rank shares (config before setup, agreed ones) come from local rank 0 of
     each node; an error of one rank alone comes from that rank, which it names."""
     shared = ctx is None or exc.agreed or not ctx.distributed
+    if getattr(exc, "quiet", False):
+        return
     if not shared:
         print(f"error: [rank {ctx.rank}] {exc}", file=sys.stderr, flush=True)
     elif int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -12,8 +12,8 @@ import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ class DistContext:
     device: torch.device
     backend: str  # "nccl", "gloo", or "none" for a single process without a process group
     cpu_threads: int  # torch intra-op threads of this worker (CPU runs)
+    store: Any = field(default=None, compare=False, repr=False)  # the rendezvous key-value store
 
     @property
     def is_main(self) -> bool:
@@ -68,17 +69,18 @@ def setup(cfg: DistConfig) -> DistContext:
         # denormal floats, which x86 CPUs process in microcode: steps were 3.5x slower here.
         torch.set_flush_denormal(cfg.cpu_flush_denormal)
 
+    store = None
     if launched:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        store = _store(rank, world_size, timeout)
         # NCCL bound to this worker's GPU starts its communicator now (eager), so that the
         # first collective does not pay for it, and nothing guesses the GPU from the rank.
         dist.init_process_group(
-            backend=backend, store=_store(rank, world_size, timeout), rank=rank,
-            world_size=world_size, timeout=timeout,
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
             device_id=device if backend == "nccl" else None,
         )
     return DistContext(rank, local_rank, world_size if launched else 1,
-                       local_world_size if launched else 1, device, backend, threads)
+                       local_world_size if launched else 1, device, backend, threads, store)
 
 
 def _store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
@@ -173,6 +175,34 @@ def _nothing() -> None:
 def _raise(error: UserError | None) -> None:
     if error is not None:
         raise error
+
+
+_FAILED_KEY = "failed_first"
+
+
+def publish_failure(ctx: DistContext | None, message: str, exit_code: int) -> None:
+    """Tell the other workers that this one stops with an error it reports itself (a file
+    that cannot be decoded, found by one rank): their collectives then fail, and they stay
+    quiet instead of each blaming a dead peer."""
+    if ctx is None or ctx.store is None:
+        return
+    try:
+        ctx.store.set(_FAILED_KEY, f"{ctx.rank}\n{exit_code}\n{message}")
+    except Exception:  # noqa: BLE001 - the store may be gone; the others then say more
+        pass
+
+
+def peer_failure(ctx: DistContext) -> tuple[int, int, str] | None:
+    """(rank, exit code, message) of a worker that published its failure, if one did."""
+    if ctx.store is None:
+        return None
+    try:
+        if not ctx.store.check([_FAILED_KEY]):
+            return None
+        rank, code, message = ctx.store.get(_FAILED_KEY).decode().split("\n", 2)
+    except Exception:  # noqa: BLE001 - the store lived in the failed worker: nothing known
+        return None
+    return int(rank), int(code), message
 
 
 def is_comm_failure(exc: BaseException) -> bool:

@@ -18,7 +18,7 @@ from common import config as engine
 from common.errors import UserError
 from common.records import CHECKPOINT_DIR, CONFIG_FILE
 from models import build_model
-from train.data.tensors import TensorData
+from train.data.build import DataFacts
 from train.run_path import follow_latest
 
 
@@ -34,9 +34,10 @@ class InputSpec:
     std: torch.Tensor | None
 
     @classmethod
-    def of(cls, data: TensorData) -> InputSpec:
-        stats = (None, None) if data.mean is None else (data.mean.cpu(), data.std.cpu())
-        return cls(data.channels, data.image_size, data.num_classes, *stats)
+    def of(cls, data: DataFacts) -> InputSpec:
+        """What the training batches were: their shape, classes and normalization."""
+        return cls(data.channels, data.image_size, data.num_classes,
+                   *(data.stats or (None, None)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"channels": self.channels, "image_size": self.image_size,

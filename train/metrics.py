@@ -67,13 +67,15 @@ def gather_ranks(ctx: DistContext, local: torch.Tensor) -> torch.Tensor:
 
 
 def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
-                 facts: dict[str, Any], global_batch: int) -> dict[str, Any]:
+                 facts: dict[str, Any], global_batch: int,
+                 counts: dict[str, float] | None = None) -> dict[str, Any]:
     """The epoch's figures: train metrics summed over ranks, step times and memory as the mean,
     the max and each rank's value (one all_gather of every rank's vector).
 
     `test`: evaluate()'s figures and its `seconds`. `facts`: epoch, step, lr, mode, sync_method
     and the like, copied as they are. The sync time is None (n/a) where it hides inside
-    compute and no probe estimated it."""
+    compute and no probe estimated it. `counts`: this rank's counts (skipped files), summed
+    over ranks."""
     timing = dict(train.timing)
     if train.probe_sync_ms is not None:  # DDP: sync hides inside compute; split it out
         timing["sync"] = min(train.probe_sync_ms, timing["compute"])
@@ -123,6 +125,11 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
         record["peak_memory_mb_gpus"] = peaks
     record["time_step_ms_max"] = highs[step]  # the slowest rank's whole step
     record["time_step_ms_ranks"] = per_rank[step]
+    if counts:
+        summed = torch.tensor(list(counts.values()), dtype=torch.float64, device=ctx.device)
+        if ctx.distributed:
+            dist.all_reduce(summed)
+        record.update(zip(counts, (int(v) for v in summed.tolist()), strict=True))
     return record
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from common.schema import Config, PerfConfig
 from models import build_model
-from train.data import TensorData
+from train.data.build import DataFacts
 from train.dist import DistContext
 
 
@@ -44,10 +44,10 @@ def set_kernel_choice(perf: PerfConfig, device_kind: str) -> None:
     torch.backends.cudnn.benchmark = perf.cudnn_benchmark and not perf.deterministic
 
 
-def build_plain_model(cfg: Config, ctx: DistContext, data: TensorData,
+def build_plain_model(cfg: Config, ctx: DistContext, data: DataFacts,
                       channels_last: bool) -> nn.Module:
-    """The model for `data`'s shape with the same initial weights on every rank, on this
-    worker's device."""
+    """The model for `data`'s shape (channels, training resolution, classes) with the same
+    initial weights on every rank, on this worker's device."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size,
                         init=cfg.model.init)

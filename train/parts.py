@@ -10,6 +10,9 @@ from torch import nn
 
 from train.checkpoint import Checkpointer
 from train.data.batches import Batches
+from train.data.build import DataFacts
+from train.data.counters import DataCounters
+from train.data.stream import StreamBatches
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.hang import HangRecorder, NoHangRecord
@@ -95,8 +98,8 @@ class TrainerParts:
     model: nn.Module  # what trains: wrapped by the strategy, maybe compiled
     compiled: bool
     channels_last: bool
-    train_data: Batches
-    test_data: Batches
+    train_data: Batches | StreamBatches
+    test_data: Batches | StreamBatches
     optim: Optimization
     state: TrainState
     totals: EpochTotals
@@ -105,5 +108,7 @@ class TrainerParts:
     run: RunFolder
     monitor: Monitor
     checkpointer: Checkpointer
+    counters: DataCounters  # per-epoch data counts (skipped files), summed into the record
+    data: DataFacts  # shape, classes, path
     profiler: NoProfiler = field(default_factory=NoProfiler)  # perf.profile_steps
     labels: dict[str, str] = field(default_factory=dict)  # what summary.json names: model, data

@@ -72,6 +72,13 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
         raise UserError("ddp.static_graph=true with train.grad_accum_steps>1 fails inside DDP "
                         "(an internal assert in its reducer after no_sync(), "
                         "pytorch/pytorch#143580); set ddp.static_graph=false to accumulate")
+    if cpu and cfg.data.decoder == "nvjpeg":
+        raise UserError("data.decoder=nvjpeg decodes on the GPU; on the CPU use data.decoder=pil")
+    if cfg.data.decoder == "nvjpeg" and (cfg.data.name != "imagefolder"
+                                         or cfg.data.loader != "stream"
+                                         or cfg.data.cache != "none"):
+        raise UserError("data.decoder=nvjpeg needs data.name=imagefolder, data.loader=stream "
+                        "and data.cache=none (it decodes files on the GPU as they stream)")
     if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
         raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
     check_mode_keys(cfg)

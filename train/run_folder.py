@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from common.config import to_yaml
-from common.files import atomic_write, fsync_folder, write_failure
+from common.errors import UserError
+from common.files import atomic_write, fsync_folder, why_not_writable, write_failure
 from common.lock import RunLock
 from common.records import (
     CHECKPOINT_DIR,
+    CLASSES_FILE,
     CONFIG_FILE,
     LEDGER_FILE,
     LOCK_FILE,
@@ -98,6 +100,10 @@ class RunFolder:
         if replaced.exists():
             shutil.rmtree(replaced, ignore_errors=True)
 
+    def save_classes(self, names: list[str]) -> None:
+        """classes.json: class index -> name, as the model's outputs are numbered."""
+        atomic_write(self.folder / CLASSES_FILE, lambda p: p.write_text(json.dumps(names) + "\n"))
+
     def _read_records(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
@@ -132,6 +138,9 @@ class NullRun(RunFolder):
     def checkpoint_written(self) -> None:
         pass
 
+    def save_classes(self, names: list[str]) -> None:
+        pass
+
     def log_epoch(self, record: dict[str, Any]) -> None:
         pass
 
@@ -146,6 +155,9 @@ def open_run(cfg: Config, ctx: DistContext, stack: contextlib.ExitStack) -> RunF
     folder = Path(cfg.run.dir)
 
     def check() -> bool:
+        why = why_not_writable(folder)  # only the main worker writes there
+        if why:
+            raise UserError(f"run.dir {folder} cannot be created or written: {why}")
         lock = stack.enter_context(RunLock(folder, os.environ.get("TORCHELASTIC_RUN_ID")))
         if lock.taken_over is not None:
             log.warning("%s: took over the lock of %s, which is gone", lock.path,

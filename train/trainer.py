@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.errors import CheckFailed, UserError
+from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
-from train.dist import DistContext, agree, is_comm_failure
+from train.dist import DistContext, agree, is_comm_failure, peer_failure
 from train.evaluation import evaluate
 from train.metrics import EpochTrain, epoch_record, summarize
 from train.observe.timing import CompileClock, StepTimer
@@ -65,7 +65,7 @@ class Trainer:
             return self._fit()
         except RuntimeError as exc:
             explained = explain_failure(exc, self.strategy, self.state.step + 1, self.where,
-                                        self.guards)
+                                        self.guards, self.ctx)
             if explained is None:
                 raise
             raise explained from None
@@ -83,11 +83,12 @@ class Trainer:
             test = self.evaluate()
             test["seconds"] = time.perf_counter() - evaluated
             record = epoch_record(self.ctx, train, test, loop_facts(self),
-                                  self.schedule.global_batch)
+                                  self.schedule.global_batch, self.parts.counters.values())
             if change:  # the first epoch record after the change says so
                 record["world_size_change"], change = change, None
             self.state.end_epoch()
             self.totals.reset()
+            self.parts.counters.reset()
             agree(self.ctx, functools.partial(self.run.log_epoch, record))  # a full disk: all stop
             self.monitor.log_epoch(record)
             self.save_checkpoint(final=self.finished())
@@ -259,12 +260,17 @@ def loop_facts(trainer: Trainer) -> dict[str, Any]:
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,
-                    guards: Guards) -> UserError | None:
-    """One line for a failure the strategy knows, or for a collective that failed (whose
-    waiting rank also writes its hang record)."""
+                    guards: Guards, ctx: DistContext) -> UserError | None:
+    """One line for a failure the strategy knows, or for a collective that failed (nothing
+    when the worker that failed first has said why; else its waiting rank also writes its
+    hang record)."""
     explained = strategy.explain(exc, step)
     if explained is not None or not is_comm_failure(exc):
         return explained
+    peer = peer_failure(ctx)
+    if peer is not None:
+        rank, code, message = peer
+        return PeerFailed(rank, message, code)
     guards.hang.collective_failed(exc)
     detail = str(exc).splitlines()[0].rsplit("] ", 1)[-1][:160] if str(exc) else ""
     return CheckFailed(

@@ -15,10 +15,8 @@ import torch
 from common import status
 from common.schema import Config
 from train.checkpoint import Checkpointer, Checkpoints
-from train.data import load_datasets
-from train.data.batches import eval_batches, train_batches
-from train.data.tensors import TensorData, place
-from train.dist import DistContext, agree, local_main_first
+from train.data.build import DataParts, build_data
+from train.dist import DistContext, agree
 from train.faults import Faults
 from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.hang import HangRecorder, NoHangRecord, enable_fatal_dump
@@ -65,6 +63,7 @@ def train(cfg: Config, ctx: DistContext) -> None:
         resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
         agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed
                                      else None))
+        agree(ctx, lambda: run.save_classes(trainer.parts.data.classes))
         log.info(describe(cfg, trainer))
         if not say_resumed(cfg, ctx, trainer, resumed):
             return  # complete: nothing is opened (no wandb segment, no sync command)
@@ -122,14 +121,10 @@ def settle_folder(cfg: Config, ctx: DistContext) -> None:
 def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFolder) -> Trainer:
     """Data, model, optimization, guards, monitor and checkpointer of this worker (the same
     on every path), assembled into a Trainer."""
-    train_set, test_set = load_data(cfg, ctx)
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
-    train_data = train_batches(train_set, ctx.rank, ctx.world_size, cfg.train.batch_size,
-                               cfg.seed, ctx.device, channels_last=nhwc)
-    test_data = eval_batches(test_set, ctx.rank, ctx.world_size, cfg.train.eval_batch_size,
-                             ctx.device, pad=cfg.debug.pad_eval, channels_last=nhwc)
-    schedule = make_schedule(cfg, len(train_data))
-    plain = build_plain_model(cfg, ctx, train_set, nhwc)
+    data = load_data(cfg, ctx, nhwc)
+    schedule = make_schedule(cfg, len(data.train))
+    plain = build_plain_model(cfg, ctx, data.facts, nhwc)
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)
     if compiled:
@@ -146,13 +141,17 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     whole, sharded = strategy.checkpoint_parts(plain, optim.optimizer)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step), ctx,
-        parts={**whole, **optim.parts(), "position": state, "tracking": tracking,
-               "inputs": InputSpec.of(train_set)},
-        rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy},
+        # The class names first: a resume with other classes is refused before the model,
+        # whose last layer would not fit, is loaded.
+        parts={"classes": data.classes, **whole, **optim.parts(), "position": state,
+               "tracking": tracking, "inputs": InputSpec.of(data.facts)},
+        rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy,
+                    "data": data.counters},
         identity=identity(cfg), sharded=sharded)
     return Trainer(ctx, TrainerParts(
-        strategy, plain, model, compiled, nhwc, train_data, test_data, optim, state, totals,
-        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer,
+        strategy, plain, model, compiled, nhwc, data.train, data.test, optim, state, totals,
+        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer, data.counters,
+        data.facts,
         make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device),
         labels={"model": cfg.model.name, "dataset": cfg.data.name}))
 
@@ -178,23 +177,22 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
                   Faults(cfg.debug, ctx), cfg.dist.timeout_s, hang)
 
 
-def load_data(cfg: Config, ctx: DistContext) -> tuple[TensorData, TensorData]:
-    """One process per node downloads what is missing; then every rank reads the files."""
-    with local_main_first(ctx):
-        train_set, test_set = load_datasets(cfg.data, cfg.seed, download=ctx.local_rank == 0)
-    return (place(train_set, ctx.device, cfg.data.on_device),
-            place(test_set, ctx.device, cfg.data.on_device))
+def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
+    """Both splits' batches on the memory or the stream path (train/data/build.py)."""
+    return build_data(cfg.data, cfg.seed, ctx, cfg.train.batch_size, cfg.train.eval_batch_size,
+                      channels_last, pad_eval=cfg.debug.pad_eval)
 
 
 def describe(cfg: Config, trainer: Trainer) -> str:
     """The three lines the console starts with: where, what, how long."""
-    train_set, test_set = trainer.train_data.data, trainer.test_data.data
+    facts = trainer.parts.data
     params = sum(p.numel() for p in trainer.plain.parameters())
     knobs = [cfg.perf.precision] + (["channels_last"] if trainer.parts.channels_last else [])
     knobs += ["torch.compile"] if trainer.parts.compiled else []
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
-    shape = f"{train_set.channels}x{train_set.image_size}x{train_set.image_size}"
+    shape = f"{facts.channels}x{facts.image_size}x{facts.image_size}"
+    augment = f", augment {cfg.data.augment}" if cfg.data.augment != "none" else ""
     plan, world = trainer.schedule, trainer.ctx.world_size
     length = f"{plan.epochs} epoch{'' if plan.epochs == 1 else 's'} ({plan.total_steps} steps)"
     if plan.cut_by_max_steps:
@@ -203,7 +201,8 @@ def describe(cfg: Config, trainer: Trainer) -> str:
     return (
         f"{trainer.strategy.name}: {trainer.strategy.describe()}; {', '.join(knobs)}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
-        f"{len(train_set):,} train / {len(test_set):,} test\n"
+        f"{facts.train_samples:,} train / {facts.test_samples:,} test, {facts.num_classes} "
+        f"classes{augment}; {facts.note}\n"
         f"global batch {plan.global_batch} ({plan.global_batch // world} per worker), "
         f"{plan.steps_per_epoch} steps/epoch, {length}"
     )

@@ -95,8 +95,34 @@ def _overhead(report: dict[str, Any]) -> list[str]:
             f"epochs: {o['median_samples_per_s']['ours_whole_epoch']:,.0f} samples/s."]
 
 
+def _data(report: dict[str, Any]) -> list[str]:
+    d = report["data"]
+    t, rate = d["throughput"], d["throughput"]["images_per_s"]
+    lines = ["", f"## Data: {d['train_images']} JPEGs of 64-160 px, imagenet recipe at "
+             f"{d['size']} px, {d['workers']} loader processes, batch {d['batch']}", "",
+             "Loader throughput, no model (normalized float batches ready for the model; "
+             "medians of the epochs after the first):", "",
+             "| path | images/s | vs torchvision |", "|---|---|---|"]
+    for name, label in (("torchvision", "torchvision recipe (ImageFolder, PIL, transforms.v2, "
+                         "DataLoader)"), ("stream", "stream path (data.loader=stream)"),
+                        ("cache", "decoded cache, later epochs (data.cache=decoded)")):
+        lines.append(f"| {label} | {rate[name]:,.0f} | {rate[name] / rate['torchvision']:.2f}x |")
+    lines += ["", f"The cache's first epoch (decoding into it): {t['cache_first_epoch']:,.0f} "
+              f"images/s.", "", "Decoders, one process, the same files and training views "
+              "(decode, crop, resize, flip):", "", "| decoder | ms per sample |", "|---|---|"]
+    for name, ms in d["decoders"]["ms_per_sample"].items():
+        lines.append(f"| {name} | {ms:.2f} |")
+    lines += [f"| {name} | {why} |" for name, why in d["decoders"]["skipped"].items()]
+    lines += ["", f"ResNet-18 at {d['size']} px, batch {d['wait_batch']}, SGD, {d['workers']} "
+              "loader processes, one training process:", "",
+              "| path | step s | data wait |", "|---|---|---|"]
+    for name, w in d["wait"].items():
+        lines.append(f"| {name} | {w['step_s']:.2f} | {w['wait_share']:.1%} |")
+    return lines
+
+
 def _peers(report: dict[str, Any]) -> list[str]:
-    if not report["peers"]:
+    if not report.get("peers"):
         return []
     o = report["overhead"]
     lines = ["", "## Against a plain loop and peers (their default settings)", "",
@@ -133,8 +159,8 @@ def memory_lines(report: dict[str, Any]) -> list[str]:
 
 
 SECTIONS = [("targets", _targets), ("scaling", _scaling), ("allreduce", _allreduce),
-            ("resnet_sync", _resnet_sync), ("ddp", _ddp), ("overhead", _overhead),
-            ("memory", memory_lines), ("peers", _peers)]
+             ("resnet_sync", _resnet_sync), ("ddp", _ddp), ("data", _data),
+             ("overhead", _overhead), ("memory", memory_lines), ("peers", _peers)]
 
 
 def figure(report: dict[str, Any], path: Path) -> None:

@@ -1,20 +1,23 @@
-"""Datasets by name, held as in-memory tensors (train/data/tensors.py) and sharded across ranks
-by index (train/data/batches.py).
+"""Datasets by name. Each opens as a pair (train, test) of either in-memory tensors
+(train/data/tensors.py: synthetic, the torchvision datasets) or sample sets read one sample at
+a time (train/data/imagefolder.py, train/data/pysource.py); train/data/build.py then puts them
+on the memory or the stream path.
 
-`load_datasets(cfg.data, seed)` returns (train, test) on the CPU; the worker then places them
-on its device.
+`ensure_available(cfg.data)` is what the launcher and the doctor check before any worker
+starts: files present (or downloaded), folders laid out right, the factory importable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from common.schema import DataConfig
-from train.data import official
+from train.data import imagefolder, official, pysource
 from train.data.synthetic import make_synthetic
 from train.data.tensors import TensorData, channel_stats
 
-Loader = Callable[[DataConfig, int, bool], tuple[TensorData, TensorData]]
+Opener = Callable[[DataConfig, int, bool], tuple[Any, Any]]
 
 
 def _synthetic(cfg: DataConfig, seed: int, download: bool) -> tuple[TensorData, TensorData]:
@@ -25,36 +28,70 @@ def _official(cfg: DataConfig, seed: int, download: bool) -> tuple[TensorData, T
     return official.load(cfg, download)
 
 
-DATASETS: dict[str, Loader] = {
+def _imagefolder(cfg: DataConfig, seed: int, download: bool) -> tuple[Any, Any]:
+    return imagefolder.scan(cfg)
+
+
+def _python(cfg: DataConfig, seed: int, download: bool) -> tuple[Any, Any]:
+    return pysource.open_python(cfg)
+
+
+DATASETS: dict[str, Opener] = {
     "synthetic": _synthetic,
     "fashion_mnist": _official,
     "mnist": _official,
     "cifar10": _official,
+    "imagefolder": _imagefolder,
+    "python": _python,
 }
+
+
+DOWNLOADABLE = ("fashion_mnist", "mnist", "cifar10")  # torchvision fetches them when missing
+
+
+def open_datasets(cfg: DataConfig, seed: int, download: bool = False) -> tuple[Any, Any]:
+    """(train, test) as the dataset comes: TensorData, or sample sets; `download` lets
+    torchvision fetch missing files."""
+    return DATASETS[cfg.name](cfg, seed, download and cfg.download)
 
 
 def load_datasets(cfg: DataConfig, seed: int,
                   download: bool = False) -> tuple[TensorData, TensorData]:
-    """(train, test) on the CPU; `download` lets torchvision fetch missing files.
+    """(train, test) of a tensor dataset on the CPU, as the memory path holds them before any
+    recipe.
 
     With `data.normalize`, batches come out with zero mean and unit variance per channel,
     using the training set's statistics for both splits.
     """
-    train, test = DATASETS[cfg.name](cfg, seed, download and cfg.download)
+    train, test = open_datasets(cfg, seed, download)
+    if not isinstance(train, TensorData):
+        raise TypeError(f"{cfg.name} is not a tensor dataset; train/data/build.py builds it")
     if cfg.normalize:
         train.mean, train.std = channel_stats(train.images)
         test = test.with_stats_of(train)
     return train, test
 
 
-def ensure_available(cfg: DataConfig) -> None:
-    """Files present, or downloaded now (the launcher, before workers start); else one line."""
+def ensure_available(cfg: DataConfig) -> str:
+    """Files present, or downloaded now (the launcher, before workers start); else one line.
+    Returns what was found, for the launcher's and the doctor's row."""
     if DATASETS[cfg.name] is _official:
         official.ensure_files(cfg)
+        return f"{cfg.name}: files present in {official.dataset_folder(cfg)}"
+    if cfg.name == "imagefolder":
+        train, val = imagefolder.scan(cfg)
+        return (f"imagefolder: {len(train):,} train / {len(val):,} val images in "
+                f"{len(train.classes)} classes, in {cfg.root}")
+    if cfg.name == "python":
+        train, test = pysource.open_python(cfg)
+        return (f"python: data.factory {cfg.factory} gives {len(train):,} train / "
+                f"{len(test):,} test samples in {len(train.classes)} classes")
+    return (f"synthetic: generated in memory ({cfg.synthetic.train_samples:,} train / "
+            f"{cfg.synthetic.test_samples:,} test)")
 
 
 dataset_folder = official.dataset_folder
 torchvision_class = official.torchvision_class
 
-__all__ = ["DATASETS", "TensorData", "dataset_folder", "ensure_available", "load_datasets",
-           "make_synthetic", "torchvision_class"]
+__all__ = ["DATASETS", "DOWNLOADABLE", "TensorData", "dataset_folder", "ensure_available",
+           "load_datasets", "make_synthetic", "open_datasets", "torchvision_class"]

@@ -3,7 +3,7 @@ which indices each rank trains on; evaluation counts every sample exactly once."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DistributedSampler, Sampler
@@ -11,6 +11,9 @@ from torch.utils.data import DistributedSampler, Sampler
 from common.errors import UserError
 from train.data.prefetch import CopyAhead
 from train.data.tensors import TensorData
+
+# (images [B, C, H, W] float on the device, their sample indices, epoch) -> training images
+Augment = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class EvalSampler(Sampler[int]):
@@ -31,29 +34,15 @@ class EvalSampler(Sampler[int]):
         return len(self.indices)
 
 
-class Batches:
-    """This rank's batches from an in-memory dataset, in the order its sampler gives.
+class ShardOrder:
+    """A rank's sample order and batch count for an epoch, from its sampler (both paths)."""
 
-    Training drops the last incomplete batch so that every rank runs the same number of steps
-    (a rank with one step more would wait forever in its gradient allreduce). A dataset that
-    is not on the training device goes through `CopyAhead` (pinned staging, the next batch's
-    copy in flight); `copy_ahead` forces that choice (tests run it on the CPU).
-    """
+    sampler: Sampler[int]
+    batch_size: int
+    drop_last: bool
+    _order: torch.Tensor | None = None
 
-    def __init__(self, data: TensorData, sampler: Sampler[int], batch_size: int,
-                 device: torch.device, drop_last: bool, channels_last: bool = False,
-                 copy_ahead: bool | None = None):
-        self.data, self.sampler, self.batch_size = data, sampler, batch_size
-        self.device, self.drop_last = device, drop_last
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._order: torch.Tensor | None = None
-        if copy_ahead is None:
-            copy_ahead = data.images.device != device
-        self.copy_ahead = CopyAhead(device, self.prepare) if copy_ahead else None
-        if data.mean is not None:
-            self.mean, self.std = data.mean.to(device), data.std.to(device)
-
-    def set_epoch(self, epoch: int) -> None:
+    def new_epoch(self, epoch: int) -> None:
         # Without this DistributedSampler shuffles every epoch the same way.
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
@@ -73,6 +62,34 @@ class Batches:
         """The sample indices of this epoch's first `batches` batches, in order."""
         return self.indices()[:self.batch_size * batches].tolist()
 
+
+class Batches(ShardOrder):
+    """This rank's batches from an in-memory dataset, in the order its sampler gives.
+
+    Training drops the last incomplete batch so that every rank runs the same number of steps
+    (a rank with one step more would wait forever in its gradient allreduce). A dataset that
+    is not on the training device goes through `CopyAhead` (pinned staging, the next batch's
+    copy in flight); `copy_ahead` forces that choice (tests run it on the CPU).
+    """
+
+    def __init__(self, data: TensorData, sampler: Sampler[int], batch_size: int,
+                 device: torch.device, drop_last: bool, channels_last: bool = False,
+                 augment: Augment | None = None, copy_ahead: bool | None = None):
+        self.data, self.sampler, self.batch_size = data, sampler, batch_size
+        self.device, self.drop_last = device, drop_last
+        self.augment, self.epoch = augment, 0  # the recipe's batched ops (train/data/augment.py)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._order: torch.Tensor | None = None
+        if copy_ahead is None:
+            copy_ahead = data.images.device != device
+        self.copy_ahead = CopyAhead(device, self.prepare) if copy_ahead else None
+        if data.mean is not None:
+            self.mean, self.std = data.mean.to(device), data.std.to(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.new_epoch(epoch)
+        self.epoch = epoch
+
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ...: resuming inside an epoch skips by index, no work."""
         order = self.indices().to(self.data.images.device)
@@ -90,12 +107,16 @@ class Batches:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples `idx` of a dataset that lives on the training device."""
         return self.prepare(self.data.images[idx].to(self.device, non_blocking=True),
-                            self.data.labels[idx].to(self.device, non_blocking=True))
+                            self.data.labels[idx].to(self.device, non_blocking=True),
+                            idx.to(self.device, non_blocking=True))
 
-    def prepare(self, images: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images on the device -> float, normalized, in the model's memory format."""
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor,
+                idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images on the device -> float, augmented (each sample keyed by (seed, epoch,
+        index)), normalized, in the model's memory format."""
         images = images.float()
+        if self.augment is not None:
+            images = self.augment(images, idx, self.epoch)
         if self.data.mean is None:
             images = images.div_(255)
         else:
@@ -105,12 +126,13 @@ class Batches:
 
 def train_batches(data: TensorData, rank: int, world_size: int, global_batch: int, seed: int,
                   device: torch.device, channels_last: bool = False,
+                  augment: Augment | None = None,
                   copy_ahead: bool | None = None) -> Batches:
     """Shuffled shards of equal size per rank; a global step sees exactly `global_batch` samples."""
     sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
                                  shuffle=True, seed=seed, drop_last=True)
     batches = Batches(data, sampler, global_batch // world_size, device, drop_last=True,
-                      channels_last=channels_last, copy_ahead=copy_ahead)
+                      channels_last=channels_last, augment=augment, copy_ahead=copy_ahead)
     if len(batches) == 0:
         raise UserError(f"the training set ({len(data)} samples) is smaller than one global batch "
                         f"({global_batch}); lower train.batch_size", agreed=True)  # every rank

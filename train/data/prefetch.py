@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-Prepare = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (images, labels, their sample indices) on the device -> the batch the step trains on
+Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -35,6 +36,7 @@ class _InFlight:
     images: torch.Tensor  # on the device, being written by the side stream
     labels: torch.Tensor
     copied: torch.cuda.Event | None  # recorded after the copies (None on the CPU)
+    idx: torch.Tensor | None = None  # the batch's sample indices (augmentation keys on them)
 
 
 class CopyAhead:
@@ -73,10 +75,11 @@ class CopyAhead:
         if not self.cuda:
             # The CPU twin: a copy out of the staging buffer, as the GPU's, which the next use of
             # this slot may then overwrite.
-            return _InFlight(x.clone(), y.clone(), None)
+            return _InFlight(x.clone(), y.clone(), None, idx)
         with torch.cuda.stream(self.stream):
             on_device = _InFlight(x.to(self.device, non_blocking=True),
-                                  y.to(self.device, non_blocking=True), torch.cuda.Event())
+                                  y.to(self.device, non_blocking=True), torch.cuda.Event(),
+                                  idx.to(self.device, non_blocking=True))
             on_device.copied.record(self.stream)
         staging.copied = on_device.copied
         return on_device
@@ -90,7 +93,7 @@ class CopyAhead:
             # hand the memory out again before this stream is done with it.
             batch.images.record_stream(current)
             batch.labels.record_stream(current)
-        return self.prepare(batch.images, batch.labels)
+        return self.prepare(batch.images, batch.labels, batch.idx)
 
     def _slot(self, slot: int, images: torch.Tensor, labels: torch.Tensor,
               rows: int) -> _Slot:

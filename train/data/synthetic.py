@@ -1,4 +1,4 @@
-"""The offline default: a learnable but not trivial image task generated in memory from the seed."""
+"""The synthetic dataset: a learnable but not trivial image task, generated from the seed."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from train.data.tensors import TensorData
 
 
 def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[TensorData, TensorData]:
-    """A learnable but not trivial 10-class image task, deterministic from `seed`.
+    """A `cfg.num_classes`-class image task, deterministic from `seed`.
 
     Each class has a smooth random prototype; a sample blends its class prototype with another
     class's (up to 55%, so some samples are ambiguous), gets its own contrast, brightness and
-    a shift of up to 2 pixels, then
-    Gaussian noise. Train and test samples are drawn from the same distribution.
+    a shift of up to 2 pixels, then Gaussian noise. Train and test samples are drawn from the
+    same distribution.
     """
     gen = torch.Generator().manual_seed(seed)
     k, c, side = cfg.num_classes, cfg.channels, cfg.image_size
@@ -27,7 +27,8 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[TensorData, TensorD
     return TensorData(*train, k), TensorData(*test, k)
 
 
-def _draw(prototypes: torch.Tensor, n: int, side: int, gen: torch.Generator):
+def _draw(prototypes: torch.Tensor, n: int, side: int,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     k = prototypes.shape[0]
     labels = torch.randint(k, (n,), generator=gen)
     other = torch.randint(k, (n,), generator=gen)

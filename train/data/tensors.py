@@ -1,8 +1,7 @@
-"""A dataset held as tensors: uint8 images [N, C, H, W] and int64 labels, on the CPU or the GPU.
+"""Datasets held as in-memory tensors: one uint8 tensor [N, C, H, W] plus int64 labels.
 
 Small image datasets fit in memory many times over; a batch is then one gather by index
-(`images[idx]`), not N decoded PIL images, so waiting for data stays a negligible part of a
-step.
+(`images[idx]`), not N decoded images, and waiting for data stays a negligible part of a step.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ class TensorData:
     num_classes: int
     mean: torch.Tensor | None = None  # per-channel, in 0..255 units, shape [1, C, 1, 1]
     std: torch.Tensor | None = None
+    classes: list[str] | None = None  # the class names, when the dataset has them
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -39,12 +39,15 @@ class TensorData:
         return self.replace(lambda t: t.to(device))
 
     def replace(self, move: Callable[[torch.Tensor], torch.Tensor]) -> TensorData:
+        """The same data with every tensor passed through `move` (to a device, pinned)."""
         return TensorData(move(self.images), move(self.labels), self.num_classes,
-                          *(None if t is None else move(t) for t in (self.mean, self.std)))
+                          *(None if t is None else move(t) for t in (self.mean, self.std)),
+                          self.classes)
 
     def with_stats_of(self, other: TensorData) -> TensorData:
         """This data normalized with `other`'s statistics (the test set uses the train set's)."""
-        return TensorData(self.images, self.labels, self.num_classes, other.mean, other.std)
+        return TensorData(self.images, self.labels, self.num_classes, other.mean, other.std,
+                          self.classes)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,244 @@
+"""The stream path: a `DataLoader` per worker over the rank's `DistributedSampler` shard, with
+the same interface as the in-memory batches (train/data/batches.py), so the loop does not
+know which path it runs.
+
+Loader processes decode and render samples (train/data/decode.py) and hand back uint8
+tensors; normalization, the device's part of the recipe and the memory format happen on the
+device, batched. Each sample's augmentation is keyed by (seed, epoch, index), never by the
+loader process or the order of work, so neither `data.num_workers` nor a restart inside an
+epoch changes a batch. Batch k of an epoch is exactly the samples k*B ... (k+1)*B-1 of the
+rank's order: resuming at batch k starts the loader there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from common.errors import UserError
+from train.data.augment import Augment
+from train.data.batches import ShardOrder
+from train.data.cache import DecodedFile
+from train.data.counters import DataClock, DataCounters, Problem
+from train.data.decode import render_tensor
+from train.data.imagefolder import BadSample
+from train.data.tensors import TensorData
+
+log = logging.getLogger(__name__)
+GATHER_MAX_UNTRUSTED = 0.02  # above this share of slots to decode, an epoch uses the loader
+
+Raw = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Problem]]
+Item = tuple[int, torch.Tensor | None, int, str, bool]
+
+
+@dataclass
+class TensorSet:
+    """An in-memory dataset read sample by sample (data.loader=stream on a tensor dataset)."""
+
+    data: TensorData
+    classes: list[str]
+
+    @property
+    def channels(self) -> int:
+        return self.data.channels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def describe(self, index: int) -> str:
+        return f"sample {index}"
+
+    def load(self, index: int, view_of: Any) -> tuple[torch.Tensor, int]:
+        image = self.data.images[index]
+        return render_tensor(image, view_of(image.shape[-1], image.shape[-2])), \
+            int(self.data.labels[index])
+
+
+class SampleReader(Dataset):
+    """What a loader process computes for (epoch, index): the rendered sample.
+
+    `split`: "train" (the recipe's per-sample view and shift), "eval" (its evaluation view) or
+    "stored" (the stored square the device draws the recipe from: memory path, cache).
+    """
+
+    def __init__(self, samples: Any, augment: Augment, split: str,
+                 cache: DecodedFile | None = None):
+        self.samples, self.augment, self.split, self.cache = samples, augment, split, cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> Item:
+        """(index, uint8 image or None, label, what went wrong, whether it must stop the run).
+
+        Problems travel back as data, not exceptions: an exception in a loader process would
+        reach the worker as a traceback of that process."""
+        epoch, index = key
+        if self.cache is not None:
+            state = self.cache.state(index, epoch)
+            if state > 0:
+                return (index, *self.cache.read(index), "", False)
+            if state < 0:
+                return (index, None, -1, f"{self.samples.describe(index)} (unreadable, as the "
+                        f"decoded cache remembers)", False)
+        try:
+            image, label = self.render(epoch, index)
+        except BadSample as exc:
+            if self.cache is not None:
+                self.cache.write(index, None, -1, epoch)
+            return index, None, -1, f"{exc.where} ({exc.why})", False
+        except UserError as exc:  # a malformed sample of the user's dataset
+            return index, None, -1, str(exc), True
+        if self.cache is not None:
+            self.cache.write(index, image, label, epoch)
+        return index, image, label, "", False
+
+    def render(self, epoch: int, index: int) -> tuple[torch.Tensor, int]:
+        aug = self.augment
+        if self.split == "train":
+            image, label = self.samples.load(
+                index, lambda w, h: aug.train_view(w, h, epoch, index))
+            return aug.sample_shift(image, epoch, index), label
+        view_of = aug.eval_view if self.split == "eval" else aug.stored_view
+        return self.samples.load(index, view_of)
+
+
+def collate(items: list[Item]) -> Raw:
+    """uint8 images [B, C, H, W], labels, sample indices, and the problems of bad samples."""
+    good = [it for it in items if it[1] is not None]
+    bad = [(it[0], it[3], it[4]) for it in items if it[1] is None]
+    images = torch.stack([it[1] for it in good]) if good else None
+    labels = torch.tensor([it[2] for it in good], dtype=torch.long)
+    indices = torch.tensor([it[0] for it in good], dtype=torch.long)
+    return images, labels, indices, bad
+
+
+class _Plan:
+    """The batch sampler a persistent DataLoader re-reads each time it is iterated."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return ([(self.epoch, i) for i in b.tolist()] for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _quiet_loader_process(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: a loader process that died of it would take the
+    # batches the worker still needs to reach the step where it checkpoints and stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    seed = torch.initial_seed() % 2**32  # torch seeds each loader process; numpy and random too
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    prefetch_factor: int
+    seed: int
+
+
+class StreamBatches(ShardOrder):
+    """This rank's batches from a DataLoader, in the order its sampler gives."""
+
+    def __init__(self, reader: SampleReader, sampler: Sampler[int], batch_size: int,
+                 drop_last: bool, device: torch.device, options: LoaderOptions,
+                 finish: Callable[[Raw, int], tuple[torch.Tensor, torch.Tensor]],
+                 clock: DataClock, counters: DataCounters,
+                 collate_fn: Callable[[list[Item]], Raw] = collate):
+        self.reader, self.sampler, self.batch_size = reader, sampler, batch_size
+        self.data = reader.samples  # len() is the split's size, as the memory path's `data`
+        self.drop_last, self.device, self.finish = drop_last, device, finish
+        self.clock, self.counters = clock, counters
+        self._order: torch.Tensor | None = None
+        self._plan = _Plan()
+        workers = options.num_workers
+        self.loader = DataLoader(
+            reader, batch_sampler=self._plan, num_workers=workers, collate_fn=collate_fn,
+            pin_memory=options.pin_memory, worker_init_fn=_quiet_loader_process,
+            persistent_workers=options.persistent_workers and workers > 0,
+            prefetch_factor=options.prefetch_factor if workers else None,
+            generator=torch.Generator().manual_seed(options.seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.new_epoch(epoch)
+        self.clock.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start + 1`, ...: a resume inside an epoch starts the loader there."""
+        order, size, epoch = self.indices(), self.batch_size, self.clock.epoch
+        batches = [order[i * size:(i + 1) * size] for i in range(start, len(self))]
+        cache = self.reader.cache
+        if cache is not None and batches and cache.untrusted(
+                order[start * size:], epoch) <= GATHER_MAX_UNTRUSTED * len(order[start * size:]):
+            raws: Iterator[Raw] = (self._gather(b, epoch) for b in batches)
+        else:
+            self._plan.epoch, self._plan.batches = epoch, batches
+            raws = iter(self.loader)
+        for raw in ahead(raws, self.device):
+            yield self.finish(raw, epoch)
+
+    def _gather(self, indices: torch.Tensor, epoch: int) -> Raw:
+        """A batch read from the decoded cache in this process (the few slots not filled yet
+        are decoded here)."""
+        cache = self.reader.cache
+        if cache.untrusted(indices, epoch) == 0:
+            images, labels = cache.gather(indices)
+            return images, labels, indices, []
+        return collate([self.reader[(epoch, int(i))] for i in indices])
+
+
+def ahead(raws: Iterator[Raw], device: torch.device) -> Iterator[Raw]:
+    """Batches on `device`, each copied while the one before is in use (a side stream on
+    GPUs; on the CPU there is nothing to copy)."""
+    if device.type != "cuda":
+        yield from raws
+        return
+    stream = torch.cuda.Stream(device)
+
+    def start(raw: Raw) -> tuple[Raw, torch.cuda.Event]:
+        images, labels, indices, bad = raw
+        with torch.cuda.stream(stream):
+            moved = (images.to(device, non_blocking=True)  # nvjpeg's byte lists stay
+                     if isinstance(images, torch.Tensor) else images,
+                     labels.to(device, non_blocking=True), indices.to(device, non_blocking=True),
+                     bad)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return moved, done
+
+    pending = None
+    for raw in raws:
+        nxt = start(raw)
+        if pending is not None:
+            yield _ready(*pending)
+        pending = nxt
+    if pending is not None:
+        yield _ready(*pending)
+
+
+def _ready(raw: Raw, done: Any) -> Raw:
+    current = torch.cuda.current_stream()
+    current.wait_event(done)
+    for t in raw[:3]:
+        if isinstance(t, torch.Tensor):
+            t.record_stream(current)  # the side stream's memory is now the compute stream's
+    return raw

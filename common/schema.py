@@ -50,9 +50,16 @@ PositiveFloat = Annotated[float, Positive]
 
 @dataclass
 class ModelConfig:
-    name: str = "lenet"  # a name in models.MODELS: lenet | resnet18
+    # lenet | resnet18 (the book's) | torchvision.<builder> (e.g. torchvision.resnet50) |
+    # timm.<name> (timm installed) | python:module:callable (called with num_classes,
+    # in_channels, image_size)
+    name: str = "lenet"
+    pretrained: bool = False  # torchvision's (timm's) published weights; a new head keeps its init
+    # start from this checkpoint (its "model") or state_dict file: weights_only, keys must match
+    init_from: str = ""
     sync_bn: bool = False  # SyncBatchNorm across GPUs (ResNet; off as in the book: per-device)
-    init: Literal["book", "torch"] = "torch"  # book: N(0, 0.01) weights; torch: its defaults
+    # the book's models: book: N(0, 0.01) weights; torch: its defaults (others: their own)
+    init: Literal["book", "torch"] = "torch"
 
 
 @dataclass
@@ -144,18 +151,49 @@ class TrainConfig:
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps (smoke runs)
     grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step (sync on the last only)
     eval_batch_size: PositiveInt = 1024  # per worker; evaluation does no gradient sync
+    # the target's share spread over the other classes (0.1 in the ImageNet recipes)
+    label_smoothing: Annotated[float, Check(lambda v: 0 <= v < 1, "must be in [0, 1)")] = 0.0
+    # mixup's Beta(alpha, alpha) (0: off); one mixing factor per step, seeded by (seed, step)
+    mixup_alpha: Annotated[float, NonNegative] = 0.0
+    cutmix_alpha: Annotated[float, NonNegative] = 0.0  # CutMix's Beta(alpha, alpha) (0: off)
+    # with both on: the probability that a step uses CutMix rather than mixup
+    cutmix_prob: Annotated[float, Check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5
+    # an exponential moving average of the weights, evaluated beside them (null: off)
+    ema_decay: Annotated[float | None, Check(lambda v: 0 < v < 1, "must be in (0, 1)")] = None
+    # the average's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) after n updates
+    ema_warmup: bool = True
 
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
     lr: PositiveFloat = 0.1  # peak learning rate (after warmup)
     momentum: Annotated[float, NonNegative] = 0.9  # SGD momentum
-    weight_decay: Annotated[float, NonNegative] = 5e-4  # L2 penalty, applied by SGD
-    nesterov: bool = False  # Nesterov momentum
-    schedule: Literal["constant", "cosine"] = "cosine"  # after the warmup
+    # SGD: L2 penalty added to the gradient; AdamW: decoupled decay (lr x weight_decay)
+    weight_decay: Annotated[float, NonNegative] = 5e-4
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    betas: Annotated[list[float], Check(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                        "must be [beta1, beta2], each in [0, 1)")] = field(
+        default_factory=lambda: [0.9, 0.999])  # AdamW's moment decays
+    eps: PositiveFloat = 1e-8  # AdamW's denominator term
+    # decay biases and norm layers' weights too; null: false for AdamW (as timm), true for SGD
+    decay_norm_and_bias: bool | None = None
+    # fused (one kernel), foreach (batched) or loop; auto: fused on GPUs, torch's default on CPU
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    schedule: Literal["constant", "cosine", "step"] = "cosine"  # after the warmup
     warmup_steps: Annotated[int, NonNegative] = 0  # linear warmup from 0 to `lr`, in steps
+    warmup_epochs: Annotated[float, NonNegative] = 0.0  # the same in epochs (not both)
     min_lr: Annotated[float, NonNegative] = 0.0  # where the cosine schedule ends
+    # schedule=step: epochs at which the lr is multiplied by `gamma` (torchvision: 30, 60, 80)
+    milestones: Annotated[list[int], Check(lambda v: all(m > 0 for m in v) and v == sorted(v),
+                                           "must be increasing positive epochs")] = field(
+        default_factory=lambda: [30, 60, 80])
+    gamma: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.1
     scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
+    # timm's rule: lr = optim.lr x global batch / lr_base_batch (null: lr as given)
+    lr_base_batch: PositiveInt | None = None
+    # clip gradients to this global L2 norm (all ranks, all micro-batches); null: no clipping
+    clip_grad_norm: Annotated[float | None, Positive] = None
 
 
 @dataclass

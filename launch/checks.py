@@ -25,7 +25,7 @@ from launch.net import try_connect
 from train.data import DOWNLOADABLE, ensure_available, torchvision_class
 from train.identity import check_run_dir
 from train.observe.wandb_sink import credentials, resolve_mode
-from train.preflight import check_device_options, check_world_size
+from train.preflight import check_device_options, check_mixing, check_recipe, check_world_size
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 Verdict = tuple[str, str]
@@ -65,6 +65,7 @@ def check_options(job: Job) -> Verdict:
     problems, warnings = [], []
     try:
         warnings = check_device_options(job.cfg, job.kind)
+        check_recipe(job.cfg)
     except UserError as exc:
         problems.append(str(exc))
     restarts = job.args.max_restarts
@@ -104,6 +105,7 @@ def check_backend(job: Job) -> Verdict:
 
 def check_batch(job: Job) -> Verdict:
     check_world_size(job.cfg, job.world_size)
+    check_mixing(job.cfg, job.world_size)
     batch, accum = job.cfg.train.batch_size, job.cfg.train.grad_accum_steps
     split = f" in {accum} micro-batches" if accum > 1 else ""
     if job.dp:

@@ -24,7 +24,7 @@ from train.observe.monitor import Monitor
 from train.observe.wandb_sink import NoWandb, WandbSink, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
-from train.preflight import check_device_options, check_world_size
+from train.preflight import check_device_options, check_mixing, check_recipe, check_world_size
 from train.resume import check_same_start, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
@@ -38,6 +38,7 @@ def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
     # The same checks on every rank: agreed, so that one process reports them.
     agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
+    agree(ctx, lambda: check_recipe(cfg))
     for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
         if ctx.is_main:
             log.warning("%s", warning)
@@ -71,14 +72,16 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     on every path), assembled into a Trainer."""
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
     data = load_data(cfg, ctx, nhwc)
+    agree(ctx, lambda: check_mixing(cfg, ctx.world_size, data.facts.num_classes))
     schedule = make_schedule(cfg, len(data.train))
-    plain = build_plain_model(cfg, ctx, data.facts, nhwc)
+    plain = agree(ctx, lambda: build_plain_model(cfg, ctx, data.facts, nhwc))
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)
     if compiled:
         model = strategy.compile(model, cfg.perf.compile_mode)
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
-                               schedule.total_steps, ctx.device.type)
+                               schedule.global_batch, schedule.total_steps,
+                               schedule.steps_per_epoch, ctx.device.type)
     sinks: list = [Console(cfg.log, cfg.train.epochs)] if ctx.is_main else []
     tracking: WandbSink | NoWandb = NoWandb()
     if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":

@@ -80,7 +80,8 @@ def test_run_name_and_dir_default_from_the_config_file(tmp_path):
     ("train.epochs", "not of the form key=value"),
     ("train.epochs=0", "train.epochs must be positive"),
     ("optim.momentum=-0.1", "optim.momentum must not be negative"),
-    ("model.name=vgg", "model.name='vgg' is not a model; did you mean torchvision.vgg19, torchvision.vgg16"),
+    ("model.name=vgg", "model.name='vgg' is not a model; did you mean torchvision.vgg19, "
+                       "torchvision.vgg16"),
     ("model.name=torchvision.resnet5", "did you mean torchvision.resnet50"),
     ("model.name=timm.resnet50", "model.name=timm.resnet50 needs timm, which is not installed"),
     ("model.name=python:no_such_module:build", "cannot import no_such_module"),

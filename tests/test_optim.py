@@ -81,3 +81,48 @@ def test_clipping_returns_the_norm_before_clipping_and_clips_to_the_threshold():
     norm = optim.step()
     assert norm.item() == pytest.approx(5.0)
     assert (before - net.weight.detach()).norm().item() == pytest.approx(0.5)
+
+
+def test_under_fp16_the_norm_is_taken_after_unscaling():
+    net = nn.Linear(3, 1, bias=False)
+    optim = build_optimization(OptimConfig(lr=1.0, momentum=0, weight_decay=0,
+                                           clip_grad_norm=100.0, schedule="constant"),
+                               "fp16", net, 1, 1, 10, 10, "cpu")
+    assert optim.scaler.is_enabled() and optim.scaler.get_scale() > 1000
+    x = torch.tensor([[3.0, 4.0, 0.0]])
+    optim.backward(net(x).sum())  # scaled by 65536
+    norm = optim.step()
+    assert norm.item() == pytest.approx(5.0)  # true units: not clipped at 100 after scaling
+
+
+def test_mixing_pairs_are_the_same_on_one_process_and_on_workers():
+    from common.schema import TrainConfig
+    from train.regularize import Mixing
+
+    mixing = Mixing(TrainConfig(mixup_alpha=0.4, cutmix_alpha=1.0), seed=3)
+    images = torch.randn(12, 1, 8, 8)
+    labels = torch.arange(12)
+    for step in range(6):
+        whole, pairs, lam = mixing(images, labels, step)
+        for world in (2, 3):  # rank r holds every world-th sample (DistributedSampler)
+            for rank in range(world):
+                part, part_pairs, part_lam = mixing(images[rank::world], labels[rank::world], step)
+                assert part_lam == lam
+                assert torch.equal(part, whole[rank::world])
+                assert torch.equal(part_pairs, pairs[rank::world])
+    assert len({mixing(images, labels, s)[2] for s in range(6)}) == 6  # a factor per step
+
+
+def test_ema_warms_up_and_averages():
+    from train.regularize import ModelEma
+
+    net = nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    ema = ModelEma(net, decay=0.99, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    net.weight.data.fill_(1.0)
+    ema.update(net)
+    assert ema.module.weight.item() == pytest.approx(0.9)
+    for _ in range(2000):
+        ema.update(net)
+    assert ema.current_decay() == 0.99 and ema.module.weight.item() == pytest.approx(1.0)

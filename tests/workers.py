@@ -89,3 +89,18 @@ def ddp_settings(overrides: list[str]) -> dict:
     finally:
         dist.teardown(ctx)
 
+
+
+def train_and_return_state(overrides: list[str]) -> dict:
+    """Train through the production entry point; return the main worker's last checkpoint
+    without its per-rank parts (model, optimizer, scheduler, EMA, position)."""
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        train(cfg, ctx)
+    finally:
+        dist.teardown(ctx)
+    if not ctx.is_main:
+        return {}
+    state = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.pt", weights_only=True)
+    return {k: v for k, v in state.items() if k not in ("ranks", "config")}

@@ -87,6 +87,9 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
         "samples_per_s": train.steps * global_batch / train.seconds if train.seconds else 0.0,
         "world_size": ctx.world_size, "mode": facts["mode"], "sync_method": facts["sync_method"],
     }
+    if "ema" in test:  # train.ema_decay: the moving average, evaluated beside the weights
+        record["test_loss_ema"] = test["ema"]["loss"]
+        record["test_accuracy_ema"] = test["ema"]["accuracy"]
     if facts.get("compiled"):
         record["compile_time_s"] = train.compile_s
     if facts.get("probes_sync"):
@@ -117,6 +120,9 @@ def summarize(records: list[dict[str, Any]], facts: dict[str, Any],
         "final_test_accuracy": last.get("test_accuracy"),
         "best_test_accuracy": max((r["test_accuracy"] for r in records), default=None),
         "final_train_loss": last.get("train_loss"),
+        **({"final_test_accuracy_ema": last["test_accuracy_ema"],
+            "best_test_accuracy_ema": max(r.get("test_accuracy_ema", 0.0) for r in records)}
+           if "test_accuracy_ema" in last else {}),
         "train_time_s": train_time,
         "wall_time_s": wall_s,
         "samples_per_s": samples / train_time if train_time else None,

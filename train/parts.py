@@ -18,6 +18,7 @@ from train.guards import SampleLedger, StopRequest, SyncChecker
 from train.metrics import EpochTotals
 from train.observe.monitor import Monitor
 from train.optim import Optimization
+from train.regularize import Criterion, Mixing, ModelEma
 from train.run_folder import RunFolder
 from train.strategies.base import Strategy
 
@@ -81,3 +82,6 @@ class TrainerParts:
     checkpointer: Checkpointer
     counters: DataCounters  # per-epoch data counts (skipped files), summed into the record
     data: DataFacts  # shape, classes, path
+    criterion: Criterion  # the loss (label smoothing) and what counts as correct
+    mixing: Mixing  # mixup / CutMix of each step's batch (or nothing)
+    ema: ModelEma | None  # the weights' moving average (train.ema_decay)

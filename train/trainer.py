@@ -54,6 +54,7 @@ class Trainer:
         self.timer = StepTimer(ctx.device)
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
+        self.grad_norm: torch.Tensor | None = None  # the last step's, when clipping
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
@@ -72,7 +73,8 @@ class Trainer:
             trained = True
             train = self.train_epoch()
             test = self.evaluate()
-            record = epoch_record(self.ctx, train, test, self.facts(), self.schedule.global_batch,
+            record = epoch_record(self.ctx, train, test, run_facts(self),
+                                  self.schedule.global_batch,
                                   self.parts.counters.values())
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
@@ -85,7 +87,7 @@ class Trainer:
             # after the epoch is recorded and saved whole (every rank checks alike).
             if not self.finished() and self.guards.stop.should_stop(self.state.step, True):
                 self.interrupt()
-        summary = summarize(self.run.records, self.facts(), time.perf_counter() - started)
+        summary = summarize(self.run.records, run_facts(self), time.perf_counter() - started)
         if trained:  # a complete run started again keeps the summary of the run that trained
             self.run.finish(summary)
         return summary
@@ -131,7 +133,7 @@ class Trainer:
         guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
                                   self.schedule.global_batch)
         probe_started = time.perf_counter()
-        probe_sync_ms = self.probe_sync()
+        probe_sync_ms = probe_sync(self)
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
                           self.totals.values.clone(), probe_sync_ms,
                           time.perf_counter() - probe_started, compile_s)
@@ -139,9 +141,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in
         `train.grad_accum_steps` micro-batches; only the last one synchronizes gradients."""
-        parts = split_batch(images, labels, self.schedule.grad_accum_steps)
+        images, pairs, lam = self.parts.mixing(images, labels, self.state.step)
+        parts = split_batch(images, pairs, self.schedule.grad_accum_steps)
         loss_sum = torch.zeros((), device=images.device)
         correct = torch.zeros((), dtype=torch.long, device=images.device)
+        criterion = self.parts.criterion
         with self.phase("compute"):
             self.optim.optimizer.zero_grad(set_to_none=True)
             for i, (x, y) in enumerate(parts):
@@ -150,16 +154,18 @@ class Trainer:
                     with self.optim.autocast():
                         logits = self.model(x)
                         # Weighted so that the micro-batches add up to the batch's mean loss.
-                        loss = F.cross_entropy(logits, y) * (y.shape[0] / labels.shape[0])
+                        loss = criterion.loss(logits, y, lam) * (y.shape[0] / labels.shape[0])
                     if last:
                         self.guards.faults.inside_step(self.state.step + 1)
                     self.optim.backward(loss)
                 loss_sum += loss.detach().float()
-                correct += (logits.argmax(1) == y).sum()
+                correct += criterion.correct(logits, y, lam)
         with self.phase("sync"):
             self.strategy.sync_gradients(self.model)
         with self.phase("optim"):
-            self.optim.step()
+            self.grad_norm = self.optim.step()
+            if self.parts.ema is not None:
+                self.parts.ema.update(self.plain)
         return loss_sum, correct
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
@@ -200,47 +206,55 @@ class Trainer:
         samples = (self.state.step - since[1]) * self.schedule.global_batch
         self.monitor.log_step(self.state.step, {
             "loss": value.item(), "lr": self.optim.lr,
+            # the same on every rank: the norm of the synchronized gradients, before clipping
+            **({"grad_norm": self.grad_norm.item()} if self.grad_norm is not None else {}),
             "samples_per_s": samples / max(now - since[0], 1e-9), "epoch": self.state.epoch + 1,
             **{f"time_{k}_ms": v for k, v in self.timer.per_step_ms().items()},
         })
         return now, self.state.step
 
-    def evaluate(self) -> dict[str, float]:
-        """Accuracy over the whole test set: each sample counted once, one all_reduce."""
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy over the whole test set: each sample counted once, one all_reduce; the
+        weights' moving average beside the model, with `train.ema_decay` ("ema")."""
         self.where = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
         result = evaluate(model, self.test_data.iterate(), self.ctx, self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
+        if self.parts.ema is not None:
+            result["ema"] = evaluate(self.parts.ema.take_buffers(self.plain),
+                                     self.test_data.iterate(), self.ctx, self.optim.autocast)
         return result
-
-    def probe_sync(self) -> float | None:
-        """For strategies whose sync hides inside backward: an estimate, on a training batch."""
-        self.where = "the DDP sync probe at the epoch's end"
-        if not self.strategy.probes_sync:
-            return None
-        images, labels = next(self.train_data.iterate())
-
-        def forward_backward() -> None:
-            with self.optim.autocast():
-                loss = F.cross_entropy(self.model(images), labels)
-            loss.backward()
-
-        return self.strategy.probe_sync_ms(self.model, forward_backward)
 
     def save_checkpoint(self) -> None:
         self.where = "saving a checkpoint"
         self.parts.checkpointer.save()
 
-    def facts(self) -> dict[str, Any]:
-        """What records and the summary copy as they are."""
-        return {"epoch": self.state.epoch + 1, "epochs": self.state.epoch,
-                "step": self.state.step, "steps": self.state.step, "lr": self.optim.lr,
-                "mode": self.strategy.name, "sync_method": self.strategy.sync_method,
-                "probes_sync": self.strategy.probes_sync, "compiled": self.parts.compiled,
-                "world_size": self.ctx.world_size, "backend": self.ctx.backend,
-                "device": self.ctx.device.type}
+
+def probe_sync(trainer: Trainer) -> float | None:
+    """For strategies whose sync hides inside backward: an estimate, on a training batch."""
+    trainer.where = "the DDP sync probe at the epoch's end"
+    if not trainer.strategy.probes_sync:
+        return None
+    images, labels = next(trainer.train_data.iterate())
+
+    def forward_backward() -> None:
+        with trainer.optim.autocast():
+            loss = F.cross_entropy(trainer.model(images), labels)
+        loss.backward()
+
+    return trainer.strategy.probe_sync_ms(trainer.model, forward_backward)
+
+
+def run_facts(trainer: Trainer) -> dict[str, Any]:
+    """What records and the summary copy as they are."""
+    state, strategy = trainer.state, trainer.strategy
+    return {"epoch": state.epoch + 1, "epochs": state.epoch, "step": state.step,
+            "steps": state.step, "lr": trainer.optim.lr, "mode": strategy.name,
+            "sync_method": strategy.sync_method, "probes_sync": strategy.probes_sync,
+            "compiled": trainer.parts.compiled, "world_size": trainer.ctx.world_size,
+            "backend": trainer.ctx.backend, "device": trainer.ctx.device.type}
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,

@@ -25,6 +25,7 @@ from train.observe.wandb_sink import NoWandb, WandbSink, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
 from train.preflight import check_device_options, check_mixing, check_recipe, check_world_size
+from train.regularize import Criterion, Mixing, ModelEma
 from train.resume import check_same_start, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
@@ -88,19 +89,21 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         tracking = WandbSink(cfg, ctx, strategy.name, run.folder)
         sinks.append(tracking)
     state, totals = TrainState(), EpochTotals(ctx)
+    ema = None if cfg.train.ema_decay is None else ModelEma(plain, cfg.train.ema_decay,
+                                                             cfg.train.ema_warmup)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep), ctx,
         # The class names first: a resume with other classes is refused before the model,
         # whose last layer would not fit, is loaded.
         parts={"classes": data.classes, "model": plain, **optim.parts(), "position": state,
-               "tracking": tracking},
+               "tracking": tracking, **({"ema": ema} if ema else {})},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy,
                     "data": data.counters},
         identity=identity(cfg))
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, data.train, data.test, optim, state, totals,
         make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer, data.counters,
-        data.facts))
+        data.facts, Criterion(cfg.train.label_smoothing), Mixing(cfg.train, cfg.seed), ema))
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -126,6 +129,17 @@ def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
                       channels_last, pad_eval=cfg.debug.pad_eval)
 
 
+def recipe_knobs(cfg: Config) -> list[str]:
+    """The recipe's features, as the console's first line names them."""
+    t, o = cfg.train, cfg.optim
+    knobs = [o.name] + ([f"clip {o.clip_grad_norm:g}"] if o.clip_grad_norm else [])
+    knobs += [f"label smoothing {t.label_smoothing:g}"] if t.label_smoothing else []
+    if t.mixup_alpha or t.cutmix_alpha:
+        knobs.append(f"mixup {t.mixup_alpha:g} / cutmix {t.cutmix_alpha:g} (train accuracy "
+                     f"counts the dominant label)")
+    return knobs + ([f"EMA {t.ema_decay:g}"] if t.ema_decay else [])
+
+
 def describe(cfg: Config, trainer: Trainer) -> str:
     """The three lines the console starts with: where, what, how long."""
     facts = trainer.parts.data
@@ -134,6 +148,7 @@ def describe(cfg: Config, trainer: Trainer) -> str:
     knobs += ["torch.compile"] if trainer.parts.compiled else []
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
+    knobs += recipe_knobs(cfg)
     shape = f"{facts.channels}x{facts.image_size}x{facts.image_size}"
     schedule, world = trainer.schedule, trainer.ctx.world_size
     augment = f", augment {cfg.data.augment}" if cfg.data.augment != "none" else ""

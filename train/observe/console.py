@@ -56,8 +56,9 @@ class Console:
             elapsed = time.perf_counter() - self.started
             rate = (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
             eta = (self.steps - self.done) / rate if rate > 0 else 0.0
+            norm = f"  grad norm {values['grad_norm']:.3f}" if "grad_norm" in values else ""
             print(f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps}  "
-                  f"loss {values['loss']:.4f}  {values['samples_per_s']:,.0f} samples/s  "
+                  f"loss {values['loss']:.4f}{norm}  {values['samples_per_s']:,.0f} samples/s  "
                   f"eta {_clock(eta)}", file=self.stream, flush=True)
 
     def log_epoch(self, record: dict[str, Any]) -> None:
@@ -74,8 +75,10 @@ class Console:
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
     times = "/".join(f"{record[f'time_{p}_ms']:.1f}" for p in PHASES)
+    ema = f" (EMA {record['test_accuracy_ema']:.2%})" if "test_accuracy_ema" in record else ""
     return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
-            f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}  "
+            f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}"
+            f"{ema}  "
             f"{record['epoch_time_s']:.1f} s  {record['samples_per_s']:,.0f} samples/s  "
             f"step ms {'/'.join(PHASES)} {times}")
 

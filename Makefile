@@ -19,11 +19,13 @@ RUN ?=
 RUN2 ?=
 RUN3 ?=
 OUT ?=
+CHECKPOINT ?=
+WORKERS ?= 1
 
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor bench-overhead lint clean
+.PHONY: venv train test compare bench peers plot doctor eval export bench-overhead lint clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +47,15 @@ compare: venv
 # make plot RUN=runs/a [RUN2=runs/b RUN3=runs/c] [OUT=folder]: PNGs of one or several runs.
 plot: venv
 	$(PY) -m tools.plot $(RUN) $(RUN2) $(RUN3) $(if $(OUT),--out $(OUT))
+
+# make eval RUN=runs/x [CHECKPOINT=file] [WORKERS=2] [ARGS="--ema data.root=..."]: eval.json and
+# confusion.png in the run folder.
+eval: venv
+	$(PY) -m train.evaluate $(RUN) --workers $(WORKERS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
+
+# make export RUN=runs/x [CHECKPOINT=file] [OUT=folder] [ARGS=--ema]: model.pt, model.pt2, meta.json.
+export: venv
+	$(PY) -m train.export $(RUN) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv

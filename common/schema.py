@@ -9,32 +9,10 @@ other values of those; see train/identity.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-
-@dataclass(frozen=True)
-class Check:
-    """A value constraint: `test(value)` must hold, else the key "must ..." (`says`)."""
-
-    test: Callable[[Any], bool]
-    says: str  # completes "config: train.epochs ..."
-    hint: str = ""  # appended after the value, e.g. what to set instead
-
-    def failure(self, key: str, value: Any) -> str | None:
-        if self.test(value):
-            return None
-        return f"{key} {self.says}; got {value}" + (f"; {self.hint}" if self.hint else "")
-
-
-def AtLeast(low: float, why: str = "") -> Check:  # noqa: N802 - reads like a type
-    return Check(lambda v: v >= low, f"must be at least {low}" + (f" ({why})" if why else ""))
-
-
-Positive = Check(lambda v: v > 0, "must be positive")
-NonNegative = Check(lambda v: v >= 0, "must not be negative")
-RUNTIME = "runtime"  # marker: not part of a run's identity
+from common.constraints import RUNTIME, AtLeast, Check, NonNegative, Positive  # noqa: F401
 
 PositiveInt = Annotated[int, Positive]
 
@@ -50,9 +28,8 @@ PositiveFloat = Annotated[float, Positive]
 
 @dataclass
 class ModelConfig:
-    # lenet | resnet18 (the book's) | torchvision.<builder> (e.g. torchvision.resnet50) |
-    # timm.<name> (timm installed) | python:module:callable (called with num_classes,
-    # in_channels, image_size)
+    # lenet | resnet18 (the book's) | torchvision.<builder> | timm.<name> (timm installed) |
+    # python:module:callable (called with num_classes, in_channels, image_size)
     name: str = "lenet"
     pretrained: bool = False  # torchvision's (timm's) published weights; a new head keeps its init
     # start from this checkpoint (its "model") or state_dict file: weights_only, keys must match

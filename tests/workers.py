@@ -16,16 +16,7 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 
 def train_and_return_params(overrides: list[str]) -> dict[str, torch.Tensor]:
     """Train through the production entry point; return the main worker's saved parameters."""
-    cfg = load_config(DEFAULT_CONFIG, overrides)
-    ctx = dist.setup(cfg.dist)
-    try:
-        train(cfg, ctx)
-    finally:
-        dist.teardown(ctx)
-    if not ctx.is_main:
-        return {}
-    state = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.pt", weights_only=True)
-    return state["model"]
+    return train_and_return_state(overrides).get("model", {})
 
 
 def _trainer(cfg, ctx):

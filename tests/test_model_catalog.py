@@ -114,3 +114,25 @@ def test_a_model_that_cannot_take_the_datas_shape_is_caught_naming_both():
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
     with pytest.raises(UserError, match=r"gives outputs of shape \(2, 4\).*expected \(2, 10\)"):
         check_shape(ModelConfig(name="python:m:f"), wrong, facts(), torch.device("cpu"), False)
+
+
+def test_timm_names_go_to_timm_create_model_when_it_is_installed(monkeypatch):
+    """timm is an optional extra, absent here: a stand-in module shows what is asked of it
+    (the refusal without it: test_config.py)."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("timm")
+    fake.list_models = lambda: ["resnet50", "vit_small_patch16_224"]
+
+    def create_model(name, pretrained, num_classes, in_chans):
+        calls.append((name, pretrained, num_classes, in_chans))
+        return nn.Linear(in_chans, num_classes)
+
+    fake.create_model = create_model
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    assert isinstance(build_model("timm.resnet50", 1, 7, 32, pretrained=True), nn.Linear)
+    assert calls == [("resnet50", True, 7, 1)]
+    with pytest.raises(UserError, match="did you mean timm.resnet50"):
+        build_model("timm.resnet5", 1, 7, 32)

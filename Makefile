@@ -19,11 +19,13 @@ RUN ?=
 RUN2 ?=
 RUN3 ?=
 OUT ?=
+CHECKPOINT ?=
+WORKERS ?= 1
 
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor convert bench-overhead bench-memory gpu-check lint clean
+.PHONY: venv train test compare bench peers plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +51,15 @@ plot: venv
 # make convert RUN=runs/a [OUT=file]: a sharded (mode fsdp) checkpoint as one plain file.
 convert: venv
 	$(PY) -m tools.convert_checkpoint $(RUN) $(if $(OUT),--out $(OUT))
+
+# make eval RUN=runs/x [CHECKPOINT=file] [WORKERS=2] [ARGS="--ema data.root=..."]: eval.json and
+# confusion.png in the run folder.
+eval: venv
+	$(PY) -m train.evaluate $(RUN) --workers $(WORKERS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
+
+# make export RUN=runs/x [CHECKPOINT=file] [OUT=folder] [ARGS=--ema]: model.pt, model.pt2, meta.json.
+export: venv
+	$(PY) -m train.export $(RUN) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv

@@ -9,32 +9,25 @@ other values of those; see train/identity.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-
-@dataclass(frozen=True)
-class Check:
-    """A value constraint: `test(value)` must hold, else the key "must ..." (`says`)."""
-
-    test: Callable[[Any], bool]
-    says: str  # completes "config: train.epochs ..."
-    hint: str = ""  # appended after the value, e.g. what to set instead
-
-    def failure(self, key: str, value: Any) -> str | None:
-        if self.test(value):
-            return None
-        return f"{key} {self.says}; got {value}" + (f"; {self.hint}" if self.hint else "")
-
-
-def AtLeast(low: float, why: str = "") -> Check:  # noqa: N802 - reads like a type
-    return Check(lambda v: v >= low, f"must be at least {low}" + (f" ({why})" if why else ""))
-
-
-Positive = Check(lambda v: v > 0, "must be positive")
-NonNegative = Check(lambda v: v >= 0, "must not be negative")
-RUNTIME = "runtime"  # marker: not part of a run's identity
+from common.constraints import (  # noqa: F401 - re-exported: the schema's one import
+    RUNTIME,
+    AtLeast,
+    Check,
+    NonNegative,
+    Positive,
+    PositiveFloat,
+    PositiveInt,
+)
+from common.schema_data import (  # noqa: F401 - the data section, in a file of its own
+    CifarRecipe,
+    DataConfig,
+    ImageFolderConfig,
+    ImagenetRecipe,
+    SyntheticConfig,
+)
 
 
 def parse_step_range(text: str) -> tuple[int, int] | None:
@@ -50,108 +43,19 @@ StepRange = Check(lambda v: v == "" or parse_step_range(v) is not None,
                   "must be A-B, optimizer steps counted from 1 with A <= B (e.g. 10-12)",
                   "leave it empty for no profile")
 
-PositiveInt = Annotated[int, Positive]
-
-
-def _fraction_range(v: list[float]) -> bool:
-    return len(v) == 2 and 0 < v[0] <= v[1] <= 1
-
-
-def _ratio_range(v: list[float]) -> bool:
-    return len(v) == 2 and 0 < v[0] <= v[1]
-PositiveFloat = Annotated[float, Positive]
 
 
 @dataclass
 class ModelConfig:
-    name: str = "lenet"  # a name in models.MODELS: lenet | resnet18
+    # lenet | resnet18 (the book's) | torchvision.<builder> | timm.<name> (timm installed) |
+    # python:module:callable (called with num_classes, in_channels, image_size)
+    name: str = "lenet"
+    pretrained: bool = False  # torchvision's (timm's) published weights; a new head keeps its init
+    # start from this checkpoint (its "model") or state_dict file: weights_only, keys must match
+    init_from: str = ""
     sync_bn: bool = False  # SyncBatchNorm across GPUs (ResNet; off as in the book: per-device)
-    init: Literal["book", "torch"] = "torch"  # book: N(0, 0.01) weights; torch: its defaults
-
-
-@dataclass
-class SyntheticConfig:
-    train_samples: PositiveInt = 24_000  # generated in memory from `seed`
-    test_samples: PositiveInt = 5_000  # the test set, drawn from the same distribution
-    channels: PositiveInt = 1  # 1x28x28 (Fashion-MNIST-shaped) or 3x32x32 (CIFAR-shaped)
-    image_size: Annotated[int, AtLeast(16, "LeNet needs it")] = 28  # pixels per side
-    num_classes: Annotated[int, AtLeast(2)] = 10  # one smooth random prototype per class
-
-
-@dataclass
-class ImageFolderConfig:
-    """data.name=imagefolder: class folders of JPEG/PNG files (torchvision's ImageFolder layout)."""
-
-    train: str = "train"  # the sub-folder of data.root holding the training images
-    val: str = "val"  # the sub-folder holding the evaluation images (the same class folders)
-
-
-@dataclass
-class ImagenetRecipe:
-    """data.augment=imagenet: RandomResizedCrop to data.image_size and a flip; evaluation
-    resizes and center-crops at `eval_crop` of the image."""
-
-    scale: Annotated[list[float], Check(_fraction_range, "must be [low, high] with "
-                                        "0 < low <= high <= 1")] = field(
-        default_factory=lambda: [0.08, 1.0])  # fraction of the image's area a crop covers
-    ratio: Annotated[list[float], Check(_ratio_range, "must be [low, high] with "
-                                        "0 < low <= high")] = field(
-        default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect ratios (width / height)
-    flip: Annotated[float, Check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5  # probability
-    eval_crop: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.875
-
-
-@dataclass
-class CifarRecipe:
-    """data.augment=cifar: pad, random crop back to data.image_size, flip."""
-
-    padding: Annotated[int, NonNegative] = 4  # zero pixels added on each side before the crop
-    flip: Annotated[float, Check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5  # probability
-
-
-@dataclass
-class DataConfig:
-    # synthetic | fashion_mnist | mnist | cifar10 | imagefolder | python
-    name: str = "synthetic"
-    # torchvision datasets are read from (and downloaded into) this folder; imagefolder: the
-    # folder holding the train and val sub-folders
-    root: str = "data"
-    # try to download torchvision datasets that are missing (how files arrive: not the run)
-    download: Annotated[bool, RUNTIME] = True
-    factory: str = ""  # data.name=python: module:callable returning (train, test) Datasets
-    # memory: the dataset as one uint8 tensor per split, batches gathered by index; stream: a
-    # DataLoader per worker; auto: memory when the decoded dataset fits in data.memory_gb
-    loader: Literal["auto", "memory", "stream"] = "auto"
-    memory_gb: PositiveFloat = 4.0  # what auto holds in memory per worker (decoded), GiB
-    # hold the whole in-memory dataset on the worker's GPU when it fits (where, not what: not
-    # the run)
-    on_device: Annotated[bool, RUNTIME] = True
-    normalize: bool = True  # zero mean, unit variance per channel (training-set statistics)
-    # images of a stream dataset the statistics are computed from (a fixed random subset)
-    stats_samples: PositiveInt = 1000
-    # training resolution in pixels; null: the dataset's own (imagefolder and python: 224)
-    image_size: Annotated[int | None, AtLeast(8)] = None
-    augment: Literal["none", "cifar", "imagenet"] = "none"  # the recipe (data.<recipe>.*)
-    imagenet: ImagenetRecipe = field(default_factory=ImagenetRecipe)
-    cifar: CifarRecipe = field(default_factory=CifarRecipe)
-    # decoded: the first epoch decodes each image once at a fixed size into a memory-mapped
-    # uint8 file in data.cache_dir; later epochs gather from it by index (stream path)
-    cache: Literal["none", "decoded"] = "none"
-    # where decoded files live (a fast local disk; one file per node and split); "": the
-    # system's temp folder
-    cache_dir: Annotated[str, RUNTIME] = ""
-    # JPEG decoder: pil (decodes at reduced size when the target is smaller: measured fastest
-    # here); nvjpeg: batches decoded on the GPU (torchvision.io, GPUs only)
-    decoder: Literal["pil", "nvjpeg"] = "pil"
-    # stream loader processes per worker; null: usable cores per worker - 1 (at least 1)
-    num_workers: Annotated[int | None, NonNegative, RUNTIME] = None
-    pin_memory: Annotated[bool | None, RUNTIME] = None  # page-locked batches; null: with GPUs
-    persistent_workers: Annotated[bool, RUNTIME] = True  # loader processes live across epochs
-    prefetch_factor: Annotated[int, Positive, RUNTIME] = 2  # batches each loader process readies
-    # skip (and count, per epoch) image files that cannot be decoded instead of stopping
-    skip_bad_files: Annotated[bool, RUNTIME] = False
-    imagefolder: ImageFolderConfig = field(default_factory=ImageFolderConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # the book's models: book: N(0, 0.01) weights; torch: its defaults (others: their own)
+    init: Literal["book", "torch"] = "torch"
 
 
 @dataclass
@@ -161,18 +65,49 @@ class TrainConfig:
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps (smoke runs)
     grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step (sync on the last only)
     eval_batch_size: PositiveInt = 1024  # per worker; evaluation does no gradient sync
+    # the target's share spread over the other classes (0.1 in the ImageNet recipes)
+    label_smoothing: Annotated[float, Check(lambda v: 0 <= v < 1, "must be in [0, 1)")] = 0.0
+    # mixup's Beta(alpha, alpha) (0: off); one mixing factor per step, seeded by (seed, step)
+    mixup_alpha: Annotated[float, NonNegative] = 0.0
+    cutmix_alpha: Annotated[float, NonNegative] = 0.0  # CutMix's Beta(alpha, alpha) (0: off)
+    # with both on: the probability that a step uses CutMix rather than mixup
+    cutmix_prob: Annotated[float, Check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5
+    # an exponential moving average of the weights, evaluated beside them (null: off)
+    ema_decay: Annotated[float | None, Check(lambda v: 0 < v < 1, "must be in (0, 1)")] = None
+    # the average's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) after n updates
+    ema_warmup: bool = True
 
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
     lr: PositiveFloat = 0.1  # peak learning rate (after warmup)
     momentum: Annotated[float, NonNegative] = 0.9  # SGD momentum
-    weight_decay: Annotated[float, NonNegative] = 5e-4  # L2 penalty, applied by SGD
-    nesterov: bool = False  # Nesterov momentum
-    schedule: Literal["constant", "cosine"] = "cosine"  # after the warmup
+    # SGD: L2 penalty added to the gradient; AdamW: decoupled decay (lr x weight_decay)
+    weight_decay: Annotated[float, NonNegative] = 5e-4
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    betas: Annotated[list[float], Check(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                        "must be [beta1, beta2], each in [0, 1)")] = field(
+        default_factory=lambda: [0.9, 0.999])  # AdamW's moment decays
+    eps: PositiveFloat = 1e-8  # AdamW's denominator term
+    # decay biases and norm layers' weights too; null: false for AdamW (as timm), true for SGD
+    decay_norm_and_bias: bool | None = None
+    # fused (one kernel), foreach (batched) or loop; auto: fused on GPUs, torch's default on CPU
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    schedule: Literal["constant", "cosine", "step"] = "cosine"  # after the warmup
     warmup_steps: Annotated[int, NonNegative] = 0  # linear warmup from 0 to `lr`, in steps
+    warmup_epochs: Annotated[float, NonNegative] = 0.0  # the same in epochs (not both)
     min_lr: Annotated[float, NonNegative] = 0.0  # where the cosine schedule ends
+    # schedule=step: epochs at which the lr is multiplied by `gamma` (torchvision: 30, 60, 80)
+    milestones: Annotated[list[int], Check(lambda v: all(m > 0 for m in v) and v == sorted(v),
+                                           "must be increasing positive epochs")] = field(
+        default_factory=lambda: [30, 60, 80])
+    gamma: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.1
     scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
+    # timm's rule: lr = optim.lr x global batch / lr_base_batch (null: lr as given)
+    lr_base_batch: PositiveInt | None = None
+    # clip gradients to this global L2 norm (all ranks, all micro-batches); null: no clipping
+    clip_grad_norm: Annotated[float | None, Positive] = None
 
 
 @dataclass

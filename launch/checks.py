@@ -24,7 +24,9 @@ from train.data import DOWNLOADABLE, ensure_available, torchvision_class
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
 from train.preflight import (
     check_device_options,
+    check_mixing,
     check_profile_steps,
+    check_recipe,
     check_world_size,
     known_total_steps,
     profile_range,
@@ -63,6 +65,7 @@ def check_options(job: Job) -> Verdict:
     problems, warnings = [], []
     try:
         warnings = check_device_options(job.cfg, job.kind)
+        check_recipe(job.cfg)
     except UserError as exc:
         problems.append(str(exc))
     restarts, nodes = job.args.max_restarts, job.nodes
@@ -107,11 +110,12 @@ def check_backend(job: Job) -> Verdict:
 
 def check_batch(job: Job) -> Verdict:
     """The global batch splits evenly at every world size the job may run at (elastic: each
-    number of nodes in its range)."""
+    number of nodes in its range), and so do mixup's pairs."""
     sizes = job.world_sizes
     for size in sizes:
         try:
             check_world_size(job.cfg, size)
+            check_mixing(job.cfg, size)
         except UserError as exc:
             if len(sizes) == 1:
                 raise

@@ -421,7 +421,7 @@ def test_extending_a_finished_run_recomputes_the_schedule_over_the_new_length(tm
     """train.epochs 2 -> 3 with allow_changes: the cosine continues as the 3-epoch one would
     from step 24 (timm's and Lightning's choice), from the first new step on."""
     from train.config import load_config
-    from train.optim import lr_factor
+    from train.lr import LrPlan
 
     two = ["train.epochs=2", f"run.dir={tmp_path}"]
     first = run_cli("launch", "--cpu", CONFIG, *RUN, *two)
@@ -431,13 +431,14 @@ def test_extending_a_finished_run_recomputes_the_schedule_over_the_new_length(tm
                      "checkpoint.keep=20")
     assert longer.returncode == 0, longer.stderr
     cfg = load_config(CONFIG, [*RUN, "train.epochs=3"]).optim
+    plan = LrPlan.of(cfg, cfg.lr, 36, 12)  # 12 steps per epoch
     assert (f"learning rate recomputed for this config from step 24: "
-            f"{cfg.lr * lr_factor(cfg, 24, 36):.4g} (the checkpoint's schedule: 0)"
+            f"{cfg.lr * plan(24):.4g} (the checkpoint's schedule: 0)"
             in longer.stdout), longer.stdout
     saved = {step: torch.load(tmp_path / "checkpoints" / f"step_{step:08d}.pt",
                               weights_only=True) for step in (24, 25, 36)}
     lr = {step: s["optimizer"]["param_groups"][0]["lr"] for step, s in saved.items()}
-    assert lr[25] == pytest.approx(cfg.lr * lr_factor(cfg, 25, 36))
+    assert lr[25] == pytest.approx(cfg.lr * plan(25))
     assert lr[36] == pytest.approx(cfg.min_lr)
     # Step 25 trained at the new schedule's LR, not at the old one's end (0: no change).
     assert any(not torch.equal(saved[24]["model"][k], saved[25]["model"][k])

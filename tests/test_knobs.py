@@ -9,7 +9,7 @@ from common.schema import OptimConfig
 from tests.helpers import REPO, gpu_count, gpu_env, run_cli, run_distributed, small_run
 from tests.workers import ddp_settings, static_graph_with_no_sync, train_and_return_params
 from train.checkpoint import Checkpoints
-from train.optim import scaled_lr
+from train.lr import peak_lr
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -186,11 +186,11 @@ def test_gpu_only_knobs_on_the_cpu_are_one_clear_error(tmp_path, override, messa
 
 def test_lr_scaling_rules():
     cfg = OptimConfig(lr=0.1)
-    assert scaled_lr(cfg, 4) == pytest.approx(0.1)
+    assert peak_lr(cfg, 4, 256) == pytest.approx(0.1)
     cfg.scale_lr = "linear"
-    assert scaled_lr(cfg, 4) == pytest.approx(0.4)
+    assert peak_lr(cfg, 4, 256) == pytest.approx(0.4)
     cfg.scale_lr = "sqrt"
-    assert scaled_lr(cfg, 4) == pytest.approx(0.2)
+    assert peak_lr(cfg, 4, 256) == pytest.approx(0.2)
 
 
 def test_lr_scaling_applies_to_the_run(tmp_path):

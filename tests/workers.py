@@ -17,16 +17,7 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 
 def train_and_return_params(overrides: list[str]) -> dict[str, torch.Tensor]:
     """Train through the production entry point; return the main worker's saved parameters."""
-    cfg = load_config(DEFAULT_CONFIG, overrides)
-    ctx = dist.setup(cfg.dist)
-    try:
-        train(cfg, ctx)
-    finally:
-        dist.teardown(ctx)
-    if not ctx.is_main:
-        return {}
-    state = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.pt", weights_only=True)
-    return state["model"]
+    return train_and_return_state(overrides).get("model", {})
 
 
 def _trainer(cfg, ctx):
@@ -238,3 +229,18 @@ def sync_bn_statistics(overrides: list[str]) -> dict:
                 "synced_vs_global": gap(model, whole), "local_vs_global": gap(local, whole)}
     finally:
         dist.teardown(ctx)
+
+
+def train_and_return_state(overrides: list[str]) -> dict:
+    """Train through the production entry point; return the main worker's last checkpoint
+    without its per-rank parts (model, optimizer, scheduler, EMA, position)."""
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        train(cfg, ctx)
+    finally:
+        dist.teardown(ctx)
+    if not ctx.is_main:
+        return {}
+    state = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.pt", weights_only=True)
+    return {k: v for k, v in state.items() if k not in ("ranks", "config")}

@@ -19,11 +19,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
 
 def check_names(cfg: Config) -> None:
-    """Names that must exist in a registry: the model and the dataset."""
-    from models import MODELS  # late: models imports torch
+    """Names that must exist: the model, the optimizer and the dataset (close matches named)."""
+    from models import check_name  # late: models imports torch
     from train.data import DATASETS
+    from train.optim import check_optimizer_name
 
-    _choice("model.name", cfg.model.name, MODELS)
+    check_name(cfg.model.name)
+    check_optimizer_name(cfg.optim.name)
     _choice("data.name", cfg.data.name, DATASETS)
 
 

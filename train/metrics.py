@@ -108,29 +108,44 @@ def epoch_record(ctx: DistContext, train: EpochTrain, test: dict[str, float],
     if train.probe_skipped:
         record["sync_method"] = (f"not estimated in this epoch ({train.probe_skipped}): DDP's "
                                  f"sync runs inside backward, counted in compute")
+    if "ema" in test:  # train.ema_decay: the moving average, evaluated beside the weights
+        record.update(test_loss_ema=test["ema"]["loss"], test_accuracy_ema=test["ema"]["accuracy"])
     if facts.get("compiled"):
         record["compile_time_s"] = train.compile_s
+    record.update(timing_figures(means, highs, per_rank, lowest, peaks, sync_known))
+    if counts:
+        record.update(sum_counts(ctx, counts))
+    return record
+
+
+def timing_figures(means: list[float], highs: list[float], per_rank: list[list[float]],
+                   lowest: float, peaks: list[float], sync_known: bool) -> dict[str, Any]:
+    """The step's phases and the memory peaks: mean, max and each rank's (epoch_record)."""
+    figures: dict[str, Any] = {}
     for i, phase in enumerate(PHASES):
         known = phase != "sync" or sync_known
-        record[f"time_{phase}_ms"] = means[i] if known else None
-        record[f"time_{phase}_ms_max"] = highs[i] if known else None
+        figures[f"time_{phase}_ms"] = means[i] if known else None
+        figures[f"time_{phase}_ms_max"] = highs[i] if known else None
         # each rank's value, for stragglers (`make plot`)
-        record[f"time_{phase}_ms_ranks"] = per_rank[i] if known else None
+        figures[f"time_{phase}_ms_ranks"] = per_rank[i] if known else None
     peak, step = len(PHASES), len(PHASES) + 1  # their columns
     top = highs[-2]
     # The spread shows an imbalance: dp's first GPU holds the outputs and the loss.
-    record.update(peak_memory_mb=means[peak], peak_memory_mb_max=top,
-                  peak_memory_mb_spread=top - lowest, peak_memory_mb_ranks=per_rank[peak])
+    figures.update(peak_memory_mb=means[peak], peak_memory_mb_max=top,
+                   peak_memory_mb_spread=top - lowest, peak_memory_mb_ranks=per_rank[peak])
     if len(peaks) > 1:
-        record["peak_memory_mb_gpus"] = peaks
-    record["time_step_ms_max"] = highs[step]  # the slowest rank's whole step
-    record["time_step_ms_ranks"] = per_rank[step]
-    if counts:
-        summed = torch.tensor(list(counts.values()), dtype=torch.float64, device=ctx.device)
-        if ctx.distributed:
-            dist.all_reduce(summed)
-        record.update(zip(counts, (int(v) for v in summed.tolist()), strict=True))
-    return record
+        figures["peak_memory_mb_gpus"] = peaks
+    figures["time_step_ms_max"] = highs[step]  # the slowest rank's whole step
+    figures["time_step_ms_ranks"] = per_rank[step]
+    return figures
+
+
+def sum_counts(ctx: DistContext, counts: dict[str, float]) -> dict[str, int]:
+    """This rank's counts (skipped files), summed over ranks (one all_reduce)."""
+    summed = torch.tensor(list(counts.values()), dtype=torch.float64, device=ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(summed)
+    return dict(zip(counts, (int(v) for v in summed.tolist()), strict=True))
 
 
 def summarize(records: list[dict[str, Any]], facts: dict[str, Any],
@@ -152,6 +167,9 @@ def summarize(records: list[dict[str, Any]], facts: dict[str, Any],
         "best_epoch": best.get("epoch"),
         "final_train_loss": last.get("train_loss"),
         "final_checkpoint": facts.get("final_checkpoint"),
+        **({"final_test_accuracy_ema": last["test_accuracy_ema"],
+            "best_test_accuracy_ema": max(r.get("test_accuracy_ema", 0.0) for r in records)}
+           if "test_accuracy_ema" in last else {}),
         "train_time_s": train_time,
         "eval_time_s": sum(r.get("eval_time_s") or 0.0 for r in records),
         "wall_time_s": wall_s,

@@ -1,41 +1,67 @@
-"""The optimizer side of a step: optimizer, learning-rate schedule, AMP autocast and scaler."""
+"""The optimizer side of a step: optimizer, learning-rate schedule, AMP autocast and scaler,
+gradient clipping."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import logging
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from common.errors import UserError
 from common.schema import OptimConfig
+from train.lr import LrPlan, peak_lr
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("sgd", "adamw")
 
 
-def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
-    """`optim.lr` times the world size (linear rule, Goyal et al.) or its square root (sqrt
-    rule), for recipes that grow the global batch with the number of workers."""
-    factor = {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[cfg.scale_lr]
-    return cfg.lr * factor
+def check_optimizer_name(name: str) -> None:
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(name.lower(), OPTIMIZERS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"optim.name={name!r} is not an optimizer: sgd or adamw{hint}")
 
 
-def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
-    """Multiplier of `optim.lr` for the update after `step` updates: linear warmup, then
-    constant or cosine down to `optim.min_lr` at `total_steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    floor = cfg.min_lr / cfg.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels only unless `decay_norm_and_bias` (timm's
+    rule: every parameter of one dimension, biases and norm layers' scales, goes undecayed)."""
+    decay_all = cfg.decay_norm_and_bias
+    if decay_all is None:
+        decay_all = cfg.name == "sgd"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_all or not cfg.weight_decay:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def implementation(cfg: OptimConfig, device_type: str) -> dict[str, bool]:
+    """torch's fused kernels on GPUs (one launch for every parameter), its default elsewhere."""
+    choice = cfg.implementation
+    if choice == "auto":
+        choice = "fused" if device_type == "cuda" else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "loop": {"foreach": False}}.get(choice, {})
+
+
+def make_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str,
+                   hooks: OptimizerHooks | None = None) -> torch.optim.Optimizer:
+    check_optimizer_name(cfg.name)
+    build = (hooks or PlainHooks()).build_optimizer
+    groups, impl = param_groups(cfg, model), implementation(cfg, device_type)
+    if cfg.name == "adamw":
+        return build(groups, torch.optim.AdamW, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                     **impl)
+    return build(groups, torch.optim.SGD, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                 **impl)
 
 
 class LRSchedule:
@@ -48,10 +74,10 @@ class LRSchedule:
     that had reached its end rises to where the longer cosine is at this step.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
+        """`factor`: the multiplier of the peak LR after a number of updates (train/lr.py)."""
         self.optimizer = optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(lr_factor, cfg, total_steps=total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def step(self) -> None:
         self.scheduler.step()
@@ -85,6 +111,7 @@ class Optimization:
     scaler: torch.amp.GradScaler
     device_type: str
     autocast_dtype: torch.dtype | None
+    clip_norm: float | None = None  # optim.clip_grad_norm
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.autocast_dtype,
@@ -93,10 +120,21 @@ class Optimization:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor | None:
+        """The update from the synchronized gradients; with clipping, returns their global
+        norm before clipping (a device tensor: no sync here)."""
+        norm = None
+        if self.clip_norm is not None:
+            # The gradients are already summed over micro-batches and averaged over ranks
+            # (every rank holds the same): their norm is the global one. Unscaled first under
+            # fp16, so the threshold is in true gradient units.
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        return norm
 
     @property
     def lr(self) -> float:
@@ -120,15 +158,30 @@ class OptimizerHooks(Protocol):
     def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler: ...
 
 
+class PlainHooks:
+    """A lone optimizer and scaler, as the strategies without their own build them."""
+
+    def build_optimizer(self, params: Iterable[Any], optimizer_class: type,
+                        **defaults: Any) -> torch.optim.Optimizer:
+        return optimizer_class(params, **defaults)
+
+    def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+
+
 def build_optimization(cfg: OptimConfig, precision: str, model: nn.Module, world_size: int,
-                       total_steps: int, device_type: str,
-                       hooks: OptimizerHooks) -> Optimization:
-    """SGD over `model`'s parameters (after the strategy wrapped it: FSDP's are shards), its
-    schedule and, for fp16, a loss scaler."""
-    optimizer = hooks.build_optimizer(model.parameters(), torch.optim.SGD,
-                                      lr=scaled_lr(cfg, world_size), momentum=cfg.momentum,
-                                      weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = LRSchedule(optimizer, cfg, total_steps)
+                       global_batch: int, total_steps: int, steps_per_epoch: int,
+                       device_type: str, hooks: OptimizerHooks | None = None) -> Optimization:
+    """The optimizer over `model`'s parameters (after the strategy wrapped it: FSDP's are
+    shards), built through the strategy's `hooks` (ZeRO wraps it), its schedule and, for
+    fp16, a loss scaler."""
+    hooks = hooks or PlainHooks()
+    peak = peak_lr(cfg, world_size, global_batch)
+    optimizer = make_optimizer(cfg, model, peak, device_type, hooks)
+    # A partial, not the plan itself: LambdaLR saves a callable object's fields and would put
+    # an old plan back on resume (with train.epochs changed, under checkpoint.allow_changes).
+    plan = LrPlan.of(cfg, peak, total_steps, steps_per_epoch)
+    scheduler = LRSchedule(optimizer, functools.partial(LrPlan.__call__, plan))
     scaler = hooks.grad_scaler(device_type, enabled=precision == "fp16")
     return Optimization(optimizer, scheduler, scaler, device_type,
-                        AUTOCAST_DTYPES.get(precision))
+                        AUTOCAST_DTYPES.get(precision), cfg.clip_grad_norm)

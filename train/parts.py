@@ -20,6 +20,7 @@ from train.metrics import EpochTotals
 from train.observe.monitor import Monitor
 from train.observe.profile import NoProfiler
 from train.optim import Optimization
+from train.regularize import Criterion, Mixing, ModelEma
 from train.run_folder import RunFolder
 from train.strategies.base import Strategy
 
@@ -110,5 +111,8 @@ class TrainerParts:
     checkpointer: Checkpointer
     counters: DataCounters  # per-epoch data counts (skipped files), summed into the record
     data: DataFacts  # shape, classes, path
+    criterion: Criterion  # the loss (label smoothing) and what counts as correct
+    mixing: Mixing  # mixup / CutMix of each step's batch (or nothing)
+    ema: ModelEma | None  # the weights' moving average (train.ema_decay)
     profiler: NoProfiler = field(default_factory=NoProfiler)  # perf.profile_steps
     labels: dict[str, str] = field(default_factory=dict)  # what summary.json names: model, data

@@ -123,3 +123,40 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_recipe(cfg: Config) -> None:
+    """Model and optimizer names, the lr's options, mixup's batch, `model.init_from`'s file:
+    what the launcher can tell before any worker starts (the workers check again)."""
+    from models import check_name
+    from train.lr import check_lr_options
+    from train.model import load_state_dict_file
+    from train.optim import check_optimizer_name
+
+    check_name(cfg.model.name)
+    check_optimizer_name(cfg.optim.name)
+    check_lr_options(cfg.optim)
+    if cfg.model.init_from:
+        load_state_dict_file(cfg.model.init_from)
+    if cfg.model.init_from and cfg.model.pretrained:
+        raise UserError("model.init_from and model.pretrained=true both set the initial "
+                        "weights; set one")
+    if cfg.mode == "fsdp" and cfg.train.ema_decay is not None:
+        # Its copy of the weights would be whole on every rank: what fsdp exists to avoid.
+        raise UserError("train.ema_decay does not work with mode fsdp (the moving average "
+                        "would keep the whole model on every rank); use mode ddp for EMA")
+
+
+def check_mixing(cfg: Config, world_size: int, num_classes: int | None = None) -> None:
+    """Mixup and CutMix pair each sample with the one half a batch away (train/mixing.py): the
+    pairs stay inside each worker's share only when that share is even."""
+    if not (cfg.train.mixup_alpha or cfg.train.cutmix_alpha):
+        return
+    if num_classes is not None and num_classes < 2:
+        raise UserError(f"train.mixup_alpha/cutmix_alpha mix the labels of classes; the data "
+                        f"has {num_classes} class")
+    local = cfg.train.batch_size // world_size
+    if local % 2:
+        raise UserError(f"train.mixup_alpha/cutmix_alpha need an even batch per worker "
+                        f"(mixing pairs samples half a batch apart); {cfg.train.batch_size} over "
+                        f"{world_size} worker(s) gives {local}")

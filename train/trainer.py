@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
@@ -58,6 +57,7 @@ class Trainer:
         self.where = ""  # what the loop is doing now, for error messages
         self.guards.hang.locate = lambda: (self.state.step + 1, self.where or "setup")
         self.probe = SyncProbe(parts.strategy, parts.schedule, parts.optim.autocast)
+        self.grad_norm: torch.Tensor | None = None  # the last step's, when clipping
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
@@ -139,7 +139,7 @@ class Trainer:
             self.after_step()
             self.parts.profiler.step_ends(self.state.step)
             if self.state.step % self.schedule.log_every == 0:
-                window = self.log_step(loss, window)
+                window = log_step(self, loss, window)
             if guards.stop.should_stop(self.state.step) and not self.epoch_done():
                 self.save_checkpoint()
                 self.interrupt()
@@ -160,9 +160,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in
         `train.grad_accum_steps` micro-batches; only the last one synchronizes gradients."""
-        parts = split_batch(images, labels, self.schedule.grad_accum_steps)
+        images, pairs, lam = self.parts.mixing(images, labels, self.state.step)
+        parts = split_batch(images, pairs, self.schedule.grad_accum_steps)
         loss_sum = torch.zeros((), device=images.device)
         correct = torch.zeros((), dtype=torch.long, device=images.device)
+        criterion = self.parts.criterion
         with self.phase("compute"):
             self.optim.optimizer.zero_grad(set_to_none=True)
             for i, (x, y) in enumerate(parts):
@@ -171,16 +173,18 @@ class Trainer:
                     with self.optim.autocast():
                         logits = self.model(x)
                         # Weighted so that the micro-batches add up to the batch's mean loss.
-                        loss = F.cross_entropy(logits, y) * (y.shape[0] / labels.shape[0])
+                        loss = criterion.loss(logits, y, lam) * (y.shape[0] / labels.shape[0])
                     if last:
                         self.guards.faults.inside_step(self.state.step + 1)
                     self.optim.backward(loss)
                 loss_sum += loss.detach().float()
-                correct += (logits.argmax(1) == y).sum()
+                correct += criterion.correct(logits, y, lam)
         with self.phase("sync"):
             self.strategy.sync_gradients(self.model)
         with self.phase("optim"):
-            self.optim.step()
+            self.grad_norm = self.optim.step()
+            if self.parts.ema is not None:
+                self.parts.ema.update(self.plain)
         return loss_sum, correct
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
@@ -212,23 +216,9 @@ class Trainer:
         if every and self.state.step % every == 0 and not self.epoch_done():
             self.save_checkpoint()
 
-    def log_step(self, loss: torch.Tensor, since: tuple[float, int]) -> tuple[float, int]:
-        """Per-step figures every `log.every_steps` steps: loss averaged over ranks, lr, speed."""
-        value = loss.detach().float().reshape(1)
-        if self.ctx.distributed:
-            dist.all_reduce(value)
-            value /= self.ctx.world_size
-        now = time.perf_counter()
-        samples = (self.state.step - since[1]) * self.schedule.global_batch
-        self.monitor.log_step(self.state.step, {
-            "loss": value.item(), "lr": self.optim.lr,
-            "samples_per_s": samples / max(now - since[0], 1e-9), "epoch": self.state.epoch + 1,
-            **{f"time_{k}_ms": v for k, v in self.timer.per_step_ms().items()},
-        })
-        return now, self.state.step
-
-    def evaluate(self) -> dict[str, float]:
-        """Accuracy over the whole test set: each sample counted once, one all_reduce."""
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy over the whole test set: each sample counted once, one all_reduce; the
+        weights' moving average beside the model, with `train.ema_decay` ("ema")."""
         self.where = "evaluation"
         self.strategy.sync_buffers(self.model)
         model = self.strategy.eval_model(self.model, self.plain)
@@ -236,6 +226,9 @@ class Trainer:
         result = evaluate(model, batches, self.ctx, self.optim.autocast)
         self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
                                       len(self.test_data.data))
+        if self.parts.ema is not None:
+            result["ema"] = evaluate(self.parts.ema.take_buffers(self.plain),
+                                     self.test_data.iterate(), self.ctx, self.optim.autocast)
         return result
 
     def save_checkpoint(self, final: bool = False) -> None:
@@ -245,6 +238,24 @@ class Trainer:
             self.parts.checkpointer.save(final)
         self.run.checkpoint_written()
 
+
+
+def log_step(trainer: Trainer, loss: torch.Tensor, since: tuple[float, int]) -> tuple[float, int]:
+    """Per-step figures every `log.every_steps` steps: loss averaged over ranks, lr, speed."""
+    value = loss.detach().float().reshape(1)
+    if trainer.ctx.distributed:
+        dist.all_reduce(value)
+        value /= trainer.ctx.world_size
+    now = time.perf_counter()
+    samples = (trainer.state.step - since[1]) * trainer.schedule.global_batch
+    trainer.monitor.log_step(trainer.state.step, {
+        "loss": value.item(), "lr": trainer.optim.lr,
+        # the same on every rank: the norm of the synchronized gradients, before clipping
+        **({"grad_norm": trainer.grad_norm.item()} if trainer.grad_norm is not None else {}),
+        "samples_per_s": samples / max(now - since[0], 1e-9), "epoch": trainer.state.epoch + 1,
+        **{f"time_{k}_ms": v for k, v in trainer.timer.per_step_ms().items()},
+    })
+    return now, trainer.state.step
 
 
 def loop_facts(trainer: Trainer) -> dict[str, Any]:

@@ -30,7 +30,14 @@ from train.observe.profile import make_profiler
 from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
-from train.preflight import check_device_options, check_profile_steps, check_world_size
+from train.preflight import (
+    check_device_options,
+    check_mixing,
+    check_profile_steps,
+    check_recipe,
+    check_world_size,
+)
+from train.regularize import Criterion, Mixing, ModelEma
 from train.resume import elastic_nodes, resume
 from train.rng import ProcessRng
 from train.run_folder import RunFolder, open_run
@@ -47,6 +54,7 @@ def train(cfg: Config, ctx: DistContext) -> None:
     # The same checks on every rank: agreed, so that one process reports them. All of them
     # pass before anything in the run folder changes.
     agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
+    agree(ctx, lambda: check_recipe(cfg))
     for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
         if ctx.is_main:
             log.warning("%s", warning)
@@ -123,14 +131,16 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     on every path), assembled into a Trainer."""
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
     data = load_data(cfg, ctx, nhwc)
+    agree(ctx, lambda: check_mixing(cfg, ctx.world_size, data.facts.num_classes))
     schedule = make_schedule(cfg, len(data.train))
-    plain = build_plain_model(cfg, ctx, data.facts, nhwc)
+    plain = agree(ctx, lambda: build_plain_model(cfg, ctx, data.facts, nhwc))
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)
     if compiled:
         model = strategy.compile(model, cfg.perf.compile_mode)
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
-                               schedule.total_steps, ctx.device.type, strategy)
+                               schedule.global_batch, schedule.total_steps,
+                               schedule.steps_per_epoch, ctx.device.type, strategy)
     sinks: list = ([Console(cfg.log, schedule.epochs_in_run, schedule.total_steps)]
                    if ctx.is_main else [])
     tracking: WandbSink | NoWandb = NoWandb()
@@ -139,19 +149,22 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         sinks.append(tracking)
     state, totals = TrainState(), EpochTotals(ctx)
     whole, sharded = strategy.checkpoint_parts(plain, optim.optimizer)
+    ema = None if cfg.train.ema_decay is None else ModelEma(plain, cfg.train.ema_decay,
+                                                             cfg.train.ema_warmup)
     checkpointer = Checkpointer(
         Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step), ctx,
         # The class names first: a resume with other classes is refused before the model,
         # whose last layer would not fit, is loaded.
         parts={"classes": data.classes, **whole, **optim.parts(), "position": state,
-               "tracking": tracking, "inputs": InputSpec.of(data.facts)},
+               "tracking": tracking, "inputs": InputSpec.of(data.facts),
+               **({"ema": ema} if ema else {})},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy,
                     "data": data.counters},
         identity=identity(cfg), sharded=sharded)
     return Trainer(ctx, TrainerParts(
         strategy, plain, model, compiled, nhwc, data.train, data.test, optim, state, totals,
         make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer, data.counters,
-        data.facts,
+        data.facts, Criterion(cfg.train.label_smoothing), Mixing(cfg.train, cfg.seed), ema,
         make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device),
         labels={"model": cfg.model.name, "dataset": cfg.data.name}))
 
@@ -183,6 +196,17 @@ def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
                       channels_last, pad_eval=cfg.debug.pad_eval)
 
 
+def recipe_knobs(cfg: Config) -> list[str]:
+    """The recipe's features, as the console's first line names them."""
+    t, o = cfg.train, cfg.optim
+    knobs = [o.name] + ([f"clip {o.clip_grad_norm:g}"] if o.clip_grad_norm else [])
+    knobs += [f"label smoothing {t.label_smoothing:g}"] if t.label_smoothing else []
+    if t.mixup_alpha or t.cutmix_alpha:
+        knobs.append(f"mixup {t.mixup_alpha:g} / cutmix {t.cutmix_alpha:g} (train accuracy "
+                     f"counts the dominant label)")
+    return knobs + ([f"EMA {t.ema_decay:g}"] if t.ema_decay else [])
+
+
 def describe(cfg: Config, trainer: Trainer) -> str:
     """The three lines the console starts with: where, what, how long."""
     facts = trainer.parts.data
@@ -191,6 +215,7 @@ def describe(cfg: Config, trainer: Trainer) -> str:
     knobs += ["torch.compile"] if trainer.parts.compiled else []
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
+    knobs += recipe_knobs(cfg)
     shape = f"{facts.channels}x{facts.image_size}x{facts.image_size}"
     augment = f", augment {cfg.data.augment}" if cfg.data.augment != "none" else ""
     plan, world = trainer.schedule, trainer.ctx.world_size

@@ -63,9 +63,10 @@ class Console:
             eta = _clock(epoch_left)
             if self.epochs > 1:
                 eta = f"epoch {eta}, run {_clock(run_left)}"
+            norm = f"  grad norm {values['grad_norm']:.3f}" if "grad_norm" in values else ""
             print(f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps}  "
-                  f"step loss {values['loss']:.4f}  {values['samples_per_s']:,.0f} samples/s  "
-                  f"eta {eta}", file=self.stream, flush=True)
+                  f"step loss {values['loss']:.4f}{norm}  {values['samples_per_s']:,.0f} "
+                  f"samples/s  eta {eta}", file=self.stream, flush=True)
 
     def _eta(self, step: int) -> tuple[float, float]:
         """Seconds of steps left in this epoch and in the run, at this epoch's pace so far
@@ -97,9 +98,10 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
     if record.get("probe_time_s") is not None:
         spent.append(f"sync probe {record['probe_time_s']:.1f} s")
     times = ", ".join(f"{p} {_ms(record[f'time_{p}_ms'])}" for p in PHASES)
+    ema = f" (EMA {record['test_accuracy_ema']:.2%})" if "test_accuracy_ema" in record else ""
     return (f"epoch {record['epoch']}/{epochs}  mean loss {record['train_loss']:.4f}  "
-            f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}  "
-            f"{record['samples_per_s']:,.0f} samples/s  {', '.join(spent)}  "
+            f"train acc {record['train_accuracy']:.2%}  test acc {record['test_accuracy']:.2%}"
+            f"{ema}  {record['samples_per_s']:,.0f} samples/s  {', '.join(spent)}  "
             f"step ms: {times}")
 
 

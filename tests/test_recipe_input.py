@@ -1,0 +1,52 @@
+"""Bad recipe input: one line from one process, exit 2, nothing written (the launcher stops
+what it can tell; the workers agree on the rest, also when torchrun starts them)."""
+
+import pytest
+import torch
+
+from tests.helpers import REPO, free_port, run_cli, small_run
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from models import build_model
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(build_model("resnet18", 1, 10, 28).state_dict(), folder / "resnet.pt")
+    torch.save({"not": "tensors"}, folder / "dict.pt")
+    return folder
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet50", "model.name='resnet50' is not a model; did you mean "
+                            "torchvision.resnet50"),
+    # (optim.name, clip, smoothing and EMA ranges: the same config path, in test_config.py)
+    ("train.mixup_alpha=0.2 train.batch_size=98", "need an even batch per worker"),
+    ("model.init_from=FILES/dict.pt", "is not a state dict (names to tensors); got a dict"),
+    ("model.init_from=FILES/resnet.pt", "does not fit the model: keys 8 missing "
+                                        "(features.0.weight"),
+    ("model.name=torchvision.vit_b_16", "does not take the data's images of shape 1x28x28 "
+                                        "(it takes 3x224x224)"),
+])
+def test_bad_recipe_input_is_one_line_and_writes_nothing(tmp_path, files, override, message):
+    run_dir = tmp_path / "run"
+    overrides = override.replace("FILES", str(files)).split()
+    result = run_cli("launch", "--cpu", CONFIG, *small_run(run_dir), *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not run_dir.exists()
+
+
+def test_workers_started_by_torchrun_agree_on_a_mismatched_init_from(tmp_path, files):
+    run_dir = tmp_path / "run"
+    result = run_cli("torch.distributed.run", "--nproc-per-node=2",
+                     f"--master-port={free_port()}", "-m", "train", CONFIG,
+                     *small_run(run_dir), f"model.init_from={files / 'resnet.pt'}")
+    assert result.returncode != 0
+    reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(reported) == 1 and "does not fit the model" in reported[0], result.stderr
+    assert not run_dir.exists()

@@ -1,0 +1,124 @@
+"""`python -m train.evaluate RUN [--checkpoint FILE] [--workers N] [--ema] [key=value ...]`
+(`make eval`): a run's checkpoint on the test split, in N gloo/NCCL workers.
+
+Loads the run's config.yaml (overrides change the data: another root, another batch size),
+the checkpoint with weights_only, and evaluates exactly as training does at an epoch's end;
+writes eval.json (loss, top-1, top-5, per-class accuracy, the confusion matrix) and
+confusion.png into the run folder, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+from common.files import atomic_write
+from common.spawn import SpawnError, spawn
+
+log = logging.getLogger("train.evaluate")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__)
+    parser.add_argument("run", type=Path, help="the run folder (holds config.yaml)")
+    parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    parser.add_argument("--ema", action="store_true", help="the weights' moving average")
+    parser.add_argument("--cpu", action="store_true", help="evaluate on CPU workers")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
+    return parser.parse_args(argv)
+
+
+def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) -> dict:
+    """One worker: the run's data and model, the checkpoint's weights, the test split."""
+    from train import dist
+    from train.evaluation import evaluate
+    from train.loaded import open_trained, run_config
+
+    cfg = run_config(Path(run), overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        trained = dist.agree(ctx, lambda: open_trained(cfg, ctx, Path(checkpoint), ema))
+        result = evaluate(trained.model, trained.data.test.iterate(), ctx, trained.autocast,
+                          num_classes=trained.data.facts.num_classes)
+    finally:
+        dist.teardown(ctx)
+    return {**result, "classes": trained.data.facts.classes, "step": trained.step,
+            "world_size": ctx.world_size} if ctx.is_main else {}
+
+
+def report(result: dict[str, Any], checkpoint: Path, ema: bool) -> dict[str, Any]:
+    """eval.json's content: per-class accuracy from the confusion matrix's rows."""
+    confusion = result["confusion"]
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()
+    return {"checkpoint": str(checkpoint), "step": result["step"], "weights": "ema" if ema
+            else "model", "workers": result["world_size"], "samples": int(result["samples"]),
+            "loss": result["loss"], "top1_accuracy": result["accuracy"],
+            "top5_accuracy": result["top5_accuracy"],
+            "per_class_accuracy": dict(zip(result["classes"], per_class, strict=True)),
+            "confusion": confusion.tolist()}
+
+
+def plot_confusion(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["per_class_accuracy"])
+    side = min(12, 3 + 0.4 * len(names))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(summary["confusion"], cmap="Blues")
+    if len(names) <= 40:  # beyond that, names would overlap
+        ax.set_xticks(range(len(names)), names, rotation=90)
+        ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{summary['weights']} at step {summary['step']}: top-1 "
+                 f"{summary['top1_accuracy']:.2%}")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    overrides = [*args.overrides, *(["dist.device=cpu"] if args.cpu else []),
+                 "wandb.mode=disabled"]
+    checkpoint = args.checkpoint or args.run / "checkpoints" / "last.pt"
+    try:
+        if args.workers < 1:
+            raise UserError(f"--workers must be at least 1; got {args.workers}")
+        from train.loaded import check_inputs
+
+        check_inputs(args.run, checkpoint, overrides)
+        result = spawn(evaluate_worker, args.workers, str(args.run), str(checkpoint), args.ema,
+                       overrides, timeout=7 * 24 * 3600.0, launched=args.workers > 1)[0]
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SpawnError as exc:
+        line = next((x for x in str(exc).splitlines() if "UserError: " in x), None)
+        if line is None:
+            raise
+        print(f"error: {line.split('UserError: ', 1)[1]}", file=sys.stderr)
+        return 2
+    summary = report(result, checkpoint, args.ema)
+    atomic_write(args.run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    plot_confusion(summary, args.run / "confusion.png")
+    print(f"{summary['weights']} of {checkpoint} (step {summary['step']}) on "
+          f"{summary['samples']:,} test samples, {summary['workers']} worker(s): loss "
+          f"{summary['loss']:.4f}  top-1 {summary['top1_accuracy']:.2%}  top-5 "
+          f"{summary['top5_accuracy']:.2%}\nwrote {args.run / 'eval.json'} and "
+          f"{args.run / 'confusion.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

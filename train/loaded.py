@@ -1,0 +1,98 @@
+"""A finished (or running) run, opened again: its config, its data and its model with a
+checkpoint's weights, for evaluation and export (train/evaluate.py, train/export.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from common.schema import Config
+from train.checkpoint import CorruptCheckpoint, load
+from train.data.build import DataParts, build_data
+from train.dist import DistContext
+from train.model import build_plain_model, use_channels_last
+from train.optim import AUTOCAST_DTYPES
+
+
+@dataclass
+class Trained:
+    model: nn.Module  # on the worker's device, in eval mode
+    data: DataParts
+    step: int  # the checkpoint's optimizer step
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the run's precision
+
+
+def run_config(run: Path, overrides: list[str]) -> Config:
+    """The run's resolved config (config.yaml), with `overrides`."""
+    from train.config import load_config
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run} holds no run (no config.yaml)")
+    return load_config(path, overrides)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"no checkpoint {path}")
+    try:
+        return load(path)
+    except CorruptCheckpoint as exc:
+        raise UserError(f"checkpoint {path} cannot be read: {exc}") from None
+
+
+def check_inputs(run: Path, checkpoint: Path, overrides: list[str]) -> None:
+    """What the command can tell before starting workers: the run, the overrides, the file."""
+    run_config(run, overrides)
+    read_checkpoint(checkpoint)
+
+
+def weights(state: dict[str, Any], ema: bool, path: Path) -> dict[str, torch.Tensor]:
+    if not ema:
+        return state["model"]
+    if "ema" not in state:
+        raise UserError(f"checkpoint {path} holds no moving average (train.ema_decay was off)")
+    return state["ema"]["module"]
+
+
+def open_trained(cfg: Config, ctx: DistContext, checkpoint: Path, ema: bool) -> Trained:
+    """The run's data (test batches as training had them) and model with the checkpoint's
+    weights; the run's own initial weights are not needed (no init_from, no download)."""
+    cfg = replace(cfg, model=replace(cfg.model, init_from="", pretrained=False))
+    state = read_checkpoint(checkpoint)
+    nhwc = use_channels_last(cfg.perf, ctx.device.type)
+    data = build_data(cfg.data, cfg.seed, ctx, cfg.train.batch_size, cfg.train.eval_batch_size,
+                      nhwc)
+    if list(state["classes"]["names"]) != data.facts.classes:
+        raise UserError(f"checkpoint {checkpoint} was trained on other classes than the data "
+                        f"now has ({len(state['classes']['names'])} vs "
+                        f"{data.facts.num_classes})")
+    model = build_plain_model(cfg, ctx, data.facts, nhwc)
+    model.load_state_dict(weights(state, ema, checkpoint))
+    dtype = AUTOCAST_DTYPES.get(cfg.perf.precision)
+    if dtype is not None and ctx.device.type == "cpu" and dtype == torch.float16:
+        dtype = None  # fp16 autocast is a GPU feature; the CPU evaluates in fp32
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None)
+
+    return Trained(model.eval(), data, int(state["step"]), autocast)
+
+
+def normalization(data: DataParts) -> dict[str, list[float]] | None:
+    """The per-channel mean and std the model's inputs were normalized with (0..255 units)."""
+    test = data.test
+    stats = getattr(getattr(test, "finish", None), "stats", None)  # the stream path
+    if stats is None and getattr(test.data, "mean", None) is not None:
+        stats = (test.data.mean, test.data.std)
+    if stats is None:
+        return None
+    return {"mean": stats[0].flatten().tolist(), "std": stats[1].flatten().tolist(),
+            "units": "0..255 pixel values: x = (pixels - mean) / std"}

@@ -1,0 +1,60 @@
+"""The learning rate: its peak (optim.lr scaled by workers or by the global batch) and its
+schedule over the run (linear warmup, then constant, cosine or step)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.errors import UserError
+from common.schema import OptimConfig
+
+
+def peak_lr(cfg: OptimConfig, world_size: int, global_batch: int) -> float:
+    """`optim.lr` times the world size (linear rule, Goyal et al.) or its square root (sqrt
+    rule), or times global batch / `lr_base_batch` (timm's rule); as given otherwise."""
+    if cfg.lr_base_batch is not None:
+        return cfg.lr * global_batch / cfg.lr_base_batch
+    factor = {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[cfg.scale_lr]
+    return cfg.lr * factor
+
+
+def check_lr_options(cfg: OptimConfig) -> None:
+    """Options that contradict each other, in one line."""
+    if cfg.warmup_steps and cfg.warmup_epochs:
+        raise UserError(f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_epochs="
+                        f"{cfg.warmup_epochs:g} both set the warmup; set one")
+    if cfg.lr_base_batch is not None and cfg.scale_lr != "none":
+        raise UserError(f"optim.lr_base_batch and optim.scale_lr={cfg.scale_lr} both scale the "
+                        f"learning rate; set one")
+
+
+@dataclass(frozen=True)
+class LrPlan:
+    """The multiplier of the peak lr at each step, in steps."""
+
+    schedule: str  # constant | cosine | step
+    warmup: int  # steps of linear warmup
+    total: int  # the run's optimizer steps
+    steps_per_epoch: int
+    floor: float  # cosine's end, as a fraction of the peak
+    milestones: tuple[int, ...]  # step schedule: epochs
+    gamma: float
+
+    @classmethod
+    def of(cls, cfg: OptimConfig, peak: float, total: int, steps_per_epoch: int) -> LrPlan:
+        warmup = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+        return cls(cfg.schedule, warmup, total, steps_per_epoch, cfg.min_lr / peak,
+                   tuple(cfg.milestones), cfg.gamma)
+
+    def __call__(self, step: int) -> float:
+        """Multiplier for the update after `step` updates."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "step":
+            epoch = step // self.steps_per_epoch
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -131,8 +131,11 @@ def test_each_ranks_step_time_stands_side_by_side(runs):
         assert len(bars) == len(PHASES) * ranks
         for i, phase in enumerate(PHASES):
             heights = [b.get_height() for b in bars[i * ranks:(i + 1) * ranks]]
-            want = [statistics.fmean(r[f"time_{phase}_ms_ranks"][k] for r in records)
-                    for k in range(ranks)]
+            # A run shorter than an epoch never probes DDP's sync: null, drawn as 0.
+            known = [r[f"time_{phase}_ms_ranks"] for r in records
+                     if r[f"time_{phase}_ms_ranks"] is not None]
+            want = ([statistics.fmean(v[k] for v in known) for k in range(ranks)] if known
+                    else [0.0] * ranks)
             assert heights == pytest.approx(want)
         assert [t.get_text() for t in ax.get_xticklabels()] == [f"rank {k}" for k in
                                                                  range(ranks)]
@@ -143,6 +146,9 @@ def test_the_records_per_rank_agree_with_their_mean_and_max(runs):
     for record in read_metrics(runs[0]):
         for key in [f"time_{p}_ms" for p in PHASES] + ["peak_memory_mb"]:
             ranks = record[f"{key}_ranks"]
+            if key == "time_sync_ms" and record[key] is None:  # not measured (no DDP probe)
+                assert ranks is None and record[f"{key}_max"] is None
+                continue
             assert len(ranks) == record["world_size"] == 2
             assert record[key] == pytest.approx(statistics.fmean(ranks))
             assert record[f"{key}_max"] == max(ranks)

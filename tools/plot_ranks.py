@@ -22,8 +22,14 @@ def rank_step_times(run: Any) -> dict[str, list[float]]:
     records = [r for r in run.records if len(r.get("time_step_ms_ranks") or []) == size]
     if not size:
         return {}
-    return {p: [statistics.fmean(r[f"time_{p}_ms_ranks"][i] for r in records)
-                for i in range(size)] for p in PHASES}
+    per_phase = {}
+    for p in PHASES:
+        # The sync where it is not measured (DDP between its probes, dp) is null: left out,
+        # and 0 in a run that never measured it (its time is inside compute then).
+        known = [r[f"time_{p}_ms_ranks"] for r in records if r.get(f"time_{p}_ms_ranks")]
+        per_phase[p] = ([statistics.fmean(v[i] for v in known) for i in range(size)] if known
+                        else [0.0] * size)
+    return per_phase
 
 
 def plot_rank_step_time(runs: list[Any]) -> Figure:

@@ -28,6 +28,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402 - after the signal handlers
 import logging  # noqa: E402
+import time  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -41,6 +42,7 @@ from train.trainer import Interrupted  # noqa: E402
 from train.worker import train  # noqa: E402
 
 log = logging.getLogger("train")
+REPORT_GRACE_S = 3.0  # other local ranks wait this long for local rank 0 to report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             # Exit after the reporting rank has printed: torchrun stops everyone at the
             # first exit, and the message would be lost.
             torch.distributed.barrier()
+        elif ctx is None and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            # Before the process group exists (a config error) there is no barrier: the
+            # others give local rank 0 the moment it needs to print the one line.
+            time.sleep(REPORT_GRACE_S)
         return exc.exit_code
     finally:
         dist.teardown(ctx)

@@ -302,3 +302,19 @@ def test_mixed_precision_sharded_on_gpus(tmp_path, precision, mode):
     assert all(v.dtype == torch.float32 for v in last_model(tmp_path).values())  # fp32 masters
     step = torch.load(tmp_path / "checkpoints" / "step_00000032.pt", weights_only=True)
     assert ("scaler" in step) == (precision == "fp16")  # the scale survives a resume
+
+
+def test_eval_reads_a_sharded_step_file_as_it_reads_last_pt(fsdp_run, tmp_path):
+    """`make eval` of mode fsdp's last step file (its model in the DCP folder beside it): the
+    run's last epoch's numbers, as from last.pt's whole model."""
+    run_dir = copy_run(fsdp_run, tmp_path / "run", keep_steps=(32,))
+    step_file = run_dir / "checkpoints" / "step_00000032.pt"
+    assert "model" not in torch.load(step_file, weights_only=True)  # in pieces, not whole
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for checkpoint in (step_file, run_dir / "checkpoints" / "last.pt"):
+        result = run_cli("train.evaluate", str(run_dir), "--workers", "2", "--cpu",
+                         "--checkpoint", str(checkpoint))
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((run_dir / "eval.json").read_text())
+        assert summary["top1_accuracy"] == pytest.approx(record["test_accuracy"])
+        assert summary["loss"] == pytest.approx(record["test_loss"], rel=1e-5)

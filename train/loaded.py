@@ -55,7 +55,12 @@ def check_inputs(run: Path, checkpoint: Path, overrides: list[str]) -> None:
 
 
 def weights(state: dict[str, Any], ema: bool, path: Path) -> dict[str, torch.Tensor]:
+    """The model's plain state_dict from `state` (read from `path`), or its moving average."""
     if not ema:
+        if "model" not in state:  # mode fsdp's step files: the model is in their DCP folder
+            from train.sharded_checkpoint import load_model_state_dict
+
+            return load_model_state_dict(path)
         return state["model"]
     if "ema" not in state:
         raise UserError(f"checkpoint {path} holds no moving average (train.ema_decay was off)")

@@ -115,7 +115,8 @@ def test_copying_ahead_gives_the_same_batches_in_the_same_order(channels_last):
                                        "data.synthetic.test_samples=53"])
     train, test = load_datasets(cfg.data, cfg.seed, download=False)
     cpu = torch.device("cpu")
-    for make in (lambda ahead: train_batches(train, 1, 2, 64, 0, cpu, channels_last, ahead),
+    for make in (lambda ahead: train_batches(train, 1, 2, 64, 0, cpu, channels_last,
+                                             copy_ahead=ahead),
                  lambda ahead: eval_batches(test, 0, 2, 10, cpu, channels_last=channels_last,
                                             copy_ahead=ahead)):
         plain, ahead = make(False), make(True)

@@ -139,15 +139,26 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+def fill_up(disk: Path, leave: int = 512 * 1024) -> None:
+    """Take all but about `leave` bytes of `disk`; the run writes meanwhile, so what is free
+    can shrink between reading it and taking it: take a little less then."""
+    with (disk / "ballast").open("wb") as ballast:
+        for _ in range(20):
+            try:
+                os.posix_fallocate(ballast.fileno(), 0, shutil.disk_usage(disk).free - leave)
+                return
+            except OSError:
+                leave += 256 * 1024
+    raise AssertionError(f"could not fill {disk}")
+
+
 def test_a_disk_that_fills_up_during_training_stops_the_job_with_one_line(small_disk):
     """Another job fills the disk after the first checkpoint: the next one cannot be written."""
     run_dir = small_disk / "run"
     with running("--cpu", CONFIG, *RUN, f"run.dir={run_dir}", "checkpoint.every_steps=2") as job:
         job.wait_for_file(run_dir / "checkpoints" / "step_*.pt.sha256")
         workers = job.workers(count=2)
-        with (small_disk / "ballast").open("wb") as ballast:
-            os.posix_fallocate(ballast.fileno(), 0,
-                               shutil.disk_usage(small_disk).free - 512 * 1024)
+        fill_up(small_disk)
         assert job.finish() == 4, job.output()
         assert gone_within(workers, 10)
     errors = [line for line in job.err() if line.startswith("error:")]

@@ -197,10 +197,12 @@ def report_failures(failures: dict, abort_note: str | None = None) -> int:
     ranks that did not abort are named: the stalled one is among them.
     """
     # torchrun stops the others with SIGTERM once one fails, and stamps failures in whole
-    # seconds: the first failure is the earliest one that was not such a SIGTERM.
+    # seconds: the first failure is the earliest one that was not such a SIGTERM. Within one
+    # second a worker killed by a signal comes first: the others' failed collectives follow
+    # from its death.
     rank, first = min(failures.items(),
                       key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp,
-                                        item[0]))
+                                        item[1].exitcode >= 0, item[0]))
     code = first.exitcode
     if code in EXPLAINED_EXIT_CODES:
         return code

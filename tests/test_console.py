@@ -77,6 +77,25 @@ def test_the_epoch_count_and_eta_follow_the_real_end(monkeypatch, total, epochs_
     assert line.endswith(eta)
 
 
+@pytest.mark.parametrize("columns", [80, 140])
+def test_the_bar_keeps_the_loss_on_a_narrow_terminal(monkeypatch, columns):
+    """The bar's fields, most telling first: 80 columns cut the end of the line, not the loss."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(console.tqdm, "monitor_interval", 0)  # no monitor thread in a test
+    out = io.StringIO()
+    shown = Console(LogConfig(progress="bar"), epochs=3, total_steps=30, stream=out)
+    shown.epoch_start(1, 10, 0)
+    shown.advance()
+    shown.log_step(1, {"loss": 2.3456, "samples_per_s": 1234.0})
+    shown.advance()  # tqdm draws on update
+    shown.bar.refresh()
+    line = out.getvalue().split("\r")[-1].rstrip()
+    assert len(line) <= columns and "loss=2.3456" in line
+    if columns > 80:
+        assert line.index("loss=") < line.index("samples/s=1,234") < line.index("run_eta=")
+    shown.close()
+
+
 def test_the_probe_runs_every_epoch_only_where_it_is_cheap():
     ddp = DDP(ctx(2, 1), DDPConfig())
     long = SyncProbe(ddp, schedule(steps_per_epoch=93, epochs=6), contextlib.nullcontext)

@@ -106,19 +106,21 @@ def test_a_progress_bar_on_a_terminal(tmp_path):
 
     cmd = [PYTHON, "-m", "launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
            "wandb.mode=disabled"]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(REPO)
+    told = {"PYTHONPATH": str(REPO), "COLUMNS": "140"}  # a fresh pty's size is 0x0
+    old = {name: os.environ.get(name) for name in told}
+    os.environ.update(told)
     try:
         status = pty.spawn(cmd, read)
     finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     text = out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert "epoch 1/2:" in text and "step/s" in text and "\r" in text  # tqdm redraws
-    assert "step_loss=" in text and "samples_s=" in text and "run_eta=" in text
+    assert "loss=" in text and "samples/s=" in text and "run_eta=" in text
     assert "epoch 1/2 step 4/12" not in text  # not the plain lines
 
 

@@ -55,10 +55,13 @@ class Console:
         """`step`: optimizer steps done in the run; `values["loss"]`: this step's loss."""
         epoch_left, run_left = self._eta(step)
         if self.bar is not None:
-            extra = {} if self.epochs == 1 else {"run_eta": _clock(run_left)}
-            self.bar.set_postfix(step_loss=f"{values['loss']:.4f}",
-                                 samples_s=f"{values['samples_per_s']:,.0f}", **extra,
-                                 refresh=False)
+            # Most telling first (tqdm would sort keyword arguments): a narrow terminal cuts
+            # the end of the line, and the loss must survive an 80-column one.
+            postfix = {"loss": f"{values['loss']:.4f}",
+                       "samples/s": f"{values['samples_per_s']:,.0f}"}
+            if self.epochs > 1:
+                postfix["run_eta"] = _clock(run_left)
+            self.bar.set_postfix(postfix, refresh=False)
         elif self.mode == "lines":
             eta = _clock(epoch_left)
             if self.epochs > 1:

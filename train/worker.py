@@ -67,6 +67,8 @@ def train(cfg: Config, ctx: DistContext) -> None:
         run = open_run(cfg, ctx, held)
         log.info("run folder: %s", cfg.run.dir)
         trainer = build_trainer(cfg, ctx, strategy, run)
+        for batches in (trainer.parts.train_data, trainer.parts.test_data):
+            held.callback(batches.close)  # the stream path's loader processes
         agree(ctx, lambda: check_profile_steps(cfg.perf, trainer.schedule.total_steps))
         resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
         agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed

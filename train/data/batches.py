@@ -62,6 +62,9 @@ class ShardOrder:
         """The sample indices of this epoch's first `batches` batches, in order."""
         return self.indices()[:self.batch_size * batches].tolist()
 
+    def close(self) -> None:
+        """Let go of loader processes (the stream path); nothing on the memory path."""
+
 
 class Batches(ShardOrder):
     """This rank's batches from an in-memory dataset, in the order its sampler gives.

@@ -12,9 +12,11 @@ rank's order: resuming at batch k starts the loader there.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +138,8 @@ class _Plan:
 
 def _quiet_loader_process(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group: a loader process that died of it would take the
-    # batches the worker still needs to reach the step where it checkpoints and stops.
+    # batches the worker still needs to reach the step where it checkpoints and stops. (So
+    # SIGTERM cannot end them either: StreamBatches.close does, and at the latest _close_all.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32  # torch seeds each loader process; numpy and random too
@@ -174,6 +177,16 @@ class StreamBatches(ShardOrder):
             persistent_workers=options.persistent_workers and workers > 0,
             prefetch_factor=options.prefetch_factor if workers else None,
             generator=torch.Generator().manual_seed(options.seed))
+        _open.add(self)
+
+    def close(self) -> None:
+        """End the persistent loader processes. They ignore SIGTERM, and at the interpreter's
+        exit multiprocessing would wait for them forever after sending them just that."""
+        live = self.loader._iterator  # DataLoader keeps it when persistent_workers is set
+        self.loader._iterator = None
+        if live is not None and hasattr(live, "_shutdown_workers"):
+            live._shutdown_workers()
+        _open.discard(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.new_epoch(epoch)
@@ -204,6 +217,15 @@ class StreamBatches(ShardOrder):
             images, labels = cache.gather(indices)
             return images, labels, indices, []
         return collate([self.reader[(epoch, int(i))] for i in indices])
+
+
+_open: weakref.WeakSet[StreamBatches] = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing's own exit function, which it therefore runs before
+def _close_all() -> None:
+    for batches in list(_open):
+        batches.close()
 
 
 def ahead(raws: Iterator[Raw], device: torch.device) -> Iterator[Raw]:

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from common.errors import EXIT_INTERRUPTED
+from common.host import die_with_parent
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MIN_STALL_S = 10.0  # no sign of progress this long after a stop signal: stalled
@@ -60,6 +61,36 @@ def exit_during_startup(prefix: str) -> None:
         signal.signal(sig, handle)
 
 
+@contextlib.contextmanager
+def held_for_children() -> Iterator[None]:
+    """Processes that this thread starts inside begin with the stop signals blocked.
+
+    Ctrl-C reaches a terminal's whole process group at once. A worker still starting its
+    interpreter would die of it with a KeyboardInterrupt traceback ("Fatal Python error:
+    init_import_site") before its first line installs any handler. Blocked, the signal waits
+    until StopSignals has installed them, which unblocks it: then it is the quiet exit 130 of
+    any stop during start-up. (A mask survives fork and exec; handlers do not.)
+
+    This process still takes them: a thread started before the block leaves them unblocked,
+    the kernel hands them to it, and the handlers run in the main thread as before.
+    """
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="stop-signal-taker", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        done.set()
+
+
+def hold_in_child(parent: int) -> None:
+    """`preexec_fn` of a `python -m train` child: the stop signals blocked until its handlers
+    exist (see held_for_children), and SIGTERM when `parent` dies."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    die_with_parent(parent)
+
+
 class StopSignals:
     """A worker's stop signals: exit at once during start-up, a stop request once training."""
 
@@ -81,6 +112,9 @@ class StopSignals:
             # A Python handler must exist, or the default action ends the process; the watcher
             # thread does the work.
             signal.signal(sig, _ignore)
+        # A launcher starts its workers with them blocked (held_for_children): one that came
+        # during the interpreter's start-up is delivered now, to the handlers above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
 
     def begin_training(self) -> None:

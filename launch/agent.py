@@ -23,10 +23,16 @@ from pathlib import Path
 
 from common import status
 from common.errors import EXIT_INTERRUPTED, EXPLAINED_EXIT_CODES
-from common.host import die_with_parent
 from common.records import CHECKPOINT_DIR
-from common.signals import STOP_SIGNALS, signal_name, startup_line
+from common.signals import (
+    STOP_SIGNALS,
+    held_for_children,
+    hold_in_child,
+    signal_name,
+    startup_line,
+)
 from launch.hangs import collect_fatal_dumps, hang_block
+from train.hang import drop_empty_fatal_dumps
 
 
 def node0_answers(endpoint: str, timeout_s: float) -> bool:
@@ -77,6 +83,7 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
                           status_file)
     finally:
         status_file.unlink(missing_ok=True)
+        drop_empty_fatal_dumps(os.getpid())
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -98,7 +105,8 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
             if name.startswith("torch.distributed.elastic"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        run(get_args_parser().parse_args(torchrun_args))
+        with held_for_children():  # a Ctrl-C as they start waits for their handlers
+            run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
         code = report_failures(exc.failures, abort_note)
         report_hang(exc.failures, run_dir, started)
@@ -177,7 +185,7 @@ def run_one_process(worker_args: list[str]) -> int:
     # A launcher killed with SIGKILL cannot pass anything on: the kernel sends the child SIGTERM
     # instead (it checkpoints and exits), rather than leaving an orphan that holds the GPUs.
     child = subprocess.Popen([sys.executable, "-m", "train", *worker_args],
-                             preexec_fn=functools.partial(die_with_parent, os.getpid()))
+                             preexec_fn=functools.partial(hold_in_child, os.getpid()))
 
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from common.signals import held_for_children
+from tests.helpers import PYTHON, REPO
 from tests.jobs import CONFIG, RUN, gone_within, running
 from train.checkpoint import Checkpoints
 
@@ -43,6 +48,35 @@ def test_a_stop_during_start_up_is_one_line_and_exit_130(tmp_path, how):
     assert not run_dir.exists()
 
 
+def test_a_ctrl_c_as_workers_start_waits_for_their_handlers():
+    """Ctrl-C reaches a child still starting its interpreter. Started inside held_for_children
+    (as torchrun's workers are), it takes the quiet exit of a stop during start-up instead of
+    dying of the signal or of a KeyboardInterrupt traceback; this process still gets its own."""
+    first_line = ("from common.signals import stop_signals; "
+                  "stop_signals(lambda signum: print('start-up', signum, flush=True)); "
+                  "import time; time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    taken = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: taken.append(signum))
+    try:
+        with held_for_children():
+            children = [subprocess.Popen([PYTHON, "-c", first_line], env=env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        for _ in range(3)]
+            for child in children:  # just after exec: the interpreter is starting
+                child.send_signal(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while not taken and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert taken == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)
+    for child in children:
+        out, err = child.communicate(timeout=60)
+        assert (child.returncode, out, err) == (130, f"start-up {signal.SIGINT.value}\n", "")
+
+
 def test_sighup_mid_epoch_stops_at_a_step_boundary_and_the_launcher_names_the_step(tmp_path):
     """An ssh session that drops sends SIGHUP: handled like SIGTERM, a checkpoint written."""
     with running("--cpu", CONFIG, *RUN, f"run.dir={tmp_path}") as job:
@@ -56,6 +90,8 @@ def test_sighup_mid_epoch_stops_at_a_step_boundary_and_the_launcher_names_the_st
     assert job.err() == [f"launch: interrupted by SIGHUP; the workers stopped at step "
                          f"{saved['step']} and wrote a checkpoint there: run the same command "
                          f"to resume"]
+    # The workers left with os._exit (no atexit): their empty stack-dump files went too.
+    assert not list(Path(tempfile.gettempdir()).glob(f"dptrain-fatal-{job.proc.pid}-*"))
 
 
 def test_a_stop_that_cannot_reach_a_step_boundary_claims_no_checkpoint(tmp_path):

@@ -29,7 +29,7 @@ def collect_fatal_dumps(failures: dict[int, Any], run_dir: Path) -> None:
     """Move faulthandler's dumps of this node's failed workers (`failures`: global rank ->
     torchrun's ProcessFailure) into run_dir/hang/; drop the empty ones."""
     for rank, failure in failures.items():
-        dump = fatal_dump_path(failure.pid)
+        dump = fatal_dump_path(failure.pid, os.getpid())
         if not dump.is_file():
             continue
         if dump.stat().st_size == 0:

@@ -20,6 +20,7 @@ Python-level: a rank whose main thread holds the GIL forever inside C code write
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import json
 import logging
@@ -36,6 +37,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from common import status
 from common.files import atomic_write
 from common.records import HANG_DIR
 
@@ -44,16 +46,26 @@ REPO = Path(__file__).resolve().parent.parent
 PY_SPY_TIMEOUT_S = 20.0  # a py-spy that does not answer by then: faulthandler's dump instead
 
 
-def fatal_dump_path(pid: int) -> Path:
+def fatal_dump_path(pid: int, launcher: int) -> Path:
     """Where faulthandler writes worker `pid`'s stacks on a fatal signal (shared with the
-    launcher, which moves the file into the run folder)."""
-    return Path(tempfile.gettempdir()) / f"dptrain-fatal-{pid}.txt"
+    launcher, pid `launcher` or 0 when there is none, which moves the file into the run
+    folder)."""
+    return Path(tempfile.gettempdir()) / f"dptrain-fatal-{launcher}-{pid}.txt"
+
+
+def drop_empty_fatal_dumps(launcher: int) -> None:
+    """The launcher, after its workers left: the empty files of those that exited at once
+    (os._exit runs no atexit function)."""
+    for path in Path(tempfile.gettempdir()).glob(f"dptrain-fatal-{launcher}-*.txt"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
 
 
 def enable_fatal_dump() -> None:
     """Dump every thread's stack on SIGABRT/SIGSEGV/SIGBUS/SIGFPE/SIGILL; a normal exit
-    removes the (empty) file again."""
-    path = fatal_dump_path(os.getpid())
+    removes the (empty) file again, and the launcher what an immediate exit leaves."""
+    path = fatal_dump_path(os.getpid(), int(os.environ.get(status.PARENT_ENV) or 0))
     stream = path.open("w")
     faulthandler.enable(file=stream, all_threads=True)
 

@@ -36,6 +36,7 @@ from common.errors import EXIT_INTERRUPTED
 from common.host import die_with_parent
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+NUDGE = signal.SIGURG  # ignored by default; wakes a thread from a sleep (held_for_children)
 MIN_STALL_S = 10.0  # no sign of progress this long after a stop signal: stalled
 STALL_STEPS = 3  # ... or this many typical intervals between signs of progress, if longer
 
@@ -63,25 +64,48 @@ def exit_during_startup(prefix: str) -> None:
 
 @contextlib.contextmanager
 def held_for_children() -> Iterator[None]:
-    """Processes that this thread starts inside begin with the stop signals blocked.
+    """Processes that the main thread starts inside begin with the stop signals blocked.
 
-    Ctrl-C reaches a terminal's whole process group at once. A worker still starting its
-    interpreter would die of it with a KeyboardInterrupt traceback ("Fatal Python error:
-    init_import_site") before its first line installs any handler. Blocked, the signal waits
-    until StopSignals has installed them, which unblocks it: then it is the quiet exit 130 of
-    any stop during start-up. (A mask survives fork and exec; handlers do not.)
+    torchrun passes a stop signal on to its workers, maybe while one still starts its
+    interpreter: that one would die of a SIGINT with a KeyboardInterrupt traceback ("Fatal
+    Python error: init_import_site") before its first line installs any handler. Blocked, the
+    signal waits until StopSignals has installed them, which unblocks it: then it is the quiet
+    exit 130 of any stop during start-up. (A mask survives fork and exec; handlers do not.)
 
-    This process still takes them: a thread started before the block leaves them unblocked,
-    the kernel hands them to it, and the handlers run in the main thread as before.
+    This process still takes them at once: a thread started before the block leaves them
+    unblocked, the kernel hands them to it, and it nudges the main thread out of whatever
+    sleep it is in (with NUDGE, never blocked), so that the handlers run there as before.
     """
+    main = threading.main_thread()
+    if threading.current_thread() is not main:
+        yield
+        return
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    before_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    before_nudge = signal.signal(NUDGE, _ignore)
     done = threading.Event()
-    threading.Thread(target=done.wait, name="stop-signal-taker", daemon=True).start()
+
+    def take() -> None:
+        receive.settimeout(0.25)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                if any(signum in STOP_SIGNALS for signum in receive.recv(64)):
+                    signal.pthread_kill(main.ident or 0, NUDGE)
+
+    taker = threading.Thread(target=take, name="stop-signal-taker", daemon=True)
+    taker.start()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         done.set()
+        taker.join()
+        signal.set_wakeup_fd(before_fd)
+        signal.signal(NUDGE, before_nudge)
+        receive.close()
+        send.close()
 
 
 def hold_in_child(parent: int) -> None:

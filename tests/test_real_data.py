@@ -18,7 +18,7 @@ from train.data import ensure_available, open_datasets
 from train.data.augment import Augment, rrc_box, rrc_boxes
 from train.data.build import build_data
 from train.data.cache import DecodedFile
-from train.data.decode import render_file, render_pil
+from train.data.decode import pil_to_tensor, render_file, render_pil
 from train.data.keys import batch_keys, batch_uniforms, sample_key, uniforms
 from train.dist import DistContext
 
@@ -120,6 +120,18 @@ def test_draft_decoding_keeps_the_views_resolution(tmp_path):
 
 
 # --- sources and their checks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_pil_images_become_the_tensors_torchvision_makes(mode):
+    """Our pil_to_tensor (no torchvision import in every process) against torchvision's."""
+    import torchvision.transforms.v2.functional as TF
+
+    pixels = torch.randint(0, 256, (5, 7, 3), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8).numpy()
+    image = Image.fromarray(pixels).convert(mode)
+    ours, theirs = pil_to_tensor(image), TF.pil_to_tensor(image)
+    assert ours.dtype == theirs.dtype == torch.uint8 and torch.equal(ours, theirs)
 
 
 def test_an_image_folder_gives_classes_from_its_folders(folder, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +17,6 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from common.errors import CheckFailed
 from common.records import LEDGER_FILE
@@ -109,7 +109,7 @@ class SyncChecker:
         if not self.every or not self.ctx.distributed or step % self.every:
             return
         # Sharded parameters (mode fsdp) are no replicas: each rank holds another piece.
-        replicated = [(n, p) for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        replicated = [(n, p) for n, p in model.named_parameters() if not _is_dtensor(p)]
         if not replicated:
             return
         names, params = zip(*replicated, strict=True)
@@ -186,3 +186,10 @@ class SampleLedger:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Without importing torch.distributed.tensor (a second): a process that never imported
+    it holds no DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)

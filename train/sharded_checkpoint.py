@@ -20,6 +20,7 @@ load. The ZeRO optimizer is simpler: its pieces are gathered onto the main rank
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -31,7 +32,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
 
 from common.errors import UserError
 from common.files import atomic_write, fsync_folder
@@ -273,16 +273,25 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's .metadata")
 
 
-class SafeReader(FileSystemReader):
+def SafeReader(path: Path | str) -> Any:  # noqa: N802 - a class, built on first use
     """DCP's file reader, but `.metadata` (a pickle) may name only DCP's records, shapes, dtypes
-    and paths: a checkpoint folder never runs code when it is read."""
+    and paths: a checkpoint folder never runs code when it is read. (torch.distributed.
+    checkpoint takes a second to import: only runs that shard pay for it.)"""
+    return _safe_reader_class()(path)
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import StorageMeta
 
-        with open(Path(self.path) / ".metadata", "rb") as file:
-            metadata = _MetadataUnpickler(file).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+@functools.cache
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(Path(self.path) / ".metadata", "rb") as file:
+                metadata = _MetadataUnpickler(file).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from train.data.augment import View
@@ -55,13 +54,22 @@ def render_pil(image: Image.Image, view: View) -> torch.Tensor:
         image = image.resize((view.size, view.size), Image.BILINEAR, box=box)
     if view.flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return TF.pil_to_tensor(image)
+    return pil_to_tensor(image)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """torchvision's `pil_to_tensor` for RGB and L images (uint8 [C, H, W], a view of a copy),
+    without importing torchvision (seconds) into every worker and loader process."""
+    pixels = torch.from_numpy(np.array(image, copy=True))
+    return (pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels).permute(2, 0, 1)
 
 
 def render_tensor(images: torch.Tensor, view: View) -> torch.Tensor:
     """The same view of uint8 images [..., C, H, W] (one or a batch of equal size)."""
     height, width = images.shape[-2:]
     if not view.is_identity(width, height):
+        import torchvision.transforms.v2.functional as TF  # only Python datasets' tensors
+
         top, left = round(view.top), round(view.left)
         h, w = max(1, round(view.height)), max(1, round(view.width))
         images = TF.resized_crop(images, top, left, h, w, [view.size, view.size],

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from common.errors import EXIT_INTERRUPTED
-from common.host import die_with_parent
+from common.host import die_with_parent, leave
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 NUDGE = signal.SIGURG  # ignored by default; wakes a thread from a sleep (held_for_children)
@@ -212,7 +212,4 @@ def _ignore(signum: int, frame: object) -> None:
 
 
 def _exit() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(EXIT_INTERRUPTED)
+    leave(EXIT_INTERRUPTED, exit_functions=False)

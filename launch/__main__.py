@@ -19,6 +19,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from common.host import leave  # noqa: E402
 from launch.agent import node0_answers, node0_silent, run_one_process, run_torchrun  # noqa: E402
 from launch.cli import parse_args  # noqa: E402
 from launch.plan import abort_note, make_plan, worker_environment  # noqa: E402
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -9,7 +9,7 @@ import os
 import sys
 
 from common import status
-from common.host import die_with_parent
+from common.host import die_with_parent, leave
 from common.signals import startup_line, stop_signals
 
 
@@ -101,11 +101,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     code = main()
-    if code:
-        # Every rank leaves together, and torchrun sends SIGTERM to those still leaving once
-        # the first has gone; the interpreter's shutdown would let that signal end the process
-        # (-15) instead of with its code. Nothing is left to do past the teardown.
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
-    sys.exit(code)
+    # A failure leaves at once: every rank leaves together, and torchrun sends SIGTERM to those
+    # still leaving once the first has gone; exit functions or the interpreter's shutdown
+    # would let that signal end the process (-15) instead of with its code.
+    leave(code, exit_functions=code == 0)

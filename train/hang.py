@@ -19,7 +19,6 @@ Python-level: a rank whose main thread holds the GIL forever inside C code write
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import faulthandler
 import json
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from common import status
 from common.files import atomic_write
+from common.host import at_leave
 from common.records import HANG_DIR
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def enable_fatal_dump() -> None:
         stream.close()
         path.unlink(missing_ok=True)
 
-    atexit.register(remove)
+    at_leave(remove)  # also when a failure or a stop signal ends the process at once
 
 
 class HangRecorder:

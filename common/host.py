@@ -109,10 +109,11 @@ def leave(code: int, exit_functions: bool = True) -> NoReturn:
     file, loader processes, wandb's service), as a normal exit would; the `at_leave` ones run
     in any case."""
     if exit_functions:
-        atexit._run_exitfuncs()
-    for fn in reversed(_at_leave):
-        with contextlib.suppress(Exception):
-            fn()
+        atexit._run_exitfuncs()  # the `at_leave` ones among them
+    else:
+        for fn in reversed(_at_leave):
+            with contextlib.suppress(Exception):
+                fn()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -86,9 +86,9 @@ def test_fsdp_saves_one_file_per_rank_beside_each_step_and_a_plain_model_at_the_
     assert "optimizer" not in step and {"scheduler", "ranks", "config"} <= step.keys()
     # Tensors only in the folder (DCP reads anything else with weights_only=False): the
     # optimizer's hyperparameters are in the step file.
-    from train.sharded_checkpoint import SafeReader
+    from train.sharded_checkpoint import safe_reader
 
-    entries = SafeReader(folder / "step_00000032").read_metadata().state_dict_metadata
+    entries = safe_reader(folder / "step_00000032").read_metadata().state_dict_metadata
     assert {type(m).__name__ for m in entries.values()} == {"TensorStorageMetadata"}
     assert step["sharded_values"]["optimizer"]["param_groups"][0]["lr"] >= 0
 

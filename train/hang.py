@@ -54,8 +54,8 @@ def fatal_dump_path(pid: int, launcher: int) -> Path:
 
 
 def drop_empty_fatal_dumps(launcher: int) -> None:
-    """The launcher, after its workers left: the empty files of those that exited at once
-    (os._exit runs no atexit function)."""
+    """The launcher, after its workers left: the empty files of those that could not remove
+    their own (killed: torchrun's SIGKILL after its shutdown timeout)."""
     for path in Path(tempfile.gettempdir()).glob(f"dptrain-fatal-{launcher}-*.txt"):
         with contextlib.suppress(OSError):
             if path.stat().st_size == 0:

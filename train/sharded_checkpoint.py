@@ -136,7 +136,7 @@ class ShardedParts:
         import torch.distributed.checkpoint as dcp
 
         tensors, _ = split({key: part.state_dict() for key, part in self.parts.items()})
-        dcp.load(tensors, storage_reader=SafeReader(self.folder / name))  # in place
+        dcp.load(tensors, storage_reader=safe_reader(self.folder / name))  # in place
         pieces = merge(tensors, state.get(VALUES_KEY, {}))
         for key, part in self.parts.items():
             part.load_state_dict(pieces[key])
@@ -156,7 +156,7 @@ def folder_damage(folder: Path) -> str | None:
     if not (folder / ".metadata").is_file():
         return f"{folder.name}/ has no .metadata (its save did not finish)"
     try:
-        metadata = SafeReader(folder).read_metadata()
+        metadata = safe_reader(folder).read_metadata()
     except Exception as exc:  # noqa: BLE001 - any failure to read means "damaged"
         return f"{folder.name}/.metadata cannot be read ({type(exc).__name__})"
     needed: dict[str, int] = {}  # file -> bytes it must hold
@@ -208,7 +208,7 @@ def read_whole(folder: Path, only: str | None = None,
     problem = folder_damage(folder)
     if problem:
         raise UserError(f"{folder} is not a complete sharded checkpoint: {problem}")
-    metadata = SafeReader(folder).read_metadata()
+    metadata = safe_reader(folder).read_metadata()
     tensors: dict[str, Any] = {}
     for key, meta in metadata.state_dict_metadata.items():
         where = metadata.planner_data.get(key, (key,))  # the nested keys the flat key stands for
@@ -221,7 +221,7 @@ def read_whole(folder: Path, only: str | None = None,
         raise UserError(f"{folder} holds no {only}")
     with warnings.catch_warnings():  # "assuming ... a single process": just what is meant
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=SafeReader(folder), no_dist=True)
+        dcp.load(tensors, storage_reader=safe_reader(folder), no_dist=True)
     return merge(tensors, values or {})
 
 
@@ -273,7 +273,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's .metadata")
 
 
-def SafeReader(path: Path | str) -> Any:  # noqa: N802 - a class, built on first use
+def safe_reader(path: Path | str) -> Any:
     """DCP's file reader, but `.metadata` (a pickle) may name only DCP's records, shapes, dtypes
     and paths: a checkpoint folder never runs code when it is read. (torch.distributed.
     checkpoint takes a second to import: only runs that shard pay for it.)"""

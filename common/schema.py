@@ -236,6 +236,9 @@ class DistConfig:
     # threads per CPU worker; 0: usable cores / workers on this node
     cpu_threads: Annotated[int, NonNegative, RUNTIME] = 0
     cpu_flush_denormal: Annotated[bool, RUNTIME] = True  # denormals to zero on CPU (3x faster)
+    # freed heap memory a CPU worker keeps for its next step instead of returning it to the OS
+    # (glibc's malloc trim threshold; blocks up to 32 MiB from the heap); 0: glibc's defaults
+    cpu_malloc_keep_mb: Annotated[int, NonNegative, RUNTIME] = 512
 
 
 @dataclass

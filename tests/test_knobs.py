@@ -1,13 +1,17 @@
 """The speed knobs on the CPU: each runs, does what it says, and keeps results correct."""
 
 import json
+import subprocess
 
 import pytest
 import torch
 
+from common.host import keep_freed_memory
 from common.schema import OptimConfig
-from tests.helpers import REPO, gpu_count, gpu_env, run_cli, run_distributed, small_run
-from tests.workers import ddp_settings, static_graph_with_no_sync, train_and_return_params
+from tests.helpers import (PYTHON, REPO, environment, gpu_count, gpu_env, run_cli, run_distributed,
+                           small_run)
+from tests.workers import (ddp_settings, page_faults_per_step, static_graph_with_no_sync,
+                           train_and_return_params)
 from train.checkpoint import Checkpoints
 from train.lr import peak_lr
 
@@ -82,6 +86,20 @@ def test_ddp_bucket_and_view_knobs_reach_ddp():
     assert large["static_graph"] and not small["static_graph"]
     assert not any(small["grads_are_bucket_views"])  # gradients copied out of the buckets
     assert all(large["grads_are_bucket_views"])  # gradients are views into the buckets
+
+
+def test_cpu_workers_keep_freed_memory_for_the_next_step():
+    # 40 blocks of 2 MiB are 20,480 pages: taken from the OS again each step unless kept.
+    assert max(run_distributed(page_faults_per_step, 2, [])) < 2000
+    # Limits the user gave glibc stay as they are (read when the process starts): here every
+    # block is mapped anew and given back when freed.
+    tunables = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072"
+    probe = "from tests.workers import page_faults_per_step as p; print(p([]))"
+    out = subprocess.run([PYTHON, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                         env=environment({"PYTHONPATH": str(REPO), "GLIBC_TUNABLES": tunables}),
+                         check=True, timeout=120).stdout
+    assert float(out.split()[-1]) > 10_000
+    assert keep_freed_memory(0) is False  # dist.cpu_malloc_keep_mb=0: glibc's defaults
 
 
 @pytest.mark.parametrize("extra", [["ddp.static_graph=true"], ["perf.channels_last=true"],

@@ -97,6 +97,29 @@ def ddp_settings(overrides: list[str]) -> dict:
 
 
 
+def page_faults_per_step(overrides: list[str]) -> float:
+    """A CPU worker set up as `train` sets it up, then steps that free their tensors at the
+    end as a training step does: the minor page faults of a step (median).
+
+    80 MiB in blocks of 2 MiB: more than glibc's own limits keep even once a large block
+    freed earlier has raised them (64 MiB at most), so its defaults always fault here."""
+    import resource
+    import statistics
+
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    ctx = dist.setup(cfg.dist)
+    try:
+        faults = []
+        for _ in range(6):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            blocks = [torch.ones(512 * 1024) for _ in range(40)]  # written: pages touched
+            del blocks
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return statistics.median(faults[2:])  # once the first steps took their memory
+    finally:
+        dist.teardown(ctx)
+
+
 def static_graph_with_no_sync() -> str:
     """DDP(static_graph=True) accumulating over two micro-batches with no_sync(), as the
     trainer would; what happens (the upstream regression pytorch/pytorch#143580)."""

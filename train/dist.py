@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.host import backend_for, gpu_of_worker, resolve_device_kind, threads_per_worker
+from common.host import (backend_for, gpu_of_worker, keep_freed_memory, resolve_device_kind,
+                         threads_per_worker)
 from common.schema import DistConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def setup(cfg: DistConfig) -> DistContext:
         # Tiny weights and gradients (LeNet's N(0, 0.01) init, late cosine steps) produce
         # denormal floats, which x86 CPUs process in microcode: steps were 3.5x slower here.
         torch.set_flush_denormal(cfg.cpu_flush_denormal)
+        # Without it, each step took its tensors' memory from the OS anew (page faults).
+        keep_freed_memory(cfg.cpu_malloc_keep_mb)
 
     store = None
     if launched:

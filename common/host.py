@@ -47,11 +47,12 @@ def keep_freed_memory(megabytes: int) -> bool:
     """Let glibc's malloc keep up to `megabytes` of freed heap memory for the next step
     (`dist.cpu_malloc_keep_mb`), and serve blocks up to 32 MiB from that heap.
 
-    By default glibc gives freed memory at the top of its heap back to the OS once more than a
-    few hundred KiB are free, and maps every block over 128 KiB anew; it raises both limits only
-    after it frees such a block. A CPU step's tensors are freed at the step's end, so a process
-    that had not happened to free a large block took every step's memory from the OS again:
-    6,000 page faults and 10% of a LeNet step here. Returns whether the limits were set; not
+    By default glibc gives freed memory at the top of its heap back to the OS once more than
+    128 KiB of it are free, and maps every block over 128 KiB anew; it raises both limits only
+    after it frees such a mapped block (to about its size, 32 MiB at most). A CPU step's
+    tensors are freed at the step's end, so a process that had not happened to free a large
+    block took every step's memory from the OS again: 6,000 page faults and 10% of a LeNet
+    step here. Returns whether the limits were set; not
     with 0, off glibc, or where the user set them (MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=40, help="paired epochs in one job")
     parser.add_argument("--out", default=str(REPO / "reports" / "overhead"))
     args = parser.parse_args(argv)
+    if args.pairs < 2:
+        parser.error("--pairs: at least 2 (their quartiles are reported)")
     result = measure(args.rounds, args.epochs, args.workers, args.train_samples, args.pairs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

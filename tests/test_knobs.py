@@ -8,10 +8,22 @@ import torch
 
 from common.host import keep_freed_memory
 from common.schema import OptimConfig
-from tests.helpers import (PYTHON, REPO, environment, gpu_count, gpu_env, run_cli, run_distributed,
-                           small_run)
-from tests.workers import (ddp_settings, page_faults_per_step, static_graph_with_no_sync,
-                           train_and_return_params)
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    environment,
+    gpu_count,
+    gpu_env,
+    run_cli,
+    run_distributed,
+    small_run,
+)
+from tests.workers import (
+    ddp_settings,
+    page_faults_per_step,
+    static_graph_with_no_sync,
+    train_and_return_params,
+)
 from train.checkpoint import Checkpoints
 from train.lr import peak_lr
 

@@ -19,8 +19,13 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.host import (backend_for, gpu_of_worker, keep_freed_memory, resolve_device_kind,
-                         threads_per_worker)
+from common.host import (
+    backend_for,
+    gpu_of_worker,
+    keep_freed_memory,
+    resolve_device_kind,
+    threads_per_worker,
+)
 from common.schema import DistConfig
 
 log = logging.getLogger(__name__)

@@ -47,6 +47,11 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def page_faults() -> int:
+    """This process's minor page faults so far (memory taken from the OS page by page)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class MinimalLoop:
     """The loop's state on this rank: data, model, optimizer, sampler, schedule."""
 
@@ -107,9 +112,9 @@ def main() -> None:
 
     loop = MinimalLoop(rank, world, args.batch_size, args.train_samples, args.lr, args.epochs)
     for epoch in range(args.epochs):
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        faults = page_faults()
         seconds = loop.epoch(epoch)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        faults = page_faults() - faults
         if rank == 0:
             print(json.dumps({"epoch": epoch + 1, "epoch_time_s": seconds,
                               "samples_per_s": loop.steps * args.batch_size / seconds,

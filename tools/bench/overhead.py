@@ -42,27 +42,27 @@ def ours_records(workers: int, epochs: int, train_samples: int,
     return [json.loads(line) for line in lines]
 
 
-def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
+def torchrun_lines(workers: int, module: str, *args: str) -> list[dict[str, Any]]:
+    """The JSON lines that rank 0 of `torchrun -m module args` prints."""
     # The launcher's monitor interval: torchrun's default (0.1 s) wakes the agent 5x as often.
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--monitor-interval=0.5",
-                          f"--nproc-per-node={workers}", "-m", "tools.bench.minimal_ddp",
-                          f"--epochs={epochs}", f"--train-samples={train_samples}"],
+                          "--monitor-interval=0.5", f"--nproc-per-node={workers}",
+                          "-m", module, *args],
                          cwd=REPO, check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    return [json.loads(line)["samples_per_s"] for line in out.stdout.splitlines()
-            if line.startswith("{")]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def minimal(workers: int, epochs: int, train_samples: int) -> list[float]:
+    return [line["samples_per_s"] for line in torchrun_lines(
+        workers, "tools.bench.minimal_ddp", f"--epochs={epochs}",
+        f"--train-samples={train_samples}")]
 
 
 def paired(workers: int, pairs: int, samples: int) -> list[dict[str, Any]]:
     """tools/bench/paired.py's pairs after its warm-up pair."""
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--monitor-interval=0.5", f"--nproc-per-node={workers}",
-                          "-m", "tools.bench.paired", f"--pairs={pairs}",
-                          f"--train-samples={samples}"],
-                         cwd=REPO, check=True, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")][1:]
+    return torchrun_lines(workers, "tools.bench.paired", f"--pairs={pairs}",
+                          f"--train-samples={samples}")[1:]
 
 
 def bootstrap_interval(values: list[float], draws: int = 2000) -> tuple[float, float]:
@@ -85,6 +85,16 @@ def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
                                                              for p in pairs)
                                      for side in ("ours", "minimal")},
             "ratios": ratios}
+
+
+def describe_paired(p: dict[str, Any]) -> str:
+    """The paired figures in a sentence (the console's and bench.md's)."""
+    (low, high), faults = p["interval_90"], p["page_faults_per_step"]
+    return (f"Paired epochs in one job ({p['pairs']} pairs): ratio {p['median_ratio']:.3f} "
+            f"(quartiles {p['quartiles'][0]:.3f}-{p['quartiles'][1]:.3f}, 90% interval of the "
+            f"median {low:.3f}-{high:.3f}), overhead {(1 - p['median_ratio']) * 100:+.1f}% "
+            f"(target <= 3%), step throughput of both; page faults per step: ours "
+            f"{faults['ours']:.0f}, minimal {faults['minimal']:.0f}")
 
 
 def whole_epoch_samples_per_s(record: dict[str, Any]) -> float:
@@ -136,12 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    med, p = result["median_samples_per_s"], result["paired"]
-    (low, high), faults = p["interval_90"], p["page_faults_per_step"]
-    print(f"\npaired epochs: ratio {p['median_ratio']:.3f} (quartiles {p['quartiles'][0]:.3f}-"
-          f"{p['quartiles'][1]:.3f}, 90% interval of the median {low:.3f}-{high:.3f}): overhead "
-          f"{(1 - p['median_ratio']) * 100:+.1f}% (target <= 3%); page faults per step: ours "
-          f"{faults['ours']:.0f}, minimal {faults['minimal']:.0f}")
+    med = result["median_samples_per_s"]
+    print(f"\n{describe_paired(result['paired'])}")
     print(f"separate runs: make train {med['ours']:,.0f} samples/s, minimal DDP loop "
           f"{med['minimal']:,.0f} samples/s, ratio {result['separate_runs_ratio']:.3f}")
     print(f"written: {out / 'overhead.json'}")

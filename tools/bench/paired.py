@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tools.bench.minimal_ddp import MinimalLoop
+from tools.bench.minimal_ddp import MinimalLoop, page_faults
 from train import dist
 from train.config import load_config
 from train.run_folder import NullRun
@@ -41,10 +40,6 @@ def ours_epoch(trainer: Trainer) -> Callable[[int], float]:
     return run
 
 
-def faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=12, help="after one warm-up pair")
@@ -54,8 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(CONFIG, [f"data.synthetic.train_samples={args.train_samples}",
                                    "data.synthetic.test_samples=64", f"train.epochs={epochs}",
-                                   "wandb.mode=disabled",
-                                   f"run.dir={tmp}/run"])
+                                   "wandb.mode=disabled", f"run.dir={tmp}/run"])
         ctx = dist.setup(cfg.dist)  # threads, denormals, malloc limits, process group: as train
         trainer = build_trainer(cfg, ctx, make_strategy(cfg, ctx), NullRun(Path(cfg.run.dir)))
         trainer.guards.stop.begin()
@@ -68,10 +62,10 @@ def main() -> None:
             figures = {}
             order = ("ours", "minimal") if pair % 2 == 0 else ("minimal", "ours")
             for name in order:
-                before = faults()
+                before = page_faults()
                 seconds = sides[name](pair)
                 figures[name] = {"samples_per_s": samples / seconds,
-                                 "page_faults_per_step": (faults() - before) / minimal.steps}
+                                 "page_faults_per_step": (page_faults() - before) / minimal.steps}
             if ctx.is_main:
                 print(json.dumps({"pair": pair, "first": order[0], **figures,
                                   "ratio": figures["ours"]["samples_per_s"]

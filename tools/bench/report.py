@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tools.bench.overhead import describe_paired
+
 
 def _size(n: int) -> str:
     return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 2**10} KiB"
@@ -87,14 +89,8 @@ def _ddp(report: dict[str, Any]) -> list[str]:
 
 def _overhead(report: dict[str, Any]) -> list[str]:
     o = report["overhead"]
-    p = o["paired"]
-    return ["", "## Framework overhead (identical knobs)", "",
-            f"Paired epochs in one job ({p['pairs']} pairs): ratio {p['median_ratio']:.3f} "
-            f"(quartiles {p['quartiles'][0]:.3f}-{p['quartiles'][1]:.3f}, 90% interval of the "
-            f"median {p['interval_90'][0]:.3f}-{p['interval_90'][1]:.3f}), "
-            f"{o['overhead_percent']:+.1f}% overhead, step throughput of both; page faults per "
-            f"step: ours {p['page_faults_per_step']['ours']:.0f}, minimal "
-            f"{p['page_faults_per_step']['minimal']:.0f}.", "",
+    return ["", "## Framework overhead (identical knobs)", "", describe_paired(o["paired"]) + ".",
+            "",
             f"Separate runs, alternating: `make train` {o['median_samples_per_s']['ours']:,.0f} "
             f"samples/s, minimal DDP loop {o['median_samples_per_s']['minimal']:,.0f} samples/s "
             f"(ratio {o['separate_runs_ratio']:.3f}). Counting the DDP sync probe that ends each "

@@ -44,7 +44,8 @@ test: venv
 docs: venv
 	$(PY) -m tools.config_reference
 
-# make compare [ARGS="--workers 1,2 --epochs 3"]: every path side by side, into reports/compare.
+# make compare [ARGS="--workers 1,2 --epochs 3"]: ddp, scratch (ring, naive) and dp side by side,
+# into reports/compare.
 compare: venv
 	$(PY) -m tools.compare $(ARGS)
 

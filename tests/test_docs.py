@@ -152,3 +152,18 @@ def test_the_code_map_lists_every_module_and_nothing_else():
                                   f"{sorted(present - listed)}")
     assert not listed - present, (f"docs/architecture.md's code map lists files that are gone: "
                                   f"{sorted(listed - present)}")
+
+
+def test_the_code_refers_to_docs_sections_that_exist():
+    """A docs page (and #anchor) named in comments and docstrings exists, with that heading."""
+    sources = [p for pkg in (*PACKAGES, "tests", "configs", "launch/slurm")
+               for p in (REPO / pkg).rglob("*") if p.suffix in (".py", ".yaml", ".sbatch")]
+    wrong = []
+    for source in [*sources, REPO / "Makefile"]:
+        for page, anchor in re.findall(r"\b(docs/[\w-]+\.md|README\.md)(?:#([\w-]+))?",
+                                       source.read_text()):
+            target = REPO / page
+            if not target.is_file() or (anchor and anchor not in
+                                        {_slug(h) for h in _headings(target)}):
+                wrong.append(f"{source.relative_to(REPO)}: {page}#{anchor}")
+    assert not wrong, f"references to docs sections that do not exist: {sorted(set(wrong))}"

@@ -61,6 +61,24 @@ def test_the_reference_marks_identity_as_train_identity_decides():
     assert marked == in_identity
 
 
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_each_page_has_one_title_first(page):
+    titles = [h for h in re.findall(r"^(#+) ", _prose(page), re.M) if h == "#"]
+    assert page.read_text().startswith("# ") and len(titles) == 1, (
+        f"{_name(page)}: one '# title' on the first line, sections as '## ...'")
+
+
+def test_the_default_run_folder_named_in_the_docs_is_the_one_make_train_uses():
+    from common.config import load_config
+    from train.run_path import default_run_dir
+
+    folder = default_run_dir(load_config(REPO / "configs" / "default.yaml"), 2).name
+    for page in PAGES:
+        named = set(re.findall(r"runs/(default-[0-9a-f]+)", page.read_text()))
+        assert named <= {folder}, (f"{_name(page)} names {sorted(named)}, but configs/"
+                                   f"default.yaml with 2 workers runs in runs/{folder}")
+
+
 def test_readme_is_a_short_page():
     lines = (REPO / "README.md").read_text().count("\n")
     assert lines <= 300, f"README.md has {lines} lines; move detail into a docs/ page"

@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Run knobs (README.md: "Make variables").
+# Run knobs (README.md#make-variables).
 GPUS ?=
 MODE ?=
 RESTARTS ?= 0

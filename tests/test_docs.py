@@ -152,7 +152,7 @@ def _function_lines(path: Path, name: str) -> list[range]:
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_quoted_code_locations_point_into_the_named_function(page):
     wrong = []
-    for file, line, func in re.findall(r"([\w/]+\.py):(\d+) in (\w+)", page.read_text()):
+    for file, line, func in re.findall(r"([\w/]+\.py):(\d+)\s+in\s+(\w+)", page.read_text()):
         path = REPO / file
         if not path.is_file() or not any(int(line) in r for r in _function_lines(path, func)):
             wrong.append(f"{file}:{line} in {func}")

@@ -185,3 +185,24 @@ def test_the_code_refers_to_docs_sections_that_exist():
                                         {_slug(h) for h in _headings(target)}):
                 wrong.append(f"{source.relative_to(REPO)}: {page}#{anchor}")
     assert not wrong, f"references to docs sections that do not exist: {sorted(set(wrong))}"
+
+
+def test_the_reference_names_every_dataset_and_optimizer_the_library_knows():
+    from train.data import DATASETS
+    from train.optim import OPTIMIZERS
+
+    comments = {k.name: k.comment for k in config_reference.keys()}
+    for key, known in (("data.name", set(DATASETS)), ("optim.name", set(OPTIMIZERS))):
+        listed = {name.strip() for name in comments[key].split("|")}
+        assert listed == known, (f"{key}'s comment in common/schema*.py lists {sorted(listed)}; "
+                                 f"the library knows {sorted(known)}")
+
+
+def test_readme_names_the_paths_make_compare_runs():
+    from tools.compare import PATHS
+
+    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith("| `make compare`"))
+    modes = {label.split()[0] for label in PATHS}
+    named = {m for m in ("ddp", "dp", "scratch", "fsdp", "zero") if re.search(rf"\b{m}\b", row)}
+    assert named == modes, f"README's make compare row names {sorted(named)}; it runs {PATHS}"

@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Run knobs (README: "Make variables").
+# Run knobs (README.md#make-variables).
 GPUS ?=
 MODE ?=
 RESTARTS ?= 0
@@ -25,7 +25,7 @@ WORKERS ?= 1
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test compare bench peers plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
+.PHONY: venv train test docs compare bench peers plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -40,7 +40,12 @@ train: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# make compare [ARGS="--workers 1,2 --epochs 3"]: every path side by side, into reports/compare.
+# make docs: the config reference in docs/configuration.md, generated from common/schema*.py.
+docs: venv
+	$(PY) -m tools.config_reference
+
+# make compare [ARGS="--workers 1,2 --epochs 3"]: ddp, scratch (ring, naive) and dp side by side,
+# into reports/compare.
 compare: venv
 	$(PY) -m tools.compare $(ARGS)
 

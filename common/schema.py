@@ -102,6 +102,7 @@ class OptimConfig:
     milestones: Annotated[list[int], Check(lambda v: all(m > 0 for m in v) and v == sorted(v),
                                            "must be increasing positive epochs")] = field(
         default_factory=lambda: [30, 60, 80])
+    # schedule=step: the lr's factor at each milestone
     gamma: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.1
     scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
     # timm's rule: lr = optim.lr x global batch / lr_base_batch (null: lr as given)
@@ -114,13 +115,14 @@ class OptimConfig:
 class PerfConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a GradScaler (GPU)
     # NHWC memory format for model and inputs; null (auto): on for CPU workers, where oneDNN's
-    # NHWC convolutions made LeNet's forward+backward 20% faster here, off on GPUs.
+    # NHWC convolutions are faster (docs/performance.md), off on GPUs
     channels_last: bool | None = None
     # torch.compile; auto: runs of at least compile_min_steps steps
     compile: Annotated[Literal["auto", "on", "off"], RUNTIME] = "auto"
+    # torch.compile's mode
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune",
                                     "max-autotune-no-cudagraphs"], RUNTIME] = "default"
-    # auto compiles runs this long (LeNet breaks even at ~1,600)
+    # auto compiles runs this long (LeNet's break-even: docs/performance.md)
     compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
     cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms
     # bitwise-repeatable GPU kernels (deterministic cuDNN/cuBLAS algorithms, cudnn_benchmark
@@ -147,7 +149,8 @@ class DDPConfig:
 
 @dataclass
 class ScratchConfig:
-    algorithm: Literal["naive", "ring"] = "ring"  # naive: sum on rank 0 (the book's); ring
+    # naive: every rank sends to rank 0, which sums (the book's); ring: reduce-scatter, all-gather
+    algorithm: Literal["naive", "ring"] = "ring"
     # gradients are flattened into buckets of at most this many MiB
     bucket_mb: Annotated[float, Check(
         lambda v: v > 0, "must be positive (MiB per bucket)",
@@ -235,7 +238,8 @@ class DistConfig:
     node_heartbeat_s: Annotated[int, Positive, RUNTIME] = 5
     # threads per CPU worker; 0: usable cores / workers on this node
     cpu_threads: Annotated[int, NonNegative, RUNTIME] = 0
-    cpu_flush_denormal: Annotated[bool, RUNTIME] = True  # denormals to zero on CPU (3x faster)
+    # denormals to zero on CPU (x86 handles them in microcode: docs/performance.md)
+    cpu_flush_denormal: Annotated[bool, RUNTIME] = True
     # freed heap memory a CPU worker keeps for its next step instead of returning it to the OS
     # (glibc's malloc trim threshold; blocks up to 32 MiB from the heap); 0: glibc's defaults
     cpu_malloc_keep_mb: Annotated[int, NonNegative, RUNTIME] = 512

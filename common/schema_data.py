@@ -48,6 +48,7 @@ class ImagenetRecipe:
                                         "0 < low <= high")] = field(
         default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect ratios (width / height)
     flip: Annotated[float, Check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5  # probability
+    # evaluation resizes the shorter side to image_size / eval_crop, then takes the center crop
     eval_crop: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.875
 
 
@@ -90,8 +91,8 @@ class DataConfig:
     # where decoded files live (a fast local disk; one file per node and split); "": the
     # system's temp folder
     cache_dir: Annotated[str, RUNTIME] = ""
-    # JPEG decoder: pil (decodes at reduced size when the target is smaller: measured fastest
-    # here); nvjpeg: batches decoded on the GPU (torchvision.io, GPUs only)
+    # JPEG decoder: pil (decodes at reduced size when the target is smaller; measured fastest:
+    # docs/performance.md); nvjpeg: batches decoded on the GPU (torchvision.io, GPUs only)
     decoder: Literal["pil", "nvjpeg"] = "pil"
     # stream loader processes per worker; null: usable cores per worker - 1 (at least 1)
     num_workers: Annotated[int | None, NonNegative, RUNTIME] = None

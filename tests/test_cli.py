@@ -176,7 +176,7 @@ def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides
                      f"run.dir={tmp_path}", "wandb.mode=disabled",
                      *(o.format(tmp=tmp_path) for o in overrides))
     # Our one line first; then torchrun's own report (each worker's exit code 2), and torchrun
-    # itself exits 1: its code, not ours (README: "Bad input").
+    # itself exits 1: its code, not ours (docs/troubleshooting.md#bad-input).
     assert result.returncode == 1
     reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(reported) == 1 and message in reported[0], result.stderr

@@ -1,4 +1,4 @@
-"""README's "Using a trained model": the snippet as written, and the model it loads."""
+"""README's "Evaluation, export, inference": the snippet as written, and the model it loads."""
 
 from __future__ import annotations
 

@@ -52,11 +52,17 @@ def nvjpeg_batch(root: str, device_name: str, split: str = "train") -> dict[str,
                      device))
     where = {"labels": raw[1].device.type, "indices": raw[2].device.type}
     if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("error")  # a host sync while rendering raises
+        render = decoder._render
+
+        def strict(*args: Any) -> torch.Tensor:
+            torch.cuda.set_sync_debug_mode("error")  # a host sync while rendering raises
+            try:
+                return render(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        decoder._render = strict
     x, y = decoder(raw, 1)
-    if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
     return {"x": x.cpu(), "y": y.cpu(), "host": where, "cpu_decoded": decoder.cpu_decoded,
             "skipped": counters.skipped, "labels": train.labels.tolist(),
             "paths": [str(p) for p in train.paths]}

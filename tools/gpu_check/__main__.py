@@ -27,13 +27,13 @@ BUDGET_S = 330
 ENVIRONMENT = Part("torch on this machine", "tools.gpu_check.parts:check_environment", 20,
                    needs_gpu=False)
 PARTS = [
-    Part("ResNet-50 bf16, batch 256", "tools.gpu_check.parts:resnet50_speed", 50),
+    Part("ResNet-50 bf16, batch 256", "tools.gpu_check.parts:resnet50_speed", 45),
     Part("memory path + augmentation: SIGTERM, resume bitwise",
-         "tools.gpu_check.exact:resume_bitwise", 75),
-    Part("2 gloo workers sharing the GPU vs 1 worker", "tools.gpu_check.exact:parity", 35),
-    Part("fsdp bf16 and zero fp16 (GradScaler, clipping)", "tools.gpu_check.modes:sharded", 45),
+         "tools.gpu_check.exact:resume_bitwise", 70),
+    Part("2 gloo workers sharing the GPU vs 1 worker", "tools.gpu_check.exact:parity", 30),
+    Part("fsdp bf16 and zero fp16 (GradScaler, clipping)", "tools.gpu_check.modes:sharded", 40),
     Part("stream loader: pinned batches, nvjpeg", "tools.gpu_check.modes:stream_nvjpeg", 45),
-    Part("torch.compile with DDP", "tools.gpu_check.exact:compiled", 50),
+    Part("torch.compile with DDP", "tools.gpu_check.exact:compiled", 70),
 ]
 
 

@@ -76,9 +76,9 @@ def end_all(proc: subprocess.Popen, session: bool) -> None:
     whose parent died first (an orphan, no longer below `proc`) is still ended; in a
     subreaper (`become_subreaper`) such orphans stay below this process and are found anyway.
     """
-    seen: set[int] = set()
+    seen: dict[int, int] = {}  # pid -> its start time (a pid reused meanwhile is not ours)
     if proc.poll() is None:
-        seen |= _below(proc.pid, session)
+        seen.update(_below(proc, session))
         for pid in seen:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
@@ -86,8 +86,10 @@ def end_all(proc: subprocess.Popen, session: bool) -> None:
             time.sleep(0.05)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        seen |= _below(proc.pid, session)
-        left = [pid for pid in seen if _alive(pid)]
+        seen.update(_below(proc, session))
+        table = _processes()
+        left = [pid for pid, start in seen.items()
+                if pid in table and table[pid][0] not in ("Z", "X") and table[pid][4] == start]
         if not left:
             break
         for pid in left:
@@ -113,28 +115,32 @@ def become_subreaper() -> None:
         _SUBREAPER = False
 
 
-def _below(pid: int, session: bool) -> set[int]:
-    """`pid`, its descendants, its group (session) members; a subreaper's adopted orphans."""
+def _below(proc: subprocess.Popen, session: bool) -> dict[int, int]:
+    """pid -> start time of `proc` (until reaped), its descendants, its group's (session's)
+    members, and a subreaper's adopted orphans."""
     table = _processes()
     children: dict[int, list[int]] = {}
-    for child, (_, parent, _, _) in table.items():
+    for child, (_, parent, _, _, _) in table.items():
         children.setdefault(parent, []).append(child)
-    roots = [pid] + ([os.getpid()] if _SUBREAPER else [])
-    found = {p for p, (_, _, group, sid) in table.items() if (sid if session else group) == pid}
+    # The kernel hands out no pid still in use as a group or session id: members are ours.
+    found = {p for p, (_, _, group, sid, _) in table.items()
+             if (sid if session else group) == proc.pid}
+    roots = ([proc.pid] if proc.returncode is None else []) + \
+        ([os.getpid()] if _SUBREAPER else [])
     stack = [r for r in roots if r in table]
+    found.update(stack)
     while stack:
-        current = stack.pop()
-        for child in children.get(current, []):
+        for child in children.get(stack.pop(), []):
             if child not in found:
                 found.add(child)
                 stack.append(child)
-    found.add(pid)
     found.discard(os.getpid())
-    return found
+    return {pid: table[pid][4] for pid in found}
 
 
-def _processes() -> dict[int, tuple[str, int, int, int]]:
-    """pid -> (state, parent, group, session) of every process (/proc; empty elsewhere)."""
+def _processes() -> dict[int, tuple[str, int, int, int, int]]:
+    """pid -> (state, parent, group, session, start time) of every process (/proc; empty
+    elsewhere)."""
     table = {}
     root = Path("/proc")
     for entry in root.iterdir() if (root / "self" / "stat").exists() else []:
@@ -143,16 +149,9 @@ def _processes() -> dict[int, tuple[str, int, int, int]]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # gone meanwhile
                 continue
-            table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+            table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]),
+                                      int(fields[19]))
     return table
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _reap(proc: subprocess.Popen) -> None:

@@ -95,8 +95,8 @@ class NvjpegDecode:
                     continue
                 self.cpu_decoded += 1
                 try:
-                    decoded[i] = tvio.decode_image(blob, mode=tvio.ImageReadMode.RGB).to(
-                        self.device, non_blocking=True)
+                    decoded[i] = self._pinned(tvio.decode_image(
+                        blob, mode=tvio.ImageReadMode.RGB)).to(self.device, non_blocking=True)
                 except RuntimeError as exc:
                     index = int(indices[i])
                     failed.append((index, f"{self.reader.samples.paths[index]} ({exc})", False))

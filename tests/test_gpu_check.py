@@ -99,6 +99,7 @@ def test_make_gpu_check_without_a_gpu_skips_every_gpu_part(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # about 2 minutes on two idle cores; several times that on busy ones
 def test_the_cpu_dry_run_runs_every_part(tmp_path):
     """`python -m tools.gpu_check --cpu-dry-run`: each part's commands, checks and figures in
     their CPU form (what breaks them on the GPU machine's torch breaks them here), nothing

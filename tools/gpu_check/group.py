@@ -79,6 +79,7 @@ def end_all(proc: subprocess.Popen, session: bool) -> None:
     seen: dict[int, int] = {}  # pid -> its start time (a pid reused meanwhile is not ours)
     if proc.poll() is None:
         seen.update(_below(proc, session))
+        _signal_group(proc.pid, signal.SIGTERM)
         for pid in seen:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
@@ -92,6 +93,7 @@ def end_all(proc: subprocess.Popen, session: bool) -> None:
                 if pid in table and table[pid][0] not in ("Z", "X") and table[pid][4] == start]
         if not left:
             break
+        _signal_group(proc.pid, signal.SIGKILL)  # at once, a child forked since the scan too
         for pid in left:
             _signal(pid, signal.SIGKILL)
         _reap(proc)
@@ -165,6 +167,15 @@ def _reap(proc: subprocess.Popen) -> None:
             return
         if pid == 0:
             return
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """killpg, only while the group exists (a pid no group uses any more may be reused)."""
+    if any(group == pgid for _, _, group, _, _ in _processes().values()):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal(pid: int, sig: int) -> None:

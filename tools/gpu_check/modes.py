@@ -36,6 +36,8 @@ def sharded(ctx: Context) -> Outcome:
         last = records(run_dir)[-1]
         if not math.isfinite(last["train_loss"]):
             return Outcome(FAIL, f"mode {mode}: loss {last['train_loss']}", figures)
+        if not any((run_dir / "checkpoints").glob("*")):  # DCP's save steps the optimizer
+            return Outcome(FAIL, f"mode {mode}: finished without a checkpoint", figures)
         figures[f"{mode} {precision}"] = describe(step_figures(last))
         if precision == "fp16" and (scaler := _scaler(run_dir)) is not None:
             figures["zero fp16 loss scale"] = scaler.get("scale")

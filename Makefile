@@ -81,8 +81,9 @@ peers: venv
 bench-overhead: venv
 	$(PY) -m tools.bench.overhead $(ARGS)
 
-# make gpu-check [PY=python3] [ARGS="--budget-s 470"]: the GPU path on a lent GPU machine, with
-# that machine's own python (no venv, nothing downloaded) -> reports/gpu-check/report.md.
+# make gpu-check [PY=python3] [ARGS="--budget-s 330"]: the GPU path on a lent GPU machine (one
+# GPU, under 6 minutes), with that machine's own python (no venv, nothing downloaded) ->
+# reports/gpu-check/report.md. ARGS=--cpu-dry-run: every part's CPU form, no GPU needed.
 gpu-check: PY = python3
 gpu-check:
 	$(PY) -m tools.gpu_check $(ARGS)

@@ -1,161 +1,126 @@
-"""The parts of `make gpu-check` that compare runs, and NCCL's bandwidth.
+"""The parts of `make gpu-check` that compare runs with a deterministic reference.
 
-A deterministic 1-GPU run is the reference (made once): a run stopped by SIGTERM and resumed
-must equal it bit for bit; the same run on every GPU (on a single GPU: two gloo workers sharing
-it) must equal it up to summation order.
+The reference: LeNet, 24 steps of batch 128 with cifar's augmentation drawn on the GPU, the
+dataset held on the GPU, one worker. The same run from host memory (pinned staging, the copy on
+a side stream), stopped by SIGTERM and resumed, must equal it bit for bit; two gloo workers
+sharing the GPU, and the compiled model, must equal it up to summation order and fusion.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from common.records import SUMMARY_FILE
 from tools.gpu_check import FAIL, PASS, Context, Outcome
-from tools.gpu_check.parts import (
-    REPO,
-    environment,
-    last_lines,
-    launch,
-    launch_command,
-    params,
-    records,
-)
+from tools.gpu_check.parts import failed, launch, params, place, records
 
-SIZES = [2**20, 8 * 2**20, 64 * 2**20, 256 * 2**20]  # bytes of float32, as nccl-tests sweeps
-# 24 steps inside the first epoch; the stop lands at step 15 (stop checks every logged step).
-STALL = ["debug.stall_rank=0", "debug.stall_step=12", "debug.stall_seconds=5"]
-
-
-def parity_workers(ctx: Context) -> tuple[int, list[str], str]:
-    """Workers, overrides and a label for the all-GPUs side of the parity."""
-    if ctx.gpus >= 2:
-        return ctx.gpus, [], f"{ctx.gpus} GPUs with NCCL"
-    return 2, ["dist.backend=gloo"], "2 gloo workers sharing the one GPU (NCCL needs one each)"
+TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
+STOP = ["debug.sigterm_rank=0", "debug.sigterm_step=8"]  # agreed at the next logged step, 10
 
 
 def exact(ctx: Context) -> list[str]:
-    """The reference schedule, with a global batch every parity worker count divides."""
-    workers = parity_workers(ctx)[0]
-    return ["wandb.mode=disabled", "perf.deterministic=true", "train.max_steps=24",
-            "log.every_steps=5", f"train.batch_size={workers * (256 // workers)}"]
+    """The reference schedule: 2 epochs of 12 steps (dry run: tiny samples, the same steps)."""
+    train, test, batch = (192, 16, 16) if ctx.dry else (1536, 301, 128)
+    return ["data.synthetic.channels=3", "data.synthetic.image_size=32", "data.augment=cifar",
+            f"data.synthetic.train_samples={train}", f"data.synthetic.test_samples={test}",
+            f"train.batch_size={batch}", "train.epochs=2", "log.every_steps=5",
+            "perf.deterministic=true", "checkpoint.every_steps=4"]
 
 
 def reference(ctx: Context) -> Path:
-    """The uninterrupted deterministic run on one GPU, made by the first part that needs it."""
-    if "reference" not in ctx.shared:
-        run_dir = ctx.out / "runs" / "reference-1gpu"
-        ctx.shared["reference"] = run_dir, launch(ctx, run_dir, ["--gpus", "1"], exact(ctx))
-    run_dir, result = ctx.shared["reference"]
-    if result.returncode != 0:
-        raise RuntimeError(f"the 1-GPU reference run failed, exit {result.returncode}: "
-                           f"{last_lines(result)}")
+    """The uninterrupted run, made by the first part that needs it, reused by the others."""
+    run_dir = ctx.out / "runs" / "reference"
+    if not (run_dir / SUMMARY_FILE).is_file():
+        result = launch(ctx, run_dir, place(ctx)[0], [*place(ctx)[1], *exact(ctx)])
+        if result.returncode != 0:
+            raise RuntimeError(failed("the reference run", result).detail)
     return run_dir
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, bool, bool]:
-    """(largest absolute difference, bitwise equal, equal up to rtol 1e-3 / atol 1e-4)."""
+    """(largest absolute difference, bitwise equal, equal within TOLERANCE)."""
     import torch
 
-    largest = max(float((a[k] - b[k]).abs().max()) for k in b)
-    bitwise = all(torch.equal(a[k], b[k]) for k in b)
-    close = all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in b)
+    largest = max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
+    bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    close = all(torch.allclose(a[k], b[k], **TOLERANCE) for k in b)
     return largest, bitwise, close
 
 
-def sigterm_and_resume(ctx: Context) -> Outcome:
-    """SIGTERM to the launcher mid-epoch (as SLURM sends it), then the same command again."""
+def step_of(run_dir: Path) -> int:
     import torch
 
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu",
+                      weights_only=True)["step"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in records(run_dir)]
+
+
+def resume_bitwise(ctx: Context) -> Outcome:
+    """The dataset in host memory with augmentation on (train/data/prefetch.py), SIGTERM at
+    step 8, the same command again: bitwise the run that held its dataset on the GPU."""
     whole = reference(ctx)
     run_dir = ctx.out / "runs" / "resumed"
-    proc = subprocess.Popen(launch_command(run_dir, ["--gpus", "1"], [*exact(ctx), *STALL]),
-                            cwd=REPO, env=environment(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    sent = False
-    for line in proc.stdout:
-        if "step 10/" in line:  # the worker then stalls 5 s in step 12: the signal lands there
-            proc.send_signal(signal.SIGTERM)
-            sent = True
-            break
-    _, err = proc.communicate(timeout=ctx.left_s())
-    if not sent or proc.returncode != 130:
-        return Outcome(FAIL, f"expected exit 130 after SIGTERM (sent: {sent}), got "
-                             f"{proc.returncode}: {err.strip().splitlines()[-1:]}")
-    stopped = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu",
-                         weights_only=True)["step"]
-    again = launch(ctx, run_dir, ["--gpus", "1"], exact(ctx))
-    if again.returncode != 0 or "resumed from" not in again.stdout:
-        return Outcome(FAIL, f"resume: exit {again.returncode}: {last_lines(again)}")
+    flags, overrides = place(ctx)
+    host = [*overrides, *exact(ctx), "data.on_device=false"]
+    stopped = launch(ctx, run_dir, flags, [*host, *STOP])
+    if stopped.returncode != 130:  # 128 + SIGINT: the launcher's "stopped, checkpointed"
+        return failed("the stopped run (expected exit 130)", stopped)
+    at = step_of(run_dir)
+    again = launch(ctx, run_dir, flags, host)
+    if again.returncode != 0 or "resumed from" not in again.output:
+        return failed("the resumed run", again)
     largest, bitwise, _ = differences(params(run_dir), params(whole))
-    same_records = [r["train_loss"] for r in records(run_dir)] == [
-        r["train_loss"] for r in records(whole)]
-    figures = {"stopped after step": stopped, "bitwise equal to the uninterrupted run": bitwise,
-               "largest parameter difference": largest, "same epoch records": same_records}
-    if not (bitwise and same_records):
-        return Outcome(FAIL, f"resumed from step {stopped}, but differs from the uninterrupted "
-                             f"run by up to {largest:.3g}", figures)
-    return Outcome(PASS, f"stopped at step {stopped} with exit 130, resumed, bitwise equal to "
-                         f"the uninterrupted run", figures)
+    same = losses(run_dir) == losses(whole)
+    figures = {"stopped at step": at, "bitwise equal to the reference": bitwise,
+               "largest parameter difference": largest, "same epoch losses": same}
+    if not (bitwise and same):
+        return Outcome(FAIL, f"resumed, but differs from the reference by up to {largest:.3g}"
+                             f" (epoch losses {'equal' if same else 'differ'})", figures)
+    return Outcome(PASS, f"host memory + augmentation, stopped by SIGTERM at step {at} (exit "
+                         f"130), resumed: bitwise equal to the dataset-on-GPU run", figures)
 
 
 def parity(ctx: Context) -> Outcome:
-    """The reference schedule on one GPU against every GPU (the same global batch)."""
+    """The reference on one worker against two gloo workers on the same GPU (the same global
+    batch): the multi-rank CUDA paths (placement, gathers, gloo on CUDA tensors)."""
     whole = reference(ctx)
-    workers, extra, label = parity_workers(ctx)
-    run_dir = ctx.out / "runs" / f"parity-{workers}"
-    result = launch(ctx, run_dir, ["--gpus", str(workers)], [*exact(ctx), *extra])
+    run_dir = ctx.out / "runs" / "two-workers"
+    flags, overrides = place(ctx, 2)
+    result = launch(ctx, run_dir, flags, [*overrides, *exact(ctx), "dist.backend=gloo"])
     if result.returncode != 0:
-        return Outcome(FAIL, f"{label}: exit {result.returncode}: {last_lines(result)}")
-    largest, bitwise, close = differences(params(run_dir), params(whole))
-    figures = {"compared": f"1 GPU against {label}, 24 steps", "largest difference": largest,
-               "bitwise": bitwise}
-    verdict = PASS if close else FAIL
-    return Outcome(verdict, f"1 GPU vs {label}: parameters differ by up to {largest:.2g} "
-                            f"({'within' if close else 'beyond'} rtol 1e-3, atol 1e-4)", figures)
+        return failed("2 workers", result)
+    largest, _, close = differences(params(run_dir), params(whole))
+    figures = {"largest parameter difference": largest, "tolerance": str(TOLERANCE)}
+    return Outcome(PASS if close else FAIL,
+                   f"2 gloo workers on one GPU vs 1 worker: parameters differ by up to "
+                   f"{largest:.2g} ({'within' if close else 'beyond'} rtol 1e-3, atol 1e-4)",
+                   figures)
 
 
-def nccl_bandwidth(ctx: Context) -> Outcome:
-    from common.spawn import spawn
-
-    rows = spawn(nccl_allreduce, ctx.gpus, SIZES, timeout=ctx.left_s(),
-                 env={"NVIDIA_TF32_OVERRIDE": "0"})[0]
-    top = rows[-1]
-    note = ("; one GPU: NCCL moves nothing between GPUs, so busbw is 0 by definition and algbw "
-            "is a copy on the device") if ctx.gpus == 1 else ""
-    return Outcome(PASS, f"{ctx.gpus} GPU(s), {top['bytes'] // 2**20} MiB: algbw "
-                         f"{top['algbw GB/s']:.1f} GB/s, busbw {top['busbw GB/s']:.1f} GB/s"
-                         f"{note}", {"all_reduce, float32, median of 10 (5 above 64 MiB)": rows})
-
-
-def nccl_allreduce(sizes: list[int]) -> list[dict[str, Any]]:
-    """In each spawned process: dist.all_reduce on NCCL, nccl-tests' algbw and busbw (the
-    bytes every rank sends, 2(n-1)/n of the data, over the time), the slowest rank's time."""
-    import torch
-    import torch.distributed as dist
-
-    from common.collectives import time_collective
-
-    rank = int(os.environ["RANK"])
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
-    try:
-        n = dist.get_world_size()
-        probe = torch.full((8,), float(rank + 1), device=device)
-        dist.all_reduce(probe)
-        if not bool((probe == n * (n + 1) / 2).all()):
-            raise RuntimeError(f"all_reduce summed to {probe[0].item()}")
-        rows = []
-        for size in sizes:
-            data = torch.ones(size // 4, device=device)
-            seconds = time_collective(lambda d=data: dist.all_reduce(d), device,
-                                      10 if size <= 64 * 2**20 else 5)
-            algbw = size / seconds
-            rows.append({"bytes": size, "ms": seconds * 1e3, "algbw GB/s": algbw / 1e9,
-                         "busbw GB/s": algbw * 2 * (n - 1) / n / 1e9})
-        return rows
-    finally:
-        dist.destroy_process_group()
+def compiled(ctx: Context) -> Outcome:
+    """perf.compile=on with DDP: trains like the eager reference, saves plain parameter names,
+    reports its compile time. (Dry run: TORCH_COMPILE_DISABLE=1, the same code paths without
+    Inductor, which takes minutes on a CPU.)"""
+    whole = reference(ctx)
+    run_dir = ctx.out / "runs" / "compiled"
+    flags, overrides = place(ctx)
+    env = {"TORCH_COMPILE_DISABLE": "1"} if ctx.dry else None
+    result = launch(ctx, run_dir, flags, [*overrides, *exact(ctx), "perf.compile=on"], env)
+    if result.returncode != 0:
+        return failed("compiled run", result)
+    saved, first = params(run_dir), records(run_dir)[0]
+    largest, _, close = differences(saved, params(whole))
+    figures = {"compile time s": first.get("compile_time_s"),
+               "largest parameter difference": largest,
+               "images/s, epoch 2 (LeNet)": records(run_dir)[-1]["samples_per_s"]}
+    if any("_orig_mod" in k for k in saved) or first.get("compile_time_s") is None:
+        return Outcome(FAIL, "checkpoint names carry _orig_mod, or no compile time recorded",
+                       figures)
+    return Outcome(PASS if close else FAIL,
+                   f"compiled in {first['compile_time_s']:.1f} s; parameters within "
+                   f"{largest:.2g} of eager ({'within' if close else 'beyond'} rtol 1e-3)",
+                   figures)

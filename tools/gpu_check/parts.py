@@ -1,57 +1,51 @@
-"""The parts of `make gpu-check`, in the order they run; each returns an Outcome and never
-raises on purpose (a crash is caught and reported by the runner in tools/gpu_check/__init__.py).
+"""The parts of `make gpu-check` and what they share: each runs in its own process (started by
+the runner in tools/gpu_check/__init__.py), returns an Outcome, and never raises on purpose.
 
 Runs go through the real launcher (`python -m launch`) with this machine's python, into
-`reports/gpu-check/runs/`. Parity and resume runs are deterministic (`perf.deterministic=true`,
-TF32 off), so that a resumed run can be compared with an uninterrupted one bit for bit.
+`reports/gpu-check/runs/`, each in a process group of its own that is killed at the part's
+deadline. In the dry run (`ctx.dry`) the same commands run with `--cpu`, tiny sizes.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import inspect
 import json
 import math
-import os
-import re
-import signal
-import subprocess
+import platform
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-from tools.gpu_check import FAIL, PASS, Context, Outcome
+from tools.gpu_check import FAIL, PASS, REPO, Context, Outcome, environment
+from tools.gpu_check.group import Finished, run_group
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "default.yaml")
-# The deterministic reference schedule: 40 steps inside the first epoch (93 steps of 256).
-EXACT = ["wandb.mode=disabled", "perf.deterministic=true", "train.max_steps=40",
-         "log.every_steps=5"]
-TEST_LINE = re.compile(r"^(tests/\S+::\S+(?:\[.*?\])?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)"
-                       r"(?: \((.*)\))?")
+MIN_TORCH = (2, 11)  # the oldest torch the project supports (the GPU machines' own)
 
 
-def environment() -> dict[str, str]:
-    """For every process started here: the repo importable, TF32 off (bitwise parity)."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "NVIDIA_TF32_OVERRIDE": "0"}
+def place(ctx: Context, workers: int = 1) -> tuple[list[str], list[str]]:
+    """Launcher flags and overrides that put `workers` workers on the GPU (dry run: the CPU)."""
+    if ctx.dry:
+        return ["--cpu", "--gpus", str(workers)], ["dist.device=cpu"]
+    return ["--gpus", str(workers)], ["dist.device=cuda"]
 
 
-def launch_command(run_dir: Path, flags: list[str], overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launch", *flags, CONFIG, *overrides, f"run.dir={run_dir}"]
+def launch(ctx: Context, run_dir: Path, flags: list[str], overrides: list[str],
+           env: dict[str, str] | None = None) -> Finished:
+    """`python -m launch FLAGS CONFIG OVERRIDES` as a user runs it; its process group is
+    killed at the part's deadline (a little before: the part still reports)."""
+    # No sync probe: one GPU has no sync to estimate, and its extra passes cost seconds.
+    cmd = [sys.executable, "-m", "launch", *flags, CONFIG, "wandb.mode=disabled",
+           "log.sync_probe=false", *overrides, f"run.dir={run_dir}"]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    return run_group(cmd, ctx.left_s() - 2, cwd=REPO, env={**environment(), **(env or {})})
 
 
-def launch(ctx: Context, run_dir: Path, flags: list[str],
-           overrides: list[str]) -> subprocess.CompletedProcess:
-    """`python -m launch FLAGS CONFIG OVERRIDES` as a user runs it, within the part's time."""
-    return subprocess.run(launch_command(run_dir, flags, overrides), cwd=REPO,
-                          env=environment(), text=True, capture_output=True,
-                          timeout=ctx.left_s())
-
-
-def last_lines(result: subprocess.CompletedProcess, n: int = 2) -> str:
-    lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-    return " / ".join(lines[-n:])[:400]
+def failed(what: str, result: Finished) -> Outcome:
+    how = "stopped at the part's deadline" if result.timed_out else f"exit {result.returncode}"
+    return Outcome(FAIL, f"{what}: {how}: {result.last_lines()}")
 
 
 def params(run_dir: Path) -> dict[str, Any]:
@@ -65,23 +59,59 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_figures(record: dict[str, Any]) -> dict[str, Any]:
+    """What a GPU engineer reads first: throughput, peak memory, the step's phases."""
+    phases = {p: record.get(f"time_{p}_ms") for p in ("data", "compute", "sync", "optim")}
+    step = sum(v for v in phases.values() if v is not None)
+    return {"images/s": record["samples_per_s"], "peak memory MiB": record["peak_memory_mb"],
+            "step ms": step, **{f"{p} ms": v for p, v in phases.items()},
+            "data wait %": 100 * (phases["data"] or 0) / step if step else None}
+
+
+def describe(figures: dict[str, Any]) -> str:
+    phases = ", ".join(f"{p} {figures[f'{p} ms']:.1f}" for p in ("data", "compute", "sync",
+                                                                  "optim")
+                       if figures[f"{p} ms"] is not None)
+    return (f"{figures['images/s']:,.0f} images/s, peak {figures['peak memory MiB']:,.0f} MiB, "
+            f"step {figures['step ms']:.1f} ms ({phases}), data wait "
+            f"{figures['data wait %']:.1f}%")
+
+
 # --- 1. what this machine has ---------------------------------------------------------------
 
 
+def machine_facts() -> dict[str, Any]:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = sorted({torch.cuda.get_device_name(i) for i in range(gpus)})
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": platform.node(), "python": platform.python_version(),
+            "torch": torch.__version__, "CUDA": torch.version.cuda or "none (CPU build)",
+            "cuDNN": torch.backends.cudnn.version() if gpus else "n/a",
+            "NCCL": ".".join(map(str, torch.cuda.nccl.version())) if gpus else "n/a",
+            "GPU count": gpus, "GPUs": ", ".join(names) or "none"}
+
+
 def check_environment(ctx: Context) -> Outcome:
-    """What the code needs from this torch: one line per missing piece."""
+    """What the code needs from this torch, one line per missing piece; the machine's facts."""
+    import torch
     import torch.distributed as dist
     from torch.distributed.run import get_args_parser
 
     from launch.cli import parse_args
     from launch.plan import make_plan
 
-    missing = []
+    facts, missing = machine_facts(), []
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        missing.append(f"torch {torch.__version__} is older than the supported "
+                       f"{'.'.join(map(str, MIN_TORCH))}")
     if "device_id" not in inspect.signature(dist.init_process_group).parameters:
         missing.append("init_process_group(device_id=...) (eager NCCL init)")
-    plan = make_plan(parse_args([CONFIG, "wandb.mode=disabled",
+    plan = make_plan(parse_args([*place(ctx)[0], CONFIG, "wandb.mode=disabled",
                                  f"run.dir={ctx.out / 'runs' / 'plan'}"]))
-    try:
+    try:  # what broke every launch on torch 2.11: a flag its torchrun does not know
         get_args_parser().parse_args(plan.torchrun_args)
     except SystemExit:
         missing.append(f"torchrun does not take the launcher's flags {plan.torchrun_args[:-3]}")
@@ -90,83 +120,35 @@ def check_environment(ctx: Context) -> Outcome:
         notes.append("no torch.distributed.flight_recorder (reading NCCL traces needs it)")
     if importlib.util.find_spec("wandb") is None:
         notes.append("no wandb: wandb.mode=auto logs nothing")
+    figures = {"facts": facts, "notes": notes}
     if missing:
-        return Outcome(FAIL, "this torch lacks: " + "; ".join(missing), {"notes": notes})
-    return Outcome(PASS, "; ".join(notes))
+        return Outcome(FAIL, "this torch lacks: " + "; ".join(missing), figures)
+    return Outcome(PASS, f"torch {facts['torch']}, {facts['GPU count']} GPU(s) "
+                         f"{facts['GPUs']}; " + "; ".join(notes), figures)
 
 
-# --- 2. the gpu tests -----------------------------------------------------------------------
+# --- 2. the first performance figure --------------------------------------------------------
 
 
-def run_gpu_tests(ctx: Context) -> Outcome:
-    """`pytest -m gpu`, its progress shown, within the part's time; what did not pass, named."""
-    log_path, junit = ctx.out / "gpu-tests.log", ctx.out / "gpu-tests.xml"
-    junit.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", f"--basetemp={ctx.out / 'pytest'}"]
-    seen, collected = 0, None
-    with log_path.open("w") as log, subprocess.Popen(
-            cmd, cwd=REPO, env=environment(), text=True, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT) as proc:
-        timer = threading.Timer(ctx.left_s(), proc.kill)
-        timer.start()
-        for line in proc.stdout:
-            log.write(line)
-            if (found := TEST_LINE.match(line)):
-                seen += 1
-                print(f"  {found[2]:<7} {found[1]}", flush=True)
-            elif (count := re.search(r"collected (\d+) items / (\d+) deselected", line)):
-                collected = int(count[1]) - int(count[2])
-        timer.cancel()
-    if proc.returncode == -signal.SIGKILL or not junit.is_file():
-        return Outcome(FAIL, f"stopped at the part's time limit ({seen} of {collected or '?'} "
-                             f"tests done; progress in {log_path})")
-    passed, failed, skipped = junit_results(junit)
-    reasons = sorted({r for _, r in skipped})
-    figures: dict[str, Any] = {
-        "passed": len(passed), "failed": failed or ["none"],
-        "skipped, by reason": [f"{sum(r == reason for _, r in skipped)} x {reason}"
-                               for reason in reasons] or ["none"], "log": str(log_path)}
-    detail = f"{len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped"
-    if proc.returncode not in (0, 5) or failed:  # 5: nothing collected
-        return Outcome(FAIL, f"{detail} (pytest exit {proc.returncode}; see {log_path})",
-                       figures)
-    return Outcome(PASS, detail, figures)
-
-
-def junit_results(path: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """(passed, failed with their first message line, (skipped, reason)) from pytest's XML."""
-    import xml.etree.ElementTree as ElementTree
-
-    passed, failed, skipped = [], [], []
-    for case in ElementTree.parse(path).getroot().iter("testcase"):
-        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
-        problem = case.find("failure")
-        problem = problem if problem is not None else case.find("error")
-        skip = case.find("skipped")
-        if problem is not None:
-            failed.append(f"{name}: {(problem.get('message') or '').splitlines()[0][:200]}")
-        elif skip is not None:
-            skipped.append((name, (skip.get("message") or "").removeprefix("Skipped: ")))
-        else:
-            passed.append(name)
-    return passed, failed, skipped
-
-
-# --- 3. a real training run on every GPU ----------------------------------------------------
-
-
-def train_on_every_gpu(ctx: Context) -> Outcome:
-    run_dir = ctx.out / "runs" / "train"
-    result = launch(ctx, run_dir, [], ["train.epochs=2", "wandb.mode=disabled"])
+def resnet50_speed(ctx: Context) -> Outcome:
+    """ResNet-50 (torchvision), bf16 autocast, channels_last, batch 256 at 224 px, on synthetic
+    images held on the GPU and resized there; the second epoch's figures (the first warms).
+    Dry run: 32 px, batch 4, fp32."""
+    size, batch, steps = (32, 4, 1) if ctx.dry else (224, 256, 12)
+    run_dir = ctx.out / "runs" / "resnet50"
+    overrides = [*place(ctx)[1], "model.name=torchvision.resnet50", "data.synthetic.channels=3",
+                 "data.synthetic.image_size=32", f"data.image_size={size}",
+                 f"data.synthetic.train_samples={batch * steps}",
+                 f"data.synthetic.test_samples={batch}", f"train.batch_size={batch}",
+                 # dry run: fp32, as a CPU without bf16 units runs bf16 ten times slower
+                 "train.epochs=2", f"perf.precision={'fp32' if ctx.dry else 'bf16'}",
+                 "perf.channels_last=true",
+                 "log.every_steps=4"]
+    result = launch(ctx, run_dir, place(ctx)[0], overrides)
     if result.returncode != 0:
-        return Outcome(FAIL, f"exit {result.returncode}: {last_lines(result)}")
+        return failed("ResNet-50 bf16", result)
     last = records(run_dir)[-1]
-    keys = ("world_size", "samples_per_s", "epoch_time_s", "train_loss", "test_accuracy",
-            "time_compute_ms", "time_sync_ms", "peak_memory_mb", "peak_memory_mb_max")
-    figures = {k: last[k] for k in keys}
-    if not math.isfinite(last["train_loss"]) or last["world_size"] != ctx.gpus:
-        return Outcome(FAIL, f"trained, but world size {last['world_size']}, loss "
-                             f"{last['train_loss']}", figures)
-    return Outcome(PASS, f"{ctx.gpus} GPU worker(s), {last['samples_per_s']:,.0f} samples/s, "
-                         f"test accuracy {last['test_accuracy']:.2%} after 2 epochs", figures)
+    figures = {"batch": batch, "image size": size, "epoch": last["epoch"], **step_figures(last)}
+    if not math.isfinite(last["train_loss"]):
+        return Outcome(FAIL, f"loss {last['train_loss']}", figures)
+    return Outcome(PASS, f"batch {batch} at {size} px, epoch 2: {describe(figures)}", figures)

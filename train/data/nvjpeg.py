@@ -15,7 +15,7 @@ import torch
 import torchvision.io as tvio
 
 from train.data.augment import Augment
-from train.data.decode import render_tensor
+from train.data.crops import render_batch
 from train.data.imagefolder import FileSet
 from train.data.stream import Item, Raw
 
@@ -54,56 +54,82 @@ def collate_bytes(items: list[Item]) -> Raw:
 
 class NvjpegDecode:
     """Byte batch -> uint8 images [B, 3, S, S] on the GPU, rendered for the split, then the
-    usual finish (normalization, memory format)."""
+    usual finish (normalization, memory format).
+
+    The batch's labels and indices stay on the host (stream.ahead leaves byte batches there):
+    the views are drawn from the indices on the host, so nothing here waits for the GPU."""
 
     def __init__(self, reader: BytesReader, device: torch.device, finish: Any):
         self.reader, self.device, self.finish = reader, device, finish
+        self.cpu_decoded = 0  # files decoded on the CPU so far (not JPEG, or nvjpeg refused)
 
     def __call__(self, raw: Raw, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         blobs, labels, indices, bad = raw
         if blobs is not None:
             images, keep, failed = self._decode(blobs, indices)
             bad = bad + failed
-            blobs = torch.stack(self._render(images, indices[keep], epoch)) if images else None
-            labels, indices = labels[keep], indices[keep]
+            if len(keep) < len(blobs):  # a few files failed: the rest of the batch goes on
+                labels, indices = self._pinned(labels[keep]), self._pinned(indices[keep])
+            blobs = self._render(images, indices, epoch) if images else None
             if blobs is not None and self.reader.split == "train" and \
                     self.reader.augment.name == "cifar":
-                blobs = self.reader.augment.shift(blobs, indices.to(self.device), epoch)
+                blobs = self.reader.augment.shift(
+                    blobs, indices.to(self.device, non_blocking=True), epoch)
         return self.finish((blobs, labels, indices, bad), epoch)
+
+    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Pinned, its later copy to the GPU is queued rather than waited for.
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
     def _decode(self, blobs: list[torch.Tensor],
                 indices: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+        """(decoded images in batch order, their positions in the batch, bad files)."""
         jpegs = [i for i, b in enumerate(blobs) if bytes(b[:2].tolist()) == _JPEG]
         decoded: dict[int, torch.Tensor] = {}
         with warnings.catch_warnings():  # deprecated for torchcodec, which has no nvjpeg batch
             warnings.simplefilter("ignore")
-            try:
-                out = tvio.decode_jpeg([blobs[i] for i in jpegs], mode=tvio.ImageReadMode.RGB,
-                                       device=self.device)
-                decoded.update(zip(jpegs, out, strict=True))
-            except RuntimeError:
-                pass  # one bad file fails the batch: the CPU below finds which
+            self._decode_jpegs(blobs, jpegs, decoded)
             failed = []
             for i, blob in enumerate(blobs):
                 if i in decoded:
                     continue
+                self.cpu_decoded += 1
                 try:
-                    decoded[i] = tvio.decode_image(blob, mode=tvio.ImageReadMode.RGB).to(
-                        self.device, non_blocking=True)
+                    decoded[i] = self._pinned(tvio.decode_image(
+                        blob, mode=tvio.ImageReadMode.RGB)).to(self.device, non_blocking=True)
                 except RuntimeError as exc:
                     index = int(indices[i])
                     failed.append((index, f"{self.reader.samples.paths[index]} ({exc})", False))
-        keep = torch.tensor(sorted(decoded), dtype=torch.long)
-        return [decoded[i] for i in sorted(decoded)], keep, failed
+        order = sorted(decoded)
+        return [decoded[i] for i in order], torch.tensor(order, dtype=torch.long), failed
+
+    def _decode_jpegs(self, blobs: list[torch.Tensor], which: list[int],
+                      decoded: dict[int, torch.Tensor]) -> None:
+        """nvjpeg's batch decode of `which`; a batch it refuses (one CMYK or broken file fails
+        them all) is halved until the files it refuses are alone: they go to the CPU, the
+        rest stays on the GPU (about 2 log2(B) decodes per refused file)."""
+        if not which:
+            return
+        try:
+            out = tvio.decode_jpeg([blobs[i] for i in which], mode=tvio.ImageReadMode.RGB,
+                                   device=self.device)
+        except RuntimeError:
+            if len(which) > 1:
+                half = len(which) // 2
+                self._decode_jpegs(blobs, which[:half], decoded)
+                self._decode_jpegs(blobs, which[half:], decoded)
+            return
+        decoded.update(zip(which, out, strict=True))
 
     def _render(self, images: list[torch.Tensor], indices: torch.Tensor,
-                epoch: int) -> list[torch.Tensor]:
-        aug, out = self.reader.augment, []
+                epoch: int) -> torch.Tensor:
+        """The split's view of each image, drawn on the host from its index, rendered as one
+        batch (train/data/crops.py)."""
+        aug, views = self.reader.augment, []
         for image, index in zip(images, indices.tolist(), strict=True):
             h, w = image.shape[-2:]
             if self.reader.split == "train":
-                view = aug.train_view(w, h, epoch, index)
+                views.append(aug.train_view(w, h, epoch, index))
             else:
-                view = aug.eval_view(w, h)
-            out.append(render_tensor(image, view))
-        return out
+                views.append(aug.eval_view(w, h))
+        return render_batch(images, views)

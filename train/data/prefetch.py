@@ -6,6 +6,9 @@ pageable memory (also when `images` is pinned), and a copy from pageable memory 
 so every step would wait for its own batch and pinning the dataset would buy nothing. Here the
 gather writes into one of two pinned staging buffers, the copy runs on its own CUDA stream while
 the previous step computes, and the step waits for its batch's copy only (an event), on the GPU.
+The sample indices travel the same way (a pinned staging buffer, the side stream): the device's
+augmentation keys each sample's crop on them, and a pageable copy would make the host wait for
+the image copy queued before it, every step.
 
 On the CPU the same code runs without streams (the CPU twin of the GPU path); training uses it
 only when the dataset is not on the training device.
@@ -24,10 +27,11 @@ Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 @dataclass
 class _Slot:
-    """One staging buffer pair, and the event its last copy to the GPU recorded."""
+    """One staging buffer set, and the event its last copy to the GPU recorded."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    idx: torch.Tensor  # the sample indices (int64), staged like the images
     copied: torch.cuda.Event | None = None
 
 
@@ -36,7 +40,7 @@ class _InFlight:
     images: torch.Tensor  # on the device, being written by the side stream
     labels: torch.Tensor
     copied: torch.cuda.Event | None  # recorded after the copies (None on the CPU)
-    idx: torch.Tensor | None = None  # the batch's sample indices (augmentation keys on them)
+    idx: torch.Tensor  # the batch's sample indices (augmentation keys on them)
 
 
 class CopyAhead:
@@ -72,14 +76,15 @@ class CopyAhead:
         n = idx.numel()
         x = torch.index_select(images, 0, idx, out=staging.images[:n])
         y = torch.index_select(labels, 0, idx, out=staging.labels[:n])
+        i = staging.idx[:n].copy_(idx)
         if not self.cuda:
-            # The CPU twin: a copy out of the staging buffer, as the GPU's, which the next use of
-            # this slot may then overwrite.
-            return _InFlight(x.clone(), y.clone(), None, idx)
+            # The CPU twin: a copy out of the staging buffers, as the GPU's, which the next use
+            # of this slot may then overwrite.
+            return _InFlight(x.clone(), y.clone(), None, i.clone())
         with torch.cuda.stream(self.stream):
             on_device = _InFlight(x.to(self.device, non_blocking=True),
                                   y.to(self.device, non_blocking=True), torch.cuda.Event(),
-                                  idx.to(self.device, non_blocking=True))
+                                  i.to(self.device, non_blocking=True))
             on_device.copied.record(self.stream)
         staging.copied = on_device.copied
         return on_device
@@ -91,8 +96,10 @@ class CopyAhead:
             current.wait_event(batch.copied)
             # Allocated on the side stream, used on this one: the caching allocator must not
             # hand the memory out again before this stream is done with it.
-            batch.images.record_stream(current)
-            batch.labels.record_stream(current)
+            # The indices too: the augmentation reads them on this stream, and a block freed
+            # while it is still queued would silently change the crops (and bitwise resume).
+            for tensor in (batch.images, batch.labels, batch.idx):
+                tensor.record_stream(current)
         return self.prepare(batch.images, batch.labels, batch.idx)
 
     def _slot(self, slot: int, images: torch.Tensor, labels: torch.Tensor,
@@ -104,6 +111,7 @@ class CopyAhead:
                 current.copied.synchronize()
             current = _Slot(torch.empty((rows, *images.shape[1:]), dtype=images.dtype,
                                         pin_memory=self.cuda),
-                            torch.empty(rows, dtype=labels.dtype, pin_memory=self.cuda))
+                            torch.empty(rows, dtype=labels.dtype, pin_memory=self.cuda),
+                            torch.empty(rows, dtype=torch.long, pin_memory=self.cuda))
             self.slots[slot] = current
         return current

@@ -236,13 +236,16 @@ def ahead(raws: Iterator[Raw], device: torch.device) -> Iterator[Raw]:
         return
     stream = torch.cuda.Stream(device)
 
-    def start(raw: Raw) -> tuple[Raw, torch.cuda.Event]:
+    def start(raw: Raw) -> tuple[Raw, torch.cuda.Event | None]:
         images, labels, indices, bad = raw
+        if not isinstance(images, torch.Tensor):
+            # nvjpeg's byte lists: the whole batch stays on the host. Its decoder draws the
+            # views from the indices there (a device copy read back would wait for the step
+            # before) and drops refused files from the labels before they travel.
+            return raw, None
         with torch.cuda.stream(stream):
-            moved = (images.to(device, non_blocking=True)  # nvjpeg's byte lists stay
-                     if isinstance(images, torch.Tensor) else images,
-                     labels.to(device, non_blocking=True), indices.to(device, non_blocking=True),
-                     bad)
+            moved = (images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                     indices.to(device, non_blocking=True), bad)
             done = torch.cuda.Event()
             done.record(stream)
         return moved, done
@@ -258,6 +261,8 @@ def ahead(raws: Iterator[Raw], device: torch.device) -> Iterator[Raw]:
 
 
 def _ready(raw: Raw, done: Any) -> Raw:
+    if done is None:  # nothing was copied
+        return raw
     current = torch.cuda.current_stream()
     current.wait_event(done)
     for t in raw[:3]:

@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Callable
 
+from common.collectives import time_collective
 from common.errors import EXIT_USER_ERROR, UserError
 from common.host import backend_for, visible_gpus
 from common.spawn import SpawnError, spawn
@@ -104,8 +105,6 @@ def timed_allreduce(backend: str, device_kind: str, nbytes: int) -> float:
 
     import torch
     import torch.distributed as dist
-
-    from common.collectives import time_collective
 
     torch.set_num_threads(1)
     dist.init_process_group(backend, timeout=timedelta(seconds=30))

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from common.spawn import spawn
 from tools.gpu_check import FAIL, PASS, Context, Outcome
 from tools.gpu_check.parts import (
     REPO,
@@ -118,8 +119,6 @@ def parity(ctx: Context) -> Outcome:
 
 
 def nccl_bandwidth(ctx: Context) -> Outcome:
-    from common.spawn import spawn
-
     rows = spawn(nccl_allreduce, ctx.gpus, SIZES, timeout=ctx.left_s(),
                  env={"NVIDIA_TF32_OVERRIDE": "0"})[0]
     top = rows[-1]
@@ -133,6 +132,8 @@ def nccl_bandwidth(ctx: Context) -> Outcome:
 def nccl_allreduce(sizes: list[int]) -> list[dict[str, Any]]:
     """In each spawned process: dist.all_reduce on NCCL, nccl-tests' algbw and busbw (the
     bytes every rank sends, 2(n-1)/n of the data, over the time), the slowest rank's time."""
+    # Late, torch and what imports it: the runner (tools/gpu_check/__init__.py) imports this
+    # module, and a torch that fails to import must be a part's FAIL, not the runner's crash.
     import torch
     import torch.distributed as dist
 

@@ -70,6 +70,8 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
 
 def check_environment(ctx: Context) -> Outcome:
     """What the code needs from this torch: one line per missing piece."""
+    # Late, torch and the launcher (which imports torch): a torch that fails to import is
+    # this part's FAIL in the report, not a crash of the runner before any part ran.
     import torch.distributed as dist
     from torch.distributed.run import get_args_parser
 

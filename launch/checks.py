@@ -3,7 +3,8 @@
 
 A check takes the `Job` (launch/job.py: what would be started) and returns (verdict, detail);
 a UserError raised inside is a FAIL with its message. With `job.dry` (the doctor) checks
-change nothing: no download, no folder created.
+change nothing: no download, no folder created. The config's own rows are the sections of
+common/validate.py, which every worker runs again.
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ SUMMARIES: dict[str, Callable[[Job], Verdict]] = {
     "batch": _batch_split,
     "profile": _profiled_steps,
 }
-check_batch = config_row("batch")
 
 
 def check_port(job: Job) -> Verdict:
@@ -237,3 +237,4 @@ CHECKS: dict[str, Callable[[Job], Verdict]] = {
     "disk": check_disk,
     "run folder": check_run_folder,
 }
+check_batch = CHECKS["batch"]  # the batch row alone: every world size of an elastic range

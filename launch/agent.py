@@ -32,6 +32,7 @@ from common.signals import (
     startup_line,
 )
 from launch.hangs import collect_fatal_dumps, hang_block
+from train.checkpoint import Checkpoints
 from train.hang import drop_empty_fatal_dumps
 
 
@@ -126,8 +127,6 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
 
 def interrupted(signum: int, reported: dict | None, run_dir: Path | None) -> str:
     """What a stop signal left: a checkpoint only when one is on disk, named by its step."""
-    from train.checkpoint import Checkpoints  # late: it imports torch
-
     if reported is None:
         return startup_line(signum)
     name = signal_name(signum)

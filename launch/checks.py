@@ -3,7 +3,8 @@
 
 A check takes the `Job` (launch/job.py: what would be started) and returns (verdict, detail);
 a UserError raised inside is a FAIL with its message. With `job.dry` (the doctor) checks
-change nothing: no download, no folder created.
+change nothing: no download, no folder created. The config's own rows are the sections of
+common/validate.py, which every worker runs again.
 """
 
 from __future__ import annotations
@@ -16,21 +17,14 @@ from urllib.parse import urlparse
 
 from common.errors import UserError
 from common.host import backend_for, visible_gpus
+from common.validate import SECTIONS, profile_range, validate
 from launch.folder_checks import check_disk, check_run_folder
 from launch.job import Job
 from launch.net import try_connect
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
 from train.data import DOWNLOADABLE, ensure_available, torchvision_class
+from train.model import load_state_dict_file
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
-from train.preflight import (
-    check_device_options,
-    check_mixing,
-    check_profile_steps,
-    check_recipe,
-    check_world_size,
-    known_total_steps,
-    profile_range,
-)
 
 
 def run_check(fn: Callable[[Job], Verdict], job: Job, raise_errors: bool = False) -> Verdict:
@@ -60,34 +54,41 @@ def check_gpus(job: Job) -> Verdict:
     return OK, job.note
 
 
-def check_options(job: Job) -> Verdict:
-    """Options the device cannot run, and launcher flags that contradict the mode."""
-    problems, warnings = [], []
-    try:
-        warnings = check_device_options(job.cfg, job.kind)
-        check_recipe(job.cfg)
-    except UserError as exc:
-        problems.append(str(exc))
-    restarts, nodes = job.args.max_restarts, job.nodes
+def config_row(section: str) -> Callable[[Job], Verdict]:
+    """The row of one section of common/validate.py: its first problem (a FAIL), its warnings
+    (a WARN), or what it found."""
+    def check(job: Job) -> Verdict:
+        warnings = validate(job.cfg, job.world, only=(section,))
+        if warnings:
+            return WARN, "; ".join(warnings)
+        return SUMMARIES[section](job)
+
+    check.__name__ = check.__qualname__ = f"check_{section.replace(' ', '_')}"
+    return check
+
+
+def check_restarts(job: Job) -> Verdict:
+    """Launcher flags that contradict the mode or the nodes."""
+    restarts = job.args.max_restarts
     if restarts < 0:
-        problems.append(f"--max-restarts must not be negative; got {restarts}")
-    if job.dp and nodes.several:
-        problems.append("mode dp runs one process on one node; several nodes need mode ddp or "
-                        "scratch")
-    elif job.dp and restarts > 0:
-        problems.append(f"--max-restarts {restarts} needs torchrun workers (mode ddp or "
-                        f"scratch); mode dp runs one process without torchrun, which nothing "
-                        f"restarts")
-    if nodes.elastic and restarts == 0 and not job.dp:
+        return FAIL, f"--max-restarts must not be negative; got {restarts}"
+    if job.dp and restarts > 0:
+        return FAIL, (f"--max-restarts {restarts} needs torchrun workers (mode ddp or scratch); "
+                      f"mode dp runs one process without torchrun, which nothing restarts")
+    if job.nodes.elastic and restarts == 0 and not job.dp:
         # torchrun counts a node that leaves as a failure of the group (one restart each);
         # a node that joins costs none.
-        warnings.append(f"--nnodes {nodes} with --max-restarts 0: the first node that leaves "
-                        f"ends the job; give --max-restarts K to outlive K departures")
-    if problems:
-        return FAIL, "; ".join(problems)
-    if warnings:
-        return WARN, "; ".join(warnings)
-    return OK, f"precision {job.cfg.perf.precision}, up to {restarts} restart(s)"
+        return WARN, (f"--nnodes {job.nodes} with --max-restarts 0: the first node that leaves "
+                      f"ends the job; give --max-restarts K to outlive K departures")
+    return OK, f"up to {restarts} restart(s)"
+
+
+def check_initial_weights(job: Job) -> Verdict:
+    """model.init_from: a state dict torch loads (the workers check that it fits the model)."""
+    path = job.cfg.model.init_from
+    if not path:
+        return SKIP, "no model.init_from: the model starts from its own initialization"
+    return OK, f"{len(load_state_dict_file(path))} tensors in {path}"
 
 
 def check_backend(job: Job) -> Verdict:
@@ -108,35 +109,35 @@ def check_backend(job: Job) -> Verdict:
     return OK, f"{backend}{version} is available in torch {torch.__version__}"
 
 
-def check_batch(job: Job) -> Verdict:
-    """The global batch splits evenly at every world size the job may run at (elastic: each
-    number of nodes in its range), and so do mixup's pairs."""
-    sizes = job.world_sizes
-    for size in sizes:
-        try:
-            check_world_size(job.cfg, size)
-            check_mixing(job.cfg, size)
-        except UserError as exc:
-            if len(sizes) == 1:
-                raise
-            raise UserError(f"{exc} (--nnodes {job.nodes} runs {sizes[0]} to {sizes[-1]} "
-                            f"workers; the batch must divide each of {sizes})") from None
+def _batch_split(job: Job) -> Verdict:
     batch, accum = job.cfg.train.batch_size, job.cfg.train.grad_accum_steps
     split = f" in {accum} micro-batches" if accum > 1 else ""
     if job.dp:
         return OK, f"mode dp: one process takes the global batch {batch}{split}"
     return OK, "; ".join(f"global batch {batch} = {size} worker(s) x {batch // size} per "
-                         f"worker{split}" for size in sizes)
+                         f"worker{split}" for size in job.world.sizes)
 
 
-def check_profile(job: Job) -> Verdict:
-    """perf.profile_steps inside the run, as far as the launcher can count its steps."""
+def _profiled_steps(job: Job) -> Verdict:
     if not job.cfg.perf.profile_steps:
         return SKIP, "no profile asked (perf.profile_steps)"
-    check_profile_steps(job.cfg.perf, known_total_steps(job.cfg))
     first, last = profile_range(job.cfg.perf.profile_steps)
     return OK, (f"steps {first}-{last} are traced on every rank into "
                 f"{job.cfg.run.dir}/profile/")
+
+
+def _recipe(job: Job) -> Verdict:
+    cfg = job.cfg
+    return OK, f"model {cfg.model.name}, optimizer {cfg.optim.name}, data {cfg.data.name}"
+
+
+# What each section of common/validate.py found, once it passed.
+SUMMARIES: dict[str, Callable[[Job], Verdict]] = {
+    "recipe": _recipe,
+    "device options": lambda job: (OK, f"precision {job.cfg.perf.precision}"),
+    "batch": _batch_split,
+    "profile": _profiled_steps,
+}
 
 
 def check_port(job: Job) -> Verdict:
@@ -226,13 +227,14 @@ def check_wandb(job: Job) -> Verdict:
 
 CHECKS: dict[str, Callable[[Job], Verdict]] = {
     "GPUs": check_gpus,
-    "device options": check_options,
+    **{section: config_row(section) for section in SECTIONS},  # common/validate.py's
+    "restarts": check_restarts,
+    "initial weights": check_initial_weights,
     "backend": check_backend,
     "rendezvous port": check_port,
     "dataset": check_dataset,
-    "batch": check_batch,
     "wandb": check_wandb,
     "disk": check_disk,
     "run folder": check_run_folder,
-    "profile": check_profile,
 }
+check_batch = CHECKS["batch"]  # the batch row alone: every world size of an elastic range

@@ -19,9 +19,11 @@ import socket
 import sys
 from collections.abc import Callable
 
+from common.collectives import time_collective
 from common.errors import EXIT_USER_ERROR, UserError
 from common.host import backend_for, visible_gpus
 from common.spawn import SpawnError, spawn
+from common.validate import SECTIONS
 from launch.checks import CHECKS, FAIL, OK, SKIP, WARN, Verdict, run_check
 from launch.cli import parse_args
 from launch.job import Job, describe, plan_job
@@ -104,8 +106,6 @@ def timed_allreduce(backend: str, device_kind: str, nbytes: int) -> float:
     import torch
     import torch.distributed as dist
 
-    from common.collectives import time_collective
-
     torch.set_num_threads(1)
     dist.init_process_group(backend, timeout=timedelta(seconds=30))
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -129,15 +129,15 @@ def timed_allreduce(backend: str, device_kind: str, nbytes: int) -> float:
 # (node 0) or joins the exchange between the nodes' doctors: after node 0's port check, before
 # the rows that compare what it brought.
 ROWS: list[tuple[str, Callable[[Job], Verdict]]] = [
-    *((name, CHECKS[name]) for name in ("GPUs", "device options", "backend", "rendezvous port")),
+    *((name, CHECKS[name]) for name in ("GPUs", *SECTIONS, "restarts", "initial weights",
+                                        "backend", "rendezvous port")),
     ("nodes", check_nodes),
     ("master reachable", check_master),
     ("versions", check_versions),
     ("network interface", check_interfaces),
     ("clocks", check_clocks),
     ("allreduce", check_allreduce),
-    *((name, CHECKS[name]) for name in ("dataset", "batch", "profile", "wandb", "disk",
-                                        "run folder")),
+    *((name, CHECKS[name]) for name in ("dataset", "wandb", "disk", "run folder")),
 ]
 
 

@@ -12,7 +12,9 @@ from common.lock import in_use
 from common.records import CHECKPOINT_DIR, CONFIG_FILE, REPLACED_DIR
 from launch.job import Job
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
+from train.checkpoint import Checkpoints
 from train.identity import check_resumable, check_run_dir
+from train.resume import is_complete
 
 DISK_FAIL_BYTES = 200 * 2**20
 DISK_WARN_BYTES = 2 * 2**30
@@ -33,9 +35,6 @@ def check_run_folder(job: Job) -> Verdict:
     """Not in use by another job; the same run resumes (with this world size) or is complete,
     a different one is refused (or replaced); the folder writable. The workers check it all
     again."""
-    from train.checkpoint import Checkpoints  # late: they import torch
-    from train.resume import is_complete
-
     if job.args.node_rank > 0:
         return SKIP, "node 0 checks it (run.dir should be on a file system all nodes share)"
     cfg, folder = job.cfg, Path(job.cfg.run.dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from common.config import load_config
 from common.errors import UserError
 from common.host import (
     backend_for,
@@ -15,7 +16,7 @@ from common.host import (
     visible_gpus,
 )
 from common.schema import Config
-from train.config import load_config
+from common.validate import World
 from train.run_path import settle_run_dir
 
 DEFAULT_CPU_WORKERS = 2
@@ -84,11 +85,11 @@ class Job:
         return 1 if self.dp else self.nproc * self.nodes.max
 
     @property
-    def world_sizes(self) -> list[int]:
-        """Every world size the job may run at (one, unless elastic)."""
-        if self.dp:
-            return [1]
-        return [self.nproc * n for n in range(self.nodes.min, self.nodes.max + 1)]
+    def world(self) -> World:
+        """What common/validate.py checks the config against."""
+        nodes = self.nodes
+        return World(size=self.world_size, device=self.kind, nodes=nodes.max,
+                     min_nodes=nodes.min if nodes.elastic and not self.dp else None)
 
     @property
     def master_port(self) -> int:
@@ -181,7 +182,7 @@ def describe(job: Job) -> str:
         backend = job.cfg.dist.backend
     nodes = job.nodes
     node = f" (this is node {job.args.node_rank})" if nodes.several else ""
-    sizes = job.world_sizes
+    sizes = job.world.sizes
     total = f"{sizes[0]} to {sizes[-1]}" if nodes.elastic else str(job.world_size)
     return (f"mode {job.cfg.mode}, {job.nproc} worker(s) x {nodes} node(s){node} = "
             f"{total} in all, {job.kind} ({backend})")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from launch.agent import node0_answers
 from launch.job import Job
 from launch.net import resolve
 
@@ -118,8 +119,6 @@ def _join(job: Job, mine: dict[str, Any], expected: list[int], started: float,
           timeout: float) -> Exchange:
     """Another node: wait for node 0's store, probe the clock, publish, read everyone's."""
     import torch.distributed as dist
-
-    from launch.agent import node0_answers
 
     where = f"{job.args.master_addr}:{job.master_port}"
     try:

@@ -24,15 +24,17 @@ from common.host import (
 )
 from common.records import NCCL_TRACE_PREFIX
 from common.schema import Config
+from common.validate import SECTIONS
 from launch.checks import CHECKS, FAIL, run_check
 from launch.job import Job, plan_job, worker_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SHUTDOWN_TIMEOUT_S = 30  # after SIGTERM, workers get this long to checkpoint before SIGKILL
-# Cheap checks first; the dataset one may download.
-LAUNCH_ORDER = ("GPUs", "device options", "backend", "batch", "profile", "run folder", "wandb",
-                "disk", "rendezvous port", "dataset")
+# Cheap checks first (the config's: every section of common/validate.py); the dataset one may
+# download.
+LAUNCH_ORDER = ("GPUs", *SECTIONS, "restarts", "initial weights", "backend", "run folder",
+                "wandb", "disk", "rendezvous port", "dataset")
 
 
 @dataclass(frozen=True)

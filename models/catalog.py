@@ -13,6 +13,7 @@ from torch import nn
 
 from common.errors import UserError
 from models.lenet import LeNet
+from models.pretrained import torchvision_model
 from models.resnet import resnet18
 
 BOOK: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "resnet18": resnet18}
@@ -112,6 +113,5 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int,
 
         return timm.create_model(name[len(TIMM):], pretrained=pretrained,
                                  num_classes=num_classes, in_chans=in_channels)
-    from models.pretrained import torchvision_model
 
     return torchvision_model(name[len(TORCHVISION):], in_channels, num_classes, pretrained)

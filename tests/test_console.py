@@ -29,8 +29,9 @@ def ctx(world_size: int, threads: int) -> DistContext:
 
 def schedule(steps_per_epoch: int, epochs: int, total: int | None = None,
              sync_probe: bool = True) -> Schedule:
-    return Schedule(epochs, steps_per_epoch, total or epochs * steps_per_epoch, 256, 1, 20, 0,
-                    sync_probe)
+    return Schedule(epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    total_steps=total or epochs * steps_per_epoch, global_batch=256,
+                    grad_accum_steps=1, log_every=20, checkpoint_every=0, sync_probe=sync_probe)
 
 
 RECORD = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "test_accuracy": 0.75,

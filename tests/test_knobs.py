@@ -176,7 +176,7 @@ def test_compile_auto_follows_the_run_length():
 
 def test_static_graph_with_accumulation_still_fails_upstream_and_is_refused(tmp_path):
     # The reason for the refusal, checked on plain DDP: when torch fixes pytorch#143580, this
-    # fails and the refusal in train/preflight.py can go.
+    # fails and the refusal in common/validate.py can go.
     found = run_distributed(static_graph_with_no_sync, 2)
     assert all("expect_autograd_hooks_" in f for f in found), found
     result = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path), "ddp.static_graph=true",

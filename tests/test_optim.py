@@ -7,8 +7,9 @@ from torch import nn
 
 from common.errors import UserError
 from common.schema import OptimConfig
+from common.validate import check_lr_options
 from models import build_model
-from train.lr import LrPlan, check_lr_options, peak_lr
+from train.lr import LrPlan, peak_lr
 from train.optim import build_optimization, make_optimizer, param_groups
 
 

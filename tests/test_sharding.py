@@ -245,10 +245,10 @@ def test_single_files_are_not_converted_nor_resumed_in_pieces(ddp_run, tmp_path)
      "fsdp.reshard_after_forward=false applies to mode fsdp only (mode is ddp)"),
 ])
 def test_keys_of_another_mode_are_refused(overrides, message):
-    """The check the launcher and every worker run (train/preflight.py); the CLI below."""
+    """The check the launcher and every worker run (common/validate.py); the CLI below."""
     from common.errors import UserError
+    from common.validate import check_device_options
     from train.config import load_config
-    from train.preflight import check_device_options
 
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_device_options(load_config(CONFIG, overrides), "cpu")

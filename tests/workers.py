@@ -40,7 +40,7 @@ def evaluate_fresh_model(overrides: list[str]) -> dict[str, float]:
         # rank and in every mode: mode fsdp keeps its shard of each.
         torch.manual_seed(1)
         weights = {k: torch.randn(shape) * 0.1 for k, shape in _plain_shapes(cfg).items()}
-        set_model_state_dict(trainer.plain, weights,
+        set_model_state_dict(trainer.parts.plain, weights,
                              options=StateDictOptions(full_state_dict=True))
         return trainer.evaluate()
     finally:
@@ -83,15 +83,15 @@ def ddp_settings(overrides: list[str]) -> dict:
     ctx = dist.setup(cfg.dist)
     try:
         trainer = _trainer(cfg, ctx)
-        batches = trainer.train_data.iterate()
+        batches = trainer.parts.train_data.iterate()
         for _ in range(3):  # DDP rebuilds its buckets after the first iteration
             trainer.train_step(*next(batches))
-        data = trainer.model._get_ddp_logging_data()
+        data = trainer.parts.model._get_ddp_logging_data()
         sizes = data.get("rebuilt_bucket_sizes") or data["bucket_sizes"]
         return {"bucket_sizes": [int(x) for x in str(sizes).split(",")],
-                "static_graph": trainer.model.static_graph,
+                "static_graph": trainer.parts.model.static_graph,
                 "grads_are_bucket_views": [p.grad._base is not None
-                                           for p in trainer.plain.parameters()]}
+                                           for p in trainer.parts.plain.parameters()]}
     finally:
         dist.teardown(ctx)
 
@@ -170,23 +170,23 @@ def resume_and_report(overrides: list[str]) -> dict:
                "python": list(random.getstate()[1]) == saved["python"][1].tolist()}
         if cuda:
             rng["cuda"] = torch.equal(torch.cuda.get_rng_state(), saved["cuda"])
-        momenta = [t for s in trainer.optim.optimizer.state.values() for t in s.values()
+        momenta = [t for s in trainer.parts.optim.optimizer.state.values() for t in s.values()
                    if isinstance(t, torch.Tensor)]
         report = {
-            "device": str(ctx.device), "step": trainer.state.step, "rng": rng,
-            "params": sorted({str(p.device) for p in trainer.plain.parameters()}),
+            "device": str(ctx.device), "step": trainer.parts.state.step, "rng": rng,
+            "params": sorted({str(p.device) for p in trainer.parts.plain.parameters()}),
             "optimizer": sorted({str(t.device) for t in momenta}), "momenta": len(momenta),
             "other_gpus_bytes": sum(torch.cuda.memory_allocated(i)
                                     for i in range(torch.cuda.device_count())
                                     if i != ctx.device.index) if cuda else 0,
         }
-        run.start(cfg, resumed_epochs=trainer.state.epoch)
-        trainer.monitor.start()
+        run.start(cfg, resumed_epochs=trainer.parts.state.epoch)
+        trainer.parts.monitor.start()
         try:
             trainer.fit()
         finally:
-            trainer.monitor.close()
-        report["finished_step"] = trainer.state.step
+            trainer.parts.monitor.close()
+        report["finished_step"] = trainer.parts.state.step
         held.close()
         return report
     finally:

@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import flatten, load_config, to_dict
+from common.host import visible_gpus
+
 REPO = Path(__file__).resolve().parent.parent
 
 PATHS = {  # label -> launcher flags and overrides
@@ -113,9 +116,6 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 def config_changes(args: argparse.Namespace) -> list[str]:
     """`key=value (config: value)` for every key in which the runs differ from the config file,
     besides the path itself and the run folder."""
-    from common.config import flatten, to_dict
-    from train.config import load_config
-
     given = flatten(to_dict(load_config(args.config)))
     runs = flatten(to_dict(load_config(args.config, common_overrides(args))))
     return [f"{k}={runs[k]} (config: {given.get(k)})" for k in sorted(runs)
@@ -200,8 +200,6 @@ def figure(results: list[Result], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.host import visible_gpus
-
     gpus = visible_gpus()
     parser = argparse.ArgumentParser(prog="python -m tools.compare",
                                      description=__doc__.splitlines()[0])

@@ -21,16 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.errors import EXIT_USER_ERROR, UserError
 from common.files import atomic_write
+from train.checkpoint import Checkpoints, CorruptCheckpoint, load
+from train.sharded_checkpoint import SHARDED_KEY, VALUES_KEY, folder_damage, read_whole
 
 
 def sharded_step(path: Path) -> tuple[Path, dict[str, Any]]:
     """The complete DCP folder that `path` (a run folder, a step file, a DCP folder) names,
     and what its step file holds besides tensors ({} when there is none)."""
-    from train.checkpoint import Checkpoints, CorruptCheckpoint, load
-    from train.sharded_checkpoint import SHARDED_KEY, VALUES_KEY, folder_damage
-
     if (path / ".metadata").exists() or (path.is_dir() and path.name.startswith("step_")):
         problem = folder_damage(path)
         if problem:
@@ -62,10 +63,6 @@ def sharded_step(path: Path) -> tuple[Path, dict[str, Any]]:
 
 def convert(source: Path, out: Path | None = None) -> Path:
     """Write the sharded checkpoint that `source` names as one torch.save file; its path."""
-    import torch
-
-    from train.sharded_checkpoint import read_whole
-
     folder, values = sharded_step(source)
     whole = read_whole(folder, values=values)
     out = out or folder.with_name(folder.name + ".full.pt")

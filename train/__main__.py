@@ -32,10 +32,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from common.config import load_config  # noqa: E402
 from common.errors import EXIT_INTERRUPTED, UserError  # noqa: E402
 from common.signals import signal_name  # noqa: E402
 from train import dist  # noqa: E402
-from train.config import load_config  # noqa: E402
 from train.dist import DistContext  # noqa: E402
 from train.observe.logs import setup_logging  # noqa: E402
 from train.trainer import Interrupted  # noqa: E402

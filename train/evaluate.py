@@ -19,6 +19,9 @@ from typing import Any
 from common.errors import UserError
 from common.files import atomic_write
 from common.spawn import SpawnError, spawn
+from train import dist
+from train.evaluation import evaluate
+from train.loaded import check_inputs, open_trained, run_config
 
 log = logging.getLogger("train.evaluate")
 
@@ -36,10 +39,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) -> dict:
     """One worker: the run's data and model, the checkpoint's weights, the test split."""
-    from train import dist
-    from train.evaluation import evaluate
-    from train.loaded import open_trained, run_config
-
     cfg = run_config(Path(run), overrides)
     ctx = dist.setup(cfg.dist)
     try:
@@ -95,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise UserError(f"--workers must be at least 1; got {args.workers}")
-        from train.loaded import check_inputs
 
         check_inputs(args.run, checkpoint, overrides)
         result = spawn(evaluate_worker, args.workers, str(args.run), str(checkpoint), args.ema,

@@ -19,6 +19,8 @@ import torch
 
 from common.errors import UserError
 from common.files import atomic_write
+from train import dist
+from train.loaded import normalization, open_trained, run_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -46,9 +48,6 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
 
 
 def export(run: Path, checkpoint: Path, ema: bool, out: Path, overrides: list[str]) -> dict:
-    from train import dist
-    from train.loaded import normalization, open_trained, run_config
-
     cfg = run_config(run, [*overrides, "dist.device=cpu", "wandb.mode=disabled",
                            "perf.channels_last=false"])
     ctx = dist.setup(cfg.dist)

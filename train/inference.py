@@ -18,6 +18,7 @@ from common import config as engine
 from common.errors import UserError
 from common.records import CHECKPOINT_DIR, CONFIG_FILE
 from models import build_model
+from train.data import load_datasets
 from train.data.build import DataFacts
 from train.run_path import follow_latest
 
@@ -84,7 +85,5 @@ def load_trained(run_dir: str | Path, checkpoint: str = "last.pt",
 
 def _spec_from_data(cfg: engine.Config) -> InputSpec:
     """Checkpoints written before they carried an InputSpec: read the dataset again."""
-    from train.data import load_datasets
-
     train_set, _ = load_datasets(cfg.data, cfg.seed)
     return InputSpec.of(train_set)

@@ -15,10 +15,12 @@ from torch import nn
 from common.errors import UserError
 from common.schema import Config
 from train.checkpoint import CorruptCheckpoint, load
+from train.config import load_config
 from train.data.build import DataParts, build_data
 from train.dist import DistContext
 from train.model import build_plain_model, use_channels_last
 from train.optim import AUTOCAST_DTYPES
+from train.sharded_checkpoint import load_model_state_dict
 
 
 @dataclass
@@ -31,8 +33,6 @@ class Trained:
 
 def run_config(run: Path, overrides: list[str]) -> Config:
     """The run's resolved config (config.yaml), with `overrides`."""
-    from train.config import load_config
-
     path = run / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run} holds no run (no config.yaml)")
@@ -58,7 +58,6 @@ def weights(state: dict[str, Any], ema: bool, path: Path) -> dict[str, torch.Ten
     """The model's plain state_dict from `state` (read from `path`), or its moving average."""
     if not ema:
         if "model" not in state:  # mode fsdp's step files: the model is in their DCP folder
-            from train.sharded_checkpoint import load_model_state_dict
 
             return load_model_state_dict(path)
         return state["model"]

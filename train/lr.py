@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.errors import UserError
 from common.schema import OptimConfig
 
 
@@ -17,16 +16,6 @@ def peak_lr(cfg: OptimConfig, world_size: int, global_batch: int) -> float:
         return cfg.lr * global_batch / cfg.lr_base_batch
     factor = {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[cfg.scale_lr]
     return cfg.lr * factor
-
-
-def check_lr_options(cfg: OptimConfig) -> None:
-    """Options that contradict each other, in one line."""
-    if cfg.warmup_steps and cfg.warmup_epochs:
-        raise UserError(f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_epochs="
-                        f"{cfg.warmup_epochs:g} both set the warmup; set one")
-    if cfg.lr_base_batch is not None and cfg.scale_lr != "none":
-        raise UserError(f"optim.lr_base_batch and optim.scale_lr={cfg.scale_lr} both scale the "
-                        f"learning rate; set one")
 
 
 @dataclass(frozen=True)

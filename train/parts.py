@@ -25,7 +25,7 @@ from train.run_folder import RunFolder
 from train.strategies.base import Strategy
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class TrainState:
     """The position in the run; a checkpointed part."""
 
@@ -56,7 +56,7 @@ class TrainState:
         return {"step": self.step, "from": self.saved_world_size, "to": world_size}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Schedule:
     """How long the run is and how often it logs and checkpoints."""
 
@@ -80,7 +80,7 @@ class Schedule:
         return min(self.epochs, -(-self.total_steps // self.steps_per_epoch))
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class Guards:
     stop: StopRequest
     sync_check: SyncChecker
@@ -90,9 +90,10 @@ class Guards:
     hang: HangRecorder = field(default_factory=NoHangRecord)  # where this rank was, if hung
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class TrainerParts:
-    """Everything a Trainer is handed, built."""
+    """Everything a Trainer is handed, built: each part under one name (the Trainer reads
+    `parts.<name>`, copying none)."""
 
     strategy: Strategy
     plain: nn.Module  # the model itself: saved, evaluated, checked

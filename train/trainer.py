@@ -46,36 +46,33 @@ class Trainer:
     """Trains `parts.model` on `parts.train_data`, evaluates on `parts.test_data`."""
 
     def __init__(self, ctx: DistContext, parts: TrainerParts):
-        self.ctx, self.parts = ctx, parts
-        self.strategy, self.plain, self.model = parts.strategy, parts.plain, parts.model
-        self.train_data, self.test_data = parts.train_data, parts.test_data
-        self.optim, self.state, self.totals = parts.optim, parts.state, parts.totals
-        self.guards, self.schedule = parts.guards, parts.schedule
-        self.run, self.monitor = parts.run, parts.monitor
+        self.ctx, self.parts = ctx, parts  # each part under one name: parts.<name>
         self.timer = StepTimer(ctx.device, devices=parts.strategy.devices())
         self.compile_clock = CompileClock(parts.compiled)
         self.where = ""  # what the loop is doing now, for error messages
-        self.guards.hang.locate = lambda: (self.state.step + 1, self.where or "setup")
+        parts.guards.hang.locate = lambda: (parts.state.step + 1, self.where or "setup")
         self.probe = SyncProbe(parts.strategy, parts.schedule, parts.optim.autocast)
         self.grad_norm: torch.Tensor | None = None  # the last step's, when clipping
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs; return the summary written to summary.json."""
+        parts = self.parts
         try:
             return self._fit()
         except RuntimeError as exc:
-            explained = explain_failure(exc, self.strategy, self.state.step + 1, self.where,
-                                        self.guards, self.ctx)
+            explained = explain_failure(exc, parts.strategy, parts.state.step + 1, self.where,
+                                        parts.guards, self.ctx)
             if explained is None:
                 raise
             raise explained from None
         finally:
-            self.parts.profiler.close()
+            parts.profiler.close()
 
     def _fit(self) -> dict[str, Any]:
+        parts = self.parts
         started, trained = time.perf_counter(), False
-        self.guards.stop.begin()
-        change = self.state.world_size_change(self.ctx.world_size)
+        parts.guards.stop.begin()
+        change = parts.state.world_size_change(self.ctx.world_size)
         while not self.finished():
             trained = True
             train = self.train_epoch()
@@ -83,51 +80,53 @@ class Trainer:
             test = self.evaluate()
             test["seconds"] = time.perf_counter() - evaluated
             record = epoch_record(self.ctx, train, test, loop_facts(self),
-                                  self.schedule.global_batch, self.parts.counters.values())
+                                  parts.schedule.global_batch, parts.counters.values())
             if change:  # the first epoch record after the change says so
                 record["world_size_change"], change = change, None
-            self.state.end_epoch()
-            self.totals.reset()
-            self.parts.counters.reset()
-            agree(self.ctx, functools.partial(self.run.log_epoch, record))  # a full disk: all stop
-            self.monitor.log_epoch(record)
+            parts.state.end_epoch()
+            parts.totals.reset()
+            parts.counters.reset()
+            agree(self.ctx, functools.partial(parts.run.log_epoch, record))  # a full disk: all stop
+            parts.monitor.log_epoch(record)
             self.save_checkpoint(final=self.finished())
             # A stop asked for in the epoch's last step or in evaluation takes effect here,
             # after the epoch is recorded and saved whole (every rank checks alike).
-            if not self.finished() and self.guards.stop.should_stop(self.state.step, True):
+            if not self.finished() and parts.guards.stop.should_stop(parts.state.step, True):
                 self.interrupt()
-        self.guards.hang.withdraw()  # a stop signal at the very end is no hang
-        summary = summarize(self.run.records, loop_facts(self), time.perf_counter() - started)
+        parts.guards.hang.withdraw()  # a stop signal at the very end is no hang
+        summary = summarize(parts.run.records, loop_facts(self), time.perf_counter() - started)
         if trained:  # a complete run started again keeps the summary of the run that trained
-            agree(self.ctx, lambda: self.run.finish(summary))
+            agree(self.ctx, lambda: parts.run.finish(summary))
         return summary
 
     def finished(self) -> bool:
-        return (self.state.epoch >= self.schedule.epochs
-                or self.state.step >= self.schedule.total_steps)
+        parts = self.parts
+        return (parts.state.epoch >= parts.schedule.epochs
+                or parts.state.step >= parts.schedule.total_steps)
 
     def train_epoch(self) -> EpochTrain:
-        epoch, guards = self.state.epoch, self.guards
+        parts = self.parts
+        epoch, guards = parts.state.epoch, parts.guards
         if not guards.faults.skip_set_epoch:
-            self.train_data.set_epoch(epoch)  # without it every epoch has the same order
-        self.model.train()
+            parts.train_data.set_epoch(epoch)  # without it every epoch has the same order
+        parts.model.train()
         self.timer.reset()
-        first = self.state.batch_in_epoch  # > 0 when resuming inside the epoch
+        first = parts.state.batch_in_epoch  # > 0 when resuming inside the epoch
         # This epoch's steps, fewer when train.max_steps ends the run inside it.
-        steps = min(self.schedule.steps_per_epoch,
-                    first + self.schedule.total_steps - self.state.step)
-        self.monitor.epoch_start(epoch + 1, steps, first)
-        batches = self.train_data.iterate(start=first)
+        steps = min(parts.schedule.steps_per_epoch,
+                    first + parts.schedule.total_steps - parts.state.step)
+        parts.monitor.epoch_start(epoch + 1, steps, first)
+        batches = parts.train_data.iterate(start=first)
         if self.ctx.distributed:
             # Start the clocks together: otherwise a rank that finished its setup early (the
             # main rank also opens wandb) counts its wait in the first allreduce as compute.
             self.where = f"the barrier where every worker starts epoch {epoch + 1}"
             dist.barrier()
         start = self.timer.clock()
-        window = (start, self.state.step)  # when and at which step the last step log was
-        while self.state.step < self.schedule.total_steps:
-            self.timer.start_step(self.state.step)
-            self.parts.profiler.step_begins(self.state.step + 1)
+        window = (start, parts.state.step)  # when and at which step the last step log was
+        while parts.state.step < parts.schedule.total_steps:
+            self.timer.start_step(parts.state.step)
+            parts.profiler.step_begins(parts.state.step + 1)
             with self.phase("data"):
                 batch = next(batches, None)
             if batch is None:
@@ -135,56 +134,57 @@ class Trainer:
             step_started = time.perf_counter()
             loss, correct = self.train_step(*batch)
             self.compile_clock.note_step(time.perf_counter() - step_started, self.timer)
-            self.totals.add(loss * batch[1].shape[0], correct, batch[1].shape[0])
+            parts.totals.add(loss * batch[1].shape[0], correct, batch[1].shape[0])
             self.after_step()
-            self.parts.profiler.step_ends(self.state.step)
-            if self.state.step % self.schedule.log_every == 0:
+            parts.profiler.step_ends(parts.state.step)
+            if parts.state.step % parts.schedule.log_every == 0:
                 window = log_step(self, loss, window)
-            if guards.stop.should_stop(self.state.step) and not self.epoch_done():
+            if guards.stop.should_stop(parts.state.step) and not self.epoch_done():
                 self.save_checkpoint()
                 self.interrupt()
         compile_s = self.compile_clock.take()
         seconds = self.timer.clock() - start - compile_s
-        done = self.state.batch_in_epoch
-        guards.ledger.check_train(epoch + 1, self.train_data.seen(done), done,
-                                  self.schedule.global_batch)
-        probe_started, spe = time.perf_counter(), self.schedule.steps_per_epoch
+        done = parts.state.batch_in_epoch
+        guards.ledger.check_train(epoch + 1, parts.train_data.seen(done), done,
+                                  parts.schedule.global_batch)
+        probe_started, spe = time.perf_counter(), parts.schedule.steps_per_epoch
         self.where = "the DDP sync probe at the epoch's end"
-        probe_sync_ms, skipped = self.probe.at_epoch_end(self.model, self.train_data,
+        probe_sync_ms, skipped = self.probe.at_epoch_end(parts.model, parts.train_data,
                                                          whole=first == 0 and done == spe)
         return EpochTrain(seconds, done - first, self.timer.per_step_ms(),
-                          self.totals.values.clone(), probe_sync_ms,
+                          parts.totals.values.clone(), probe_sync_ms,
                           time.perf_counter() - probe_started, compile_s,
                           self.timer.peak_memory_mb(), skipped)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on this rank's share of the global batch, in
         `train.grad_accum_steps` micro-batches; only the last one synchronizes gradients."""
-        images, pairs, lam = self.parts.mixing(images, labels, self.state.step)
-        parts = split_batch(images, pairs, self.schedule.grad_accum_steps)
+        parts = self.parts
+        images, pairs, lam = parts.mixing(images, labels, parts.state.step)
+        micro = split_batch(images, pairs, parts.schedule.grad_accum_steps)
         loss_sum = torch.zeros((), device=images.device)
         correct = torch.zeros((), dtype=torch.long, device=images.device)
-        criterion = self.parts.criterion
+        criterion = parts.criterion
         with self.phase("compute"):
-            self.optim.optimizer.zero_grad(set_to_none=True)
-            for i, (x, y) in enumerate(parts):
-                last = i == len(parts) - 1
-                with contextlib.nullcontext() if last else self.strategy.no_sync(self.model):
-                    with self.optim.autocast():
-                        logits = self.model(x)
+            parts.optim.optimizer.zero_grad(set_to_none=True)
+            for i, (x, y) in enumerate(micro):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if last else parts.strategy.no_sync(parts.model):
+                    with parts.optim.autocast():
+                        logits = parts.model(x)
                         # Weighted so that the micro-batches add up to the batch's mean loss.
                         loss = criterion.loss(logits, y, lam) * (y.shape[0] / labels.shape[0])
                     if last:
-                        self.guards.faults.inside_step(self.state.step + 1)
-                    self.optim.backward(loss)
+                        parts.guards.faults.inside_step(parts.state.step + 1)
+                    parts.optim.backward(loss)
                 loss_sum += loss.detach().float()
                 correct += criterion.correct(logits, y, lam)
         with self.phase("sync"):
-            self.strategy.sync_gradients(self.model)
+            parts.strategy.sync_gradients(parts.model)
         with self.phase("optim"):
-            self.grad_norm = self.optim.step()
-            if self.parts.ema is not None:
-                self.parts.ema.update(self.plain)
+            self.grad_norm = parts.optim.step()
+            if parts.ema is not None:
+                parts.ema.update(parts.plain)
         return loss_sum, correct
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
@@ -193,50 +193,55 @@ class Trainer:
         return self.timer.phase(name)
 
     def epoch_done(self) -> bool:
-        return (self.state.batch_in_epoch == self.schedule.steps_per_epoch
-                or self.state.step == self.schedule.total_steps)
+        parts = self.parts
+        return (parts.state.batch_in_epoch == parts.schedule.steps_per_epoch
+                or parts.state.step == parts.schedule.total_steps)
 
     def interrupt(self) -> None:
         """Leave after a stop request, once the checkpoint just saved is on disk everywhere."""
+        parts = self.parts
         if self.ctx.distributed:
             # Schedulers end the whole job at the first process that exits (srun
             # --kill-on-bad-exit): the others must not leave while rank 0 is still writing.
             dist.barrier()
-        self.guards.hang.withdraw()  # it reached a step boundary: slow, perhaps, but no hang
-        raise Interrupted(self.guards.stop.requested, self.state.step)
+        parts.guards.hang.withdraw()  # it reached a step boundary: slow, perhaps, but no hang
+        raise Interrupted(parts.guards.stop.requested, parts.state.step)
 
     def after_step(self) -> None:
-        self.state.step += 1
-        self.state.batch_in_epoch += 1
-        self.monitor.advance()
-        self.guards.faults.after_step(self.plain, self.state.step)
-        self.guards.sync_check.after_step(self.plain, self.state.step)
-        every = self.schedule.checkpoint_every
+        parts = self.parts
+        parts.state.step += 1
+        parts.state.batch_in_epoch += 1
+        parts.monitor.advance()
+        parts.guards.faults.after_step(parts.plain, parts.state.step)
+        parts.guards.sync_check.after_step(parts.plain, parts.state.step)
+        every = parts.schedule.checkpoint_every
         # The epoch's last step is saved at the epoch's end, with its evaluation.
-        if every and self.state.step % every == 0 and not self.epoch_done():
+        if every and parts.state.step % every == 0 and not self.epoch_done():
             self.save_checkpoint()
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy over the whole test set: each sample counted once, one all_reduce; the
         weights' moving average beside the model, with `train.ema_decay` ("ema")."""
+        parts = self.parts
         self.where = "evaluation"
-        self.strategy.sync_buffers(self.model)
-        model = self.strategy.eval_model(self.model, self.plain)
-        batches = self.guards.stop.each_alive(self.strategy.eval_batches(self.test_data))
-        result = evaluate(model, batches, self.ctx, self.optim.autocast)
-        self.guards.ledger.check_eval(self.state.epoch + 1, self.test_data.indices().tolist(),
-                                      len(self.test_data.data))
-        if self.parts.ema is not None:
-            result["ema"] = evaluate(self.parts.ema.take_buffers(self.plain),
-                                     self.test_data.iterate(), self.ctx, self.optim.autocast)
+        parts.strategy.sync_buffers(parts.model)
+        model = parts.strategy.eval_model(parts.model, parts.plain)
+        batches = parts.guards.stop.each_alive(parts.strategy.eval_batches(parts.test_data))
+        result = evaluate(model, batches, self.ctx, parts.optim.autocast)
+        parts.guards.ledger.check_eval(parts.state.epoch + 1, parts.test_data.indices().tolist(),
+                                       len(parts.test_data.data))
+        if parts.ema is not None:
+            result["ema"] = evaluate(parts.ema.take_buffers(parts.plain),
+                                     parts.test_data.iterate(), self.ctx, parts.optim.autocast)
         return result
 
     def save_checkpoint(self, final: bool = False) -> None:
         """`final`: the run's last one (sharded models are then also gathered into last.pt)."""
+        parts = self.parts
         self.where = "saving a checkpoint"
-        with self.guards.stop.busy():
-            self.parts.checkpointer.save(final)
-        self.run.checkpoint_written()
+        with parts.guards.stop.busy():
+            parts.checkpointer.save(final)
+        parts.run.checkpoint_written()
 
 
 
@@ -247,27 +252,29 @@ def log_step(trainer: Trainer, loss: torch.Tensor, since: tuple[float, int]) -> 
         dist.all_reduce(value)
         value /= trainer.ctx.world_size
     now = time.perf_counter()
-    samples = (trainer.state.step - since[1]) * trainer.schedule.global_batch
-    trainer.monitor.log_step(trainer.state.step, {
-        "loss": value.item(), "lr": trainer.optim.lr,
+    state = trainer.parts.state
+    samples = (state.step - since[1]) * trainer.parts.schedule.global_batch
+    trainer.parts.monitor.log_step(state.step, {
+        "loss": value.item(), "lr": trainer.parts.optim.lr,
         # the same on every rank: the norm of the synchronized gradients, before clipping
         **({"grad_norm": trainer.grad_norm.item()} if trainer.grad_norm is not None else {}),
-        "samples_per_s": samples / max(now - since[0], 1e-9), "epoch": trainer.state.epoch + 1,
+        "samples_per_s": samples / max(now - since[0], 1e-9), "epoch": state.epoch + 1,
         **{f"time_{k}_ms": v for k, v in trainer.timer.per_step_ms().items()},
     })
-    return now, trainer.state.step
+    return now, state.step
 
 
 def loop_facts(trainer: Trainer) -> dict[str, Any]:
     """What records and the summary copy as they are."""
-    state, strategy, ctx, parts = trainer.state, trainer.strategy, trainer.ctx, trainer.parts
+    parts, ctx = trainer.parts, trainer.ctx
+    state, strategy = parts.state, parts.strategy
     return {"epoch": state.epoch + 1, "epochs": state.epoch, "step": state.step,
-            "steps": state.step, "lr": trainer.optim.lr, "mode": strategy.name,
+            "steps": state.step, "lr": parts.optim.lr, "mode": strategy.name,
             "sync_method": strategy.sync_method, "measures_sync": strategy.measures_sync,
             "compiled": parts.compiled, "world_size": ctx.world_size,
             "backend": ctx.backend, "device": ctx.device.type, **parts.labels,
             "final_checkpoint": parts.checkpointer.last_saved,
-            "stopped_by_max_steps": trainer.schedule.cut_by_max_steps and trainer.finished()}
+            "stopped_by_max_steps": parts.schedule.cut_by_max_steps and trainer.finished()}
 
 
 def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str,

@@ -14,6 +14,7 @@ import torch
 
 from common import status
 from common.schema import Config
+from common.validate import World, validate, validate_with_data
 from train.checkpoint import Checkpointer, Checkpoints
 from train.data.build import DataParts, build_data
 from train.dist import DistContext, agree
@@ -30,13 +31,6 @@ from train.observe.profile import make_profiler
 from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
 from train.optim import build_optimization
 from train.parts import Guards, Schedule, TrainerParts, TrainState
-from train.preflight import (
-    check_device_options,
-    check_mixing,
-    check_profile_steps,
-    check_recipe,
-    check_world_size,
-)
 from train.regularize import Criterion, Mixing, ModelEma
 from train.resume import elastic_nodes, resume
 from train.rng import ProcessRng
@@ -51,11 +45,9 @@ log = logging.getLogger("train")
 def train(cfg: Config, ctx: DistContext) -> None:
     """Everything between joining and leaving the process group."""
     settle_folder(cfg, ctx)
-    # The same checks on every rank: agreed, so that one process reports them. All of them
-    # pass before anything in the run folder changes.
-    agree(ctx, lambda: check_world_size(cfg, ctx.world_size))
-    agree(ctx, lambda: check_recipe(cfg))
-    for warning in agree(ctx, lambda: check_device_options(cfg, ctx.device.type)):
+    # The launcher's checks (common/validate.py) again, on every rank: agreed, so that one
+    # process reports them. All of them pass before anything in the run folder changes.
+    for warning in agree(ctx, lambda: validate(cfg, world_of(ctx))):
         if ctx.is_main:
             log.warning("%s", warning)
     agree(ctx, lambda: check_usable(cfg.wandb) if ctx.is_main else None)
@@ -69,21 +61,26 @@ def train(cfg: Config, ctx: DistContext) -> None:
         trainer = build_trainer(cfg, ctx, strategy, run)
         for batches in (trainer.parts.train_data, trainer.parts.test_data):
             held.callback(batches.close)  # the stream path's loader processes
-        agree(ctx, lambda: check_profile_steps(cfg.perf, trainer.schedule.total_steps))
         resumed = agree(ctx, lambda: resume(cfg, ctx, trainer.parts.checkpointer, run))
-        agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.state.epoch if resumed
+        agree(ctx, lambda: run.start(cfg, resumed_epochs=trainer.parts.state.epoch if resumed
                                      else None))
         agree(ctx, lambda: run.save_classes(trainer.parts.data.classes))
         log.info(describe(cfg, trainer))
         if not say_resumed(cfg, ctx, trainer, resumed):
             return  # complete: nothing is opened (no wandb segment, no sync command)
-        agree(ctx, trainer.monitor.start)  # wandb's init, on the main worker
-        status.report(trained_from=trainer.state.step)
+        agree(ctx, trainer.parts.monitor.start)  # wandb's init, on the main worker
+        status.report(trained_from=trainer.parts.state.step)
         try:
             trainer.fit()
         finally:
-            trainer.monitor.close()
+            trainer.parts.monitor.close()
     log.info("run folder: %s", cfg.run.dir)
+
+
+def world_of(ctx: DistContext) -> World:
+    """The world this worker joined (torchrun starts as many workers on every node)."""
+    return World(size=ctx.world_size, device=ctx.device.type,
+                 nodes=max(1, ctx.world_size // ctx.local_world_size))
 
 
 def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path | None) -> bool:
@@ -91,7 +88,8 @@ def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path |
     False when it is complete."""
     if resumed is None:
         return True
-    change = trainer.state.world_size_change(ctx.world_size)
+    state = trainer.parts.state
+    change = state.world_size_change(ctx.world_size)
     if change:
         how = (f"an elastic job, --nnodes {elastic_nodes()}" if elastic_nodes()
                else "checkpoint.allow_changes=true")
@@ -101,11 +99,10 @@ def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path |
                  cfg.train.batch_size)
     if trainer.finished():
         log.info("%s is complete (step %d of %d, from %s): nothing left to train; "
-                 "checkpoint.resume=false trains it again", cfg.run.dir, trainer.state.step,
-                 trainer.schedule.total_steps, resumed.name)
+                 "checkpoint.resume=false trains it again", cfg.run.dir, state.step,
+                 trainer.parts.schedule.total_steps, resumed.name)
         return False
-    log.info("resumed from %s: epoch %d, step %d", resumed, trainer.state.epoch + 1,
-             trainer.state.step)
+    log.info("resumed from %s: epoch %d, step %d", resumed, state.epoch + 1, state.step)
     return True
 
 
@@ -133,8 +130,8 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     on every path), assembled into a Trainer."""
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
     data = load_data(cfg, ctx, nhwc)
-    agree(ctx, lambda: check_mixing(cfg, ctx.world_size, data.facts.num_classes))
     schedule = make_schedule(cfg, len(data.train))
+    agree(ctx, lambda: validate_with_data(cfg, data.facts.num_classes, schedule.total_steps))
     plain = agree(ctx, lambda: build_plain_model(cfg, ctx, data.facts, nhwc))
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)
@@ -164,10 +161,13 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
                     "data": data.counters},
         identity=identity(cfg), sharded=sharded)
     return Trainer(ctx, TrainerParts(
-        strategy, plain, model, compiled, nhwc, data.train, data.test, optim, state, totals,
-        make_guards(cfg, ctx, run), schedule, run, Monitor(sinks), checkpointer, data.counters,
-        data.facts, Criterion(cfg.train.label_smoothing), Mixing(cfg.train, cfg.seed), ema,
-        make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank, ctx.is_main, ctx.device),
+        strategy=strategy, plain=plain, model=model, compiled=compiled, channels_last=nhwc,
+        train_data=data.train, test_data=data.test, optim=optim, state=state, totals=totals,
+        guards=make_guards(cfg, ctx, run), schedule=schedule, run=run, monitor=Monitor(sinks),
+        checkpointer=checkpointer, counters=data.counters, data=data.facts,
+        criterion=Criterion(cfg.train.label_smoothing), mixing=Mixing(cfg.train, cfg.seed),
+        ema=ema, profiler=make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank,
+                                        ctx.is_main, ctx.device),
         labels={"model": cfg.model.name, "dataset": cfg.data.name}))
 
 
@@ -175,9 +175,10 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    return Schedule(cfg.train.epochs, steps_per_epoch, total, cfg.train.batch_size,
-                    cfg.train.grad_accum_steps, cfg.log.every_steps, cfg.checkpoint.every_steps,
-                    cfg.log.sync_probe)
+    return Schedule(epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
+                    global_batch=cfg.train.batch_size,
+                    grad_accum_steps=cfg.train.grad_accum_steps, log_every=cfg.log.every_steps,
+                    checkpoint_every=cfg.checkpoint.every_steps, sync_probe=cfg.log.sync_probe)
 
 
 def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
@@ -187,9 +188,9 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
     hang = HangRecorder(run.folder, ctx.rank, ctx.world_size) if ctx.distributed else \
         NoHangRecord()
     stop.on_overdue = hang.overdue
-    return Guards(stop, SyncChecker(cfg.check, ctx),
-                  SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None),
-                  Faults(cfg.debug, ctx), cfg.dist.timeout_s, hang)
+    return Guards(stop=stop, sync_check=SyncChecker(cfg.check, ctx),
+                  ledger=SampleLedger(cfg.check, ctx, run.folder if ctx.is_main else None),
+                  faults=Faults(cfg.debug, ctx), timeout_s=cfg.dist.timeout_s, hang=hang)
 
 
 def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
@@ -211,22 +212,23 @@ def recipe_knobs(cfg: Config) -> list[str]:
 
 def describe(cfg: Config, trainer: Trainer) -> str:
     """The three lines the console starts with: where, what, how long."""
-    facts = trainer.parts.data
-    params = sum(p.numel() for p in trainer.plain.parameters())
-    knobs = [cfg.perf.precision] + (["channels_last"] if trainer.parts.channels_last else [])
-    knobs += ["torch.compile"] if trainer.parts.compiled else []
+    parts = trainer.parts
+    facts = parts.data
+    params = sum(p.numel() for p in parts.plain.parameters())
+    knobs = [cfg.perf.precision] + (["channels_last"] if parts.channels_last else [])
+    knobs += ["torch.compile"] if parts.compiled else []
     if cfg.train.grad_accum_steps > 1:
         knobs.append(f"{cfg.train.grad_accum_steps} micro-batches")
     knobs += recipe_knobs(cfg)
     shape = f"{facts.channels}x{facts.image_size}x{facts.image_size}"
     augment = f", augment {cfg.data.augment}" if cfg.data.augment != "none" else ""
-    plan, world = trainer.schedule, trainer.ctx.world_size
+    plan, world = parts.schedule, trainer.ctx.world_size
     length = f"{plan.epochs} epoch{'' if plan.epochs == 1 else 's'} ({plan.total_steps} steps)"
     if plan.cut_by_max_steps:
         length = (f"{plan.total_steps} steps: train.max_steps ends the run in epoch "
                   f"{plan.epochs_in_run} of {plan.epochs}")
     return (
-        f"{trainer.strategy.name}: {trainer.strategy.describe()}; {', '.join(knobs)}\n"
+        f"{parts.strategy.name}: {parts.strategy.describe()}; {', '.join(knobs)}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
         f"{facts.train_samples:,} train / {facts.test_samples:,} test, {facts.num_classes} "
         f"classes{augment}; {facts.note}\n"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench import comm, data, overhead
+from tools.bench.report import figure, markdown
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -176,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    from tools.bench.report import figure, markdown
 
     (out / "bench.md").write_text(markdown(report))
     if all(key in report for key in ("scaling", "allreduce", "overhead")):

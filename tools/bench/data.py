@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
+from models import build_model
 from tools.make_images import write_image_folder
+from train.config import load_config
+from train.data.augment import Augment
+from train.data.build import build_data
+from train.data.decode import render_file, render_pil
+from train.data.imagefolder import scan
+from train.dist import DistContext
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 64
@@ -34,8 +41,6 @@ WAIT_BATCH = 8  # ResNet-18 steps: a 64-image step takes about a minute on 2 CPU
 
 
 def _cfg(root: Path, cache_dir: Path, size: int, workers: int, *extra: str) -> Any:
-    from train.config import load_config
-
     return load_config(REPO / "configs" / "default.yaml", [
         "data.name=imagefolder", f"data.root={root}", f"data.image_size={size}",
         "data.augment=imagenet", "data.loader=stream", f"data.num_workers={workers}",
@@ -45,9 +50,6 @@ def _cfg(root: Path, cache_dir: Path, size: int, workers: int, *extra: str) -> A
 def ours(root: Path, cache_dir: Path, size: int, workers: int, cache: str,
          batch: int = BATCH) -> Any:
     """This tool's training batches (one worker on the CPU), as `make train` builds them."""
-    from train.data.build import build_data
-    from train.dist import DistContext
-
     ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), "none", 1)
     cfg = _cfg(root, cache_dir, size, workers, f"data.cache={cache}")
     return build_data(cfg, 0, ctx, batch, batch, channels_last=True).train
@@ -102,8 +104,6 @@ def _decoders(size: int) -> dict[str, Callable[[str, Any], torch.Tensor] | str]:
     import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
-    from train.data.decode import render_file, render_pil
-
     def crop(image: torch.Tensor, v: Any) -> torch.Tensor:
         out = TF.resized_crop(image, round(v.top), round(v.left), round(v.height),
                               round(v.width), [v.size, v.size], antialias=True)
@@ -147,10 +147,6 @@ def _quiet() -> Any:
 def decoders(root: Path, size: int, count: int = 300) -> dict[str, Any]:
     """ms per training sample (decode, crop, resize, flip) of each decoder, one process, the
     same files and views; rounds interleaved, the best round counted."""
-    from train.config import load_config
-    from train.data.augment import Augment
-    from train.data.imagefolder import scan
-
     cfg = load_config(REPO / "configs" / "default.yaml", [
         "data.name=imagefolder", f"data.root={root}", "data.augment=imagenet"]).data
     files, _ = scan(cfg)
@@ -177,8 +173,6 @@ def data_wait(root: Path, cache_dir: Path, size: int, workers: int,
               steps: int) -> dict[str, Any]:
     """Share of ResNet-18's step time (64 px, SGD) spent waiting for the next batch, per path:
     an epoch without the model first (the cache fills), then `steps` steps timed."""
-    from models import build_model
-
     out = {}
     for path, cache in (("stream", "none"), ("cache", "decoded")):
         batches = ours(root, cache_dir, size, workers, cache, WAIT_BATCH)

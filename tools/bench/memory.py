@@ -24,6 +24,14 @@ from typing import Any
 
 import torch
 
+from common.spawn import spawn
+from models import build_model
+from tools.bench.report import memory_lines
+from train import dist
+from train.config import load_config
+from train.optim import build_optimization
+from train.strategies import make_strategy
+
 REPO = Path(__file__).resolve().parents[2]
 PATHS = {"ddp": ["mode=ddp"], "zero": ["mode=ddp", "ddp.zero=true"], "fsdp": ["mode=fsdp"]}
 KINDS = ("parameters", "gradients", "optimizer")
@@ -48,12 +56,6 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 def footprint(overrides: list[str]) -> dict[str, int]:
     """In a worker process: this rank's bytes after one training step of `overrides`' path."""
     import torch.nn.functional as F
-
-    from models import build_model
-    from train import dist
-    from train.config import load_config
-    from train.optim import build_optimization
-    from train.strategies import make_strategy
 
     cfg = load_config(REPO / "configs" / "default.yaml", ["dist.device=cpu", *overrides])
     ctx = dist.setup(cfg.dist)
@@ -80,8 +82,6 @@ def footprint(overrides: list[str]) -> dict[str, int]:
 
 def measure(model: str = "resnet18", workers: Iterable[int] = (2, 4)) -> dict[str, Any]:
     """{"rows": [{path, workers, <kind>: max bytes over ranks, total, ...}], "targets": ...}"""
-    from common.spawn import spawn
-
     rows = []
     for n in workers:
         for path, overrides in PATHS.items():
@@ -112,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    from tools.bench.report import memory_lines
 
     print("\n".join(memory_lines({"memory": result})))
     print(f"written: {out / 'memory.json'}")

@@ -34,8 +34,8 @@ def ours_epoch(trainer: Trainer) -> Callable[[int], float]:
     meters; not its evaluation), closed as `fit` closes it; its seconds as the record says."""
     def run(_epoch: int) -> float:
         result = trainer.train_epoch()
-        trainer.state.end_epoch()
-        trainer.totals.reset()
+        trainer.parts.state.end_epoch()
+        trainer.parts.totals.reset()
         return result.seconds
     return run
 
@@ -52,10 +52,10 @@ def main() -> None:
                                    "wandb.mode=disabled", f"run.dir={tmp}/run"])
         ctx = dist.setup(cfg.dist)  # threads, denormals, malloc limits, process group: as train
         trainer = build_trainer(cfg, ctx, make_strategy(cfg, ctx), NullRun(Path(cfg.run.dir)))
-        trainer.guards.stop.begin()
+        trainer.parts.guards.stop.begin()
         minimal = MinimalLoop(ctx.rank, ctx.world_size, cfg.train.batch_size,
                               args.train_samples, cfg.optim.lr, epochs)
-        assert minimal.steps == trainer.schedule.steps_per_epoch, "not the same epoch"
+        assert minimal.steps == trainer.parts.schedule.steps_per_epoch, "not the same epoch"
         samples = minimal.steps * cfg.train.batch_size
         sides = {"ours": ours_epoch(trainer), "minimal": minimal.epoch}
         for pair in range(args.pairs + 1):

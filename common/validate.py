@@ -1,0 +1,259 @@
+"""Is this config valid? Every check of a config that needs only the config and the world it
+would run in (world size, nodes, device kind), in one place: `validate(cfg, world)`.
+
+The launcher calls it before starting workers (a section per row of its checks:
+launch/checks.py), `make doctor` shows each section as a row, and every worker calls it once
+the process group exists (train/worker.py), in case torchrun started it directly. Only the
+checks that need the data or the run's step count wait for the data (`validate_with_data`,
+called where the worker builds it). Each check raises `UserError` with one line, or returns
+warnings. Values of one key alone are checked by the schema, beside the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import UserError
+from common.schema import Config, OptimConfig, PerfConfig, parse_step_range
+from models import check_name
+from train.data import DATASETS
+from train.optim import check_optimizer_name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class World:
+    """Where a config would run: what the launcher plans, or what a worker joined."""
+
+    size: int  # workers in all (an elastic job: with every node of its range there)
+    device: str  # "cuda" or "cpu": the workers' device kind
+    nodes: int = 1  # nodes in all (an elastic job: its MAX)
+    min_nodes: int | None = None  # an elastic job's MIN; None for a fixed number of nodes
+
+    @property
+    def sizes(self) -> list[int]:
+        """Every world size the job may run at (one, unless elastic)."""
+        if self.min_nodes is None or self.min_nodes == self.nodes:
+            return [self.size]
+        per_node = self.size // self.nodes
+        return [per_node * n for n in range(self.min_nodes, self.nodes + 1)]
+
+
+def validate(cfg: Config, world: World, only: Iterable[str] | None = None) -> list[str]:
+    """Run every section of checks (`only`: those named), in order; the first problem is a
+    UserError, the warnings are returned."""
+    names = SECTIONS if only is None else tuple(only)
+    warnings: list[str] = []
+    for name in names:
+        warnings += SECTIONS[name](cfg, world)
+    return warnings
+
+
+def validate_with_data(cfg: Config, num_classes: int, total_steps: int) -> None:
+    """The checks that wait for the data: its classes, and the run's steps counted from it."""
+    if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and num_classes < 2:
+        raise UserError(f"train.mixup_alpha/cutmix_alpha mix the labels of classes; the data "
+                        f"has {num_classes} class")
+    check_profile_steps(cfg.perf, total_steps)
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+
+def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
+    """Names that must exist, and options that contradict each other."""
+    check_names(cfg)
+    check_lr_options(cfg.optim)
+    if cfg.model.init_from and cfg.model.pretrained:
+        raise UserError("model.init_from and model.pretrained=true both set the initial "
+                        "weights; set one")
+    if cfg.mode == "fsdp" and cfg.train.ema_decay is not None:
+        # Its copy of the weights would be whole on every rank: what fsdp exists to avoid.
+        raise UserError("train.ema_decay does not work with mode fsdp (the moving average "
+                        "would keep the whole model on every rank); use mode ddp for EMA")
+    return []
+
+
+def check_names(cfg: Config) -> None:
+    """The model, the optimizer and the dataset must exist (close matches named)."""
+    check_name(cfg.model.name)
+    check_optimizer_name(cfg.optim.name)
+    if cfg.data.name not in DATASETS:
+        raise UserError(f"config: data.name {cfg.data.name!r} is unknown; "
+                        f"choose one of {', '.join(sorted(DATASETS))}")
+
+
+def check_lr_options(cfg: OptimConfig) -> None:
+    """Learning-rate options that contradict each other, in one line."""
+    if cfg.warmup_steps and cfg.warmup_epochs:
+        raise UserError(f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_epochs="
+                        f"{cfg.warmup_epochs:g} both set the warmup; set one")
+    if cfg.lr_base_batch is not None and cfg.scale_lr != "none":
+        raise UserError(f"optim.lr_base_batch and optim.scale_lr={cfg.scale_lr} both scale the "
+                        f"learning rate; set one")
+
+
+def check_device_options(cfg: Config, device_kind: str) -> list[str]:
+    """Options that the device cannot run are errors; those it runs slowly are warnings."""
+    cpu = device_kind == "cpu"
+    if cpu and cfg.perf.precision == "fp16":
+        raise UserError("perf.precision=fp16 needs a GPU (fp16 autocast with a GradScaler); on "
+                        "the CPU use bf16 or fp32")
+    if cfg.model.sync_bn and (cpu or cfg.mode != "ddp"):
+        raise UserError("model.sync_bn needs mode ddp on GPUs: torch's SyncBatchNorm runs on "
+                        "CUDA only")
+    if cfg.mode == "dp" and cfg.perf.compile == "on":
+        raise UserError("perf.compile=on does not work with mode dp: DataParallel's replicas of "
+                        "a compiled model write into the original module (checkpoints break); "
+                        "compile with mode ddp, or set perf.compile=off")
+    if cfg.mode == "ddp" and cfg.ddp.static_graph and cfg.train.grad_accum_steps > 1:
+        raise UserError("ddp.static_graph=true with train.grad_accum_steps>1 fails inside DDP "
+                        "(an internal assert in its reducer after no_sync(), "
+                        "pytorch/pytorch#143580); set ddp.static_graph=false to accumulate")
+    if cpu and cfg.data.decoder == "nvjpeg":
+        raise UserError("data.decoder=nvjpeg decodes on the GPU; on the CPU use data.decoder=pil")
+    if cfg.data.decoder == "nvjpeg" and (cfg.data.name != "imagefolder"
+                                         or cfg.data.loader != "stream"
+                                         or cfg.data.cache != "none"):
+        raise UserError("data.decoder=nvjpeg needs data.name=imagefolder, data.loader=stream "
+                        "and data.cache=none (it decodes files on the GPU as they stream)")
+    if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
+        raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
+    check_mode_keys(cfg)
+    warnings = []
+    if cpu and cfg.perf.precision == "bf16" and not _cpu_has_bf16():
+        warnings.append("perf.precision=bf16 on a CPU without bf16 units (AVX512-BF16/AMX): "
+                        "expect it to be slower than fp32")
+    return warnings
+
+
+def _device_section(cfg: Config, world: World) -> list[str]:
+    if cfg.mode == "dp" and world.nodes > 1:
+        raise UserError("mode dp runs one process on one node; several nodes need mode ddp or "
+                        "scratch")
+    return check_device_options(cfg, world.device)
+
+
+def check_mode_keys(cfg: Config) -> None:
+    """Keys of one mode's section set under another mode would silently do nothing."""
+    if cfg.ddp.zero and cfg.mode != "ddp":
+        also = ("; mode fsdp shards the optimizer state itself (with the parameters and "
+                "gradients)" if cfg.mode == "fsdp" else "")
+        raise UserError(f"ddp.zero applies to mode ddp only (mode is {cfg.mode}){also}")
+    if cfg.mode != "fsdp" and (changed := _changed(cfg, "fsdp")):
+        raise UserError(f"{changed[0]} applies to mode fsdp only (mode is {cfg.mode})")
+    if cfg.mode == "fsdp" and (changed := _changed(cfg, "ddp") or _changed(cfg, "scratch")):
+        mode = changed[0].split(".")[0]
+        raise UserError(f"{changed[0]} is a key of mode {mode}, which mode fsdp does not read "
+                        f"(it shards with the fsdp.* keys); remove it")
+
+
+def _changed(cfg: Config, section: str) -> list[str]:
+    """`section.key=value` (the value as YAML writes it) for each key of a config section that
+    differs from the schema's default."""
+    values = getattr(cfg, section)
+    out = []
+    for f in dataclasses.fields(values):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(values, f.name)
+        if value != default:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            out.append(f"{section}.{f.name}={shown}")
+    return out
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _batch_section(cfg: Config, world: World) -> list[str]:
+    """The global batch splits evenly at every world size the job may run at (elastic: each
+    number of nodes in its range), and so do mixup's pairs."""
+    sizes = world.sizes
+    for size in sizes:
+        try:
+            check_world_size(cfg, size)
+            check_mixing(cfg, size)
+        except UserError as exc:
+            if len(sizes) == 1:
+                raise
+            raise UserError(f"{exc} (--nnodes {world.min_nodes}:{world.nodes} runs {sizes[0]} "
+                            f"to {sizes[-1]} workers; the batch must divide each of "
+                            f"{sizes})") from None
+    return []
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The global batch must split evenly, or workers would train on different batch sizes."""
+    if cfg.train.batch_size % world_size:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible by "
+            f"{world_size} workers; choose a multiple of {world_size}"
+        )
+    local = cfg.train.batch_size // world_size
+    if local < cfg.train.grad_accum_steps:
+        raise UserError(f"train.grad_accum_steps={cfg.train.grad_accum_steps} micro-batches do "
+                        f"not fit in {local} samples per worker; lower it")
+
+
+def check_mixing(cfg: Config, world_size: int) -> None:
+    """Mixup and CutMix pair each sample with the one half a batch away (train/regularize.py):
+    the pairs stay inside each worker's share only when that share is even."""
+    if not (cfg.train.mixup_alpha or cfg.train.cutmix_alpha):
+        return
+    local = cfg.train.batch_size // world_size
+    if local % 2:
+        raise UserError(f"train.mixup_alpha/cutmix_alpha need an even batch per worker "
+                        f"(mixing pairs samples half a batch apart); {cfg.train.batch_size} over "
+                        f"{world_size} worker(s) gives {local}")
+
+
+def _profile_section(cfg: Config, world: World) -> list[str]:
+    """perf.profile_steps inside the run, as far as its steps can be counted without the data
+    (the worker checks again with the data's count: `validate_with_data`)."""
+    check_profile_steps(cfg.perf, known_total_steps(cfg))
+    return []
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """perf.profile_steps as (first, last) step; the schema already checked its form."""
+    found = parse_step_range(text)
+    if found is None:
+        raise UserError(f"perf.profile_steps must be A-B with 1 <= A <= B; got {text!r}")
+    return found
+
+
+def known_total_steps(cfg: Config) -> int | None:
+    """The run's optimizer steps when they can be counted without the data (synthetic data,
+    or train.max_steps); None otherwise. Steps per epoch do not depend on the world size."""
+    total = cfg.train.max_steps
+    if cfg.data.name == "synthetic":
+        steps = cfg.data.synthetic.train_samples // cfg.train.batch_size * cfg.train.epochs
+        total = min(steps, total) if total else steps
+    return total
+
+
+def check_profile_steps(perf: PerfConfig, total_steps: int | None) -> None:
+    """The profiled steps must lie inside the run (`total_steps`: None when unknown yet)."""
+    if not perf.profile_steps or total_steps is None:
+        return
+    first, last = profile_range(perf.profile_steps)
+    if last > total_steps:
+        raise UserError(f"perf.profile_steps={perf.profile_steps} is outside the run: it has "
+                        f"{total_steps} optimizer steps (1-{total_steps}); choose steps in "
+                        f"that range")
+
+
+# The sections in the order they run; the launcher and the doctor show one row each.
+SECTIONS: dict[str, Callable[[Config, World], list[str]]] = {
+    "recipe": check_recipe,
+    "device options": _device_section,
+    "batch": _batch_section,
+    "profile": _profile_section,
+}

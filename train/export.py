@@ -47,7 +47,7 @@ def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
 
 def export(run: Path, checkpoint: Path, ema: bool, out: Path, overrides: list[str]) -> dict:
     from train import dist
-    from train.loaded import normalization, open_trained, run_config
+    from train.loaded import checkpoint_record, normalization, open_trained, run_config
 
     cfg = run_config(run, [*overrides, "dist.device=cpu", "wandb.mode=disabled",
                            "perf.channels_last=false"])
@@ -62,7 +62,7 @@ def export(run: Path, checkpoint: Path, ema: bool, out: Path, overrides: list[st
     atomic_write(out / "model.pt", lambda p: torch.save(state, p))
     example = torch.zeros(2, facts.channels, facts.image_size, facts.image_size)
     program = export_program(trained.model, example, out / "model.pt2")
-    meta = {"model": cfg.model.name, "checkpoint": str(checkpoint), "step": trained.step,
+    meta = {"model": cfg.model.name, **checkpoint_record(run, checkpoint, trained.step),
             "weights": "ema" if ema else "model",
             "input": [facts.channels, facts.image_size, facts.image_size],
             "classes": facts.classes, "normalization": normalization(trained.data),

@@ -19,8 +19,9 @@ from common.host import backend_for, visible_gpus
 from launch.folder_checks import check_disk, check_run_folder
 from launch.job import Job
 from launch.net import try_connect
+from launch.resource_checks import check_cores, check_pretrained
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
-from train.data import DOWNLOADABLE, ensure_available, torchvision_class
+from train.data import DOWNLOADABLE, SmallerThanBatch, ensure_available, torchvision_class
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
 from train.preflight import (
     check_device_options,
@@ -174,7 +175,10 @@ def check_dataset(job: Job) -> Verdict:
     doctor only looks, and says whether a download host answers."""
     data = job.cfg.data
     try:
-        return OK, ensure_available(replace(data, download=data.download and not job.dry))
+        return OK, ensure_available(replace(data, download=data.download and not job.dry),
+                                    job.cfg.train.batch_size)
+    except SmallerThanBatch:
+        raise  # the files are there: nothing a download would change
     except UserError as missing:
         if not job.dry or data.name not in DOWNLOADABLE:
             raise
@@ -235,4 +239,6 @@ CHECKS: dict[str, Callable[[Job], Verdict]] = {
     "disk": check_disk,
     "run folder": check_run_folder,
     "profile": check_profile,
+    "pretrained weights": check_pretrained,
+    "cores": check_cores,
 }

@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHUTDOWN_TIMEOUT_S = 30  # after SIGTERM, workers get this long to checkpoint before SIGKILL
 # Cheap checks first; the dataset one may download.
 LAUNCH_ORDER = ("GPUs", "device options", "backend", "batch", "profile", "run folder", "wandb",
-                "disk", "rendezvous port", "dataset")
+                "disk", "rendezvous port", "dataset", "pretrained weights")
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,12 @@ def dataset_folder(cfg: DataConfig) -> Path:
     return Path(cfg.root) / _EXPECTED_FILES[cfg.name][0]
 
 
-def ensure_files(cfg: DataConfig) -> None:
+def ensure_files(cfg: DataConfig) -> int:
     """Download what is missing (once, before workers start), or fail with one clear line;
-    files that are there but truncated or not in their format are named."""
-    for train in (True, False):
-        _open(cfg, train, cfg.download)
+    files that are there but truncated or not in their format are named. Returns the number
+    of training samples."""
+    sizes = [len(_open(cfg, train, cfg.download)) for train in (True, False)]
+    return sizes[0]
 
 
 def check_formats(cfg: DataConfig) -> None:

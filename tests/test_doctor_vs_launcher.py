@@ -93,3 +93,19 @@ def table(stdout: str) -> list[tuple[str, str, str]]:
         if len(parts) == 3 and parts[0] != "check":
             found.append((parts[0], parts[1], parts[2]))
     return found
+
+
+def test_cpu_workers_beyond_the_usable_cores_are_a_warning_with_its_cost():
+    from common.host import usable_cores
+    from launch.cli import parse_args
+    from launch.job import plan_job
+    from launch.resource_checks import check_cores
+
+    cores = usable_cores()
+    fitting = plan_job(parse_args(["--cpu", "--gpus", str(cores), CONFIG]), dry=True)
+    assert check_cores(fitting)[0] == "OK"
+    job = plan_job(parse_args(["--cpu", "--gpus", str(2 * cores), CONFIG]), dry=True)
+    verdict, detail = check_cores(job)
+    assert verdict == "WARN", detail
+    assert f"{2 * cores} CPU worker(s) x 1 thread(s) on {cores} usable core(s)" in detail
+    assert "at least 2.0x the compute time" in detail and f"(GPUS={cores}) fit" in detail

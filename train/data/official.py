@@ -159,6 +159,8 @@ def _open(cfg: DataConfig, train: bool, download: bool) -> Any:
             error = exc
     folder, files = _EXPECTED_FILES[cfg.name]
     why = f"download failed: {_first_line(error)}" if download else _first_line(error)
+    if "download=True" in why:  # torchvision's advice, in its API's terms: say it in ours
+        why = "files missing or incomplete; data.download=true fetches them"
     raise UserError(f"dataset {cfg.name} cannot be read from {Path(cfg.root) / folder} ({why}); "
                     f"put {files} there") from None
 

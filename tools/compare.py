@@ -208,10 +208,8 @@ def figure(results: list[Result], path: Path) -> None:
     compare_figure(results).savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from common.host import visible_gpus
-
-    gpus = visible_gpus()
+def command_line(gpus: int) -> argparse.ArgumentParser:
+    """The options, with defaults for a machine with `gpus` visible GPUs."""
     parser = argparse.ArgumentParser(prog="python -m tools.compare",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / (
@@ -231,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
                              "runs (default: reports/compare)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides every run gets (e.g. train.batch_size=64)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.host import visible_gpus
+
+    gpus = visible_gpus()
+    parser = command_line(gpus)
     args = parser.parse_args(argv)
     args.cpu = args.cpu or not gpus or override(args.overrides, "dist.device") == "cpu"
     args.out = str(Path(args.out).resolve())  # the runs see it from the repo, not from here

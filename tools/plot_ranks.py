@@ -16,12 +16,15 @@ PHASE_COLORS = {"data": "#9e9e9e", "compute": "#4c72b0", "sync": "#dd8452", "opt
 
 def rank_step_times(run: Any) -> dict[str, list[float]]:
     """Per-phase ms per step of each rank (`time_<phase>_ms_ranks`) of `run` (a tools.plot
-    Run), averaged over the epochs that have them at the run's last world size; {} for runs
-    that lack them (older runs)."""
+    Run), averaged over the epochs that have them at the run's last world size (those with a
+    sync time where some have one); {} for runs that lack them (older runs)."""
     size = len(run.records[-1].get("time_step_ms_ranks") or [])
     records = [r for r in run.records if len(r.get("time_step_ms_ranks") or []) == size]
     if not size:
         return {}
+    # As step_time.png does: where some epochs have the sync (DDP's probe ran), only those;
+    # in the others it is inside compute, and mixing them would count it twice.
+    records = [r for r in records if r.get("time_sync_ms_ranks")] or records
     per_phase = {}
     for p in PHASES:
         # The sync where it is not measured (DDP between its probes, dp) is null: left out,

@@ -197,3 +197,29 @@ def test_the_rank_legend_covers_no_bar(tmp_path):
     assert not any(box.overlaps(b.get_window_extent(renderer)) for b in bars)
     assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
     assert box.x1 <= fig.bbox.width
+
+
+def test_bench_scaling_of_one_worker_count_is_drawn_on_whole_workers():
+    """`make bench` with one worker count: one tick at 1 worker (not 0.945-1.050), and a
+    samples/s axis that does not blow 990 vs 1000 up to the full height."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tools.bench.report import bench_figure
+
+    rows = [{"bytes": b, **{n: {"busbw_GBps": 0.5} for n in ("torch", "ring", "naive")}}
+            for b in (2**10, 2**20)]
+    fig = bench_figure({
+        "scaling": {"ddp": {1: {"samples_per_s": 1000.0}},
+                    "scratch": {1: {"samples_per_s": 990.0}}},
+        "allreduce": {"rows": rows}, "peers": {}, "overhead": {"ratio_ours_over_minimal": 1.02},
+        "resnet_sync": dict.fromkeys(("torch_per_parameter", "torch_flat", "ring_per_parameter",
+                                      "ring_bucketed_25mb"), 0.05)})
+    FigureCanvasAgg(fig).draw()
+    scaling, allreduce = fig.axes[0], fig.axes[1]
+    low, high = scaling.get_xlim()
+    assert (low, high) == (0.5, 1.5)
+    assert [t for t in scaling.get_xticks() if low <= t <= high] == [1.0]
+    assert scaling.get_ylim()[0] < 990 - 40 and scaling.get_ylim()[1] > 1000 + 40
+    widths = [line.get_linewidth() for line in allreduce.get_lines()]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 3  # none hidden
+    assert fig.axes[3].get_ylim()[1] > 1.1  # the ratio labels above the 1.0 line

@@ -34,6 +34,9 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet --quiet -r requirements.txt
 	touch $@
 
+# Ctrl-C in a terminal reaches make too: it waits for the launcher's checkpoint, then ends by
+# the same signal (the shell's $? is 130). A signal to the launcher alone returns make's own 2
+# ("Error 130" in its message): make has no way to pass another code on.
 train: venv
 	$(PY) -m launch $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -43,13 +44,24 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     cfg = _build(Config, raw, prefix="", source=str(path))
+    given = (cfg.model.name, cfg.data.name)
     for item in overrides:
         apply_override(cfg, item)
     if not cfg.run.name and not cfg.run.dir:
-        cfg.run.name = path.stem
+        cfg.run.name = run_name(path.stem, cfg, given)
     # run.dir stays empty unless given: its default needs the number of workers
     # (train/run_path.py: settle_run_dir, called by the launcher, the doctor and the workers).
     return cfg
+
+
+def run_name(stem: str, cfg: Config, given: tuple[str, str]) -> str:
+    """The config file's name, plus the model and the data when overrides changed either
+    (`default-resnet18-imagefolder`): a run is named after what it trains."""
+    if (cfg.model.name, cfg.data.name) == given:
+        return stem
+    model = cfg.model.name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]  # torchvision.resnet18
+    return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", part).strip("_.") or "x"
+                    for part in (stem, model, cfg.data.name))
 
 
 def apply_override(cfg: Config, item: str) -> None:

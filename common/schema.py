@@ -216,7 +216,9 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    name: Annotated[str, RUNTIME] = ""  # default: the config's stem, else run.dir's last part
+    # default: the config's stem (plus model and data names when overrides change them), else
+    # run.dir's last part
+    name: Annotated[str, RUNTIME] = ""
     # the run's output folder; default: runs/<name>-<8 hex digits of the run's identity and
     # worker count> (train/run_path.py), so the same command resumes and another gets its own
     dir: Annotated[str, RUNTIME] = ""

@@ -21,8 +21,9 @@ from common.validate import SECTIONS, profile_range, validate
 from launch.folder_checks import check_disk, check_run_folder
 from launch.job import Job
 from launch.net import try_connect
+from launch.resource_checks import check_cores, check_pretrained
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
-from train.data import DOWNLOADABLE, ensure_available, torchvision_class
+from train.data import DOWNLOADABLE, SmallerThanBatch, ensure_available, torchvision_class
 from train.model import load_state_dict_file
 from train.observe.wandb_sink import check_usable, credentials, resolve_mode
 
@@ -175,7 +176,10 @@ def check_dataset(job: Job) -> Verdict:
     doctor only looks, and says whether a download host answers."""
     data = job.cfg.data
     try:
-        return OK, ensure_available(replace(data, download=data.download and not job.dry))
+        return OK, ensure_available(replace(data, download=data.download and not job.dry),
+                                    job.cfg.train.batch_size)
+    except SmallerThanBatch:
+        raise  # the files are there: nothing a download would change
     except UserError as missing:
         if not job.dry or data.name not in DOWNLOADABLE:
             raise
@@ -236,5 +240,7 @@ CHECKS: dict[str, Callable[[Job], Verdict]] = {
     "wandb": check_wandb,
     "disk": check_disk,
     "run folder": check_run_folder,
+    "pretrained weights": check_pretrained,
+    "cores": check_cores,
 }
 check_batch = CHECKS["batch"]  # the batch row alone: every world size of an elastic range

@@ -129,15 +129,16 @@ def timed_allreduce(backend: str, device_kind: str, nbytes: int) -> float:
 # (node 0) or joins the exchange between the nodes' doctors: after node 0's port check, before
 # the rows that compare what it brought.
 ROWS: list[tuple[str, Callable[[Job], Verdict]]] = [
-    *((name, CHECKS[name]) for name in ("GPUs", *SECTIONS, "restarts", "initial weights",
-                                        "backend", "rendezvous port")),
+    *((name, CHECKS[name]) for name in ("GPUs", "cores", *SECTIONS, "restarts",
+                                        "initial weights", "backend", "rendezvous port")),
     ("nodes", check_nodes),
     ("master reachable", check_master),
     ("versions", check_versions),
     ("network interface", check_interfaces),
     ("clocks", check_clocks),
     ("allreduce", check_allreduce),
-    *((name, CHECKS[name]) for name in ("dataset", "wandb", "disk", "run folder")),
+    *((name, CHECKS[name]) for name in ("dataset", "pretrained weights", "wandb", "disk",
+                                        "run folder")),
 ]
 
 

@@ -34,7 +34,8 @@ SHUTDOWN_TIMEOUT_S = 30  # after SIGTERM, workers get this long to checkpoint be
 # Cheap checks first (the config's: every section of common/validate.py); the dataset one may
 # download.
 LAUNCH_ORDER = ("GPUs", *SECTIONS, "restarts", "initial weights", "backend", "run folder",
-                "wandb", "disk", "rendezvous port", "dataset")
+                "wandb", "disk", "rendezvous port", "dataset",
+                "pretrained weights")
 
 
 @dataclass(frozen=True)

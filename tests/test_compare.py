@@ -114,3 +114,41 @@ def test_failed_run_says_which_with_its_output(tmp_path):
     assert last.startswith("error: the ddp run with 1 worker(s) failed (exit 2)")
     assert any("train.batch_size must be positive" in line for line in tail)  # the run's own
     assert not (tmp_path / "compare.md").exists()
+
+
+def test_every_option_of_the_command_says_what_it_does():
+    import re
+
+    done = run_cli("tools.compare", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for option in ("--config CONFIG", "--workers WORKERS", "--epochs EPOCHS", "--paths PATHS",
+                   "--cpu", "--out OUT"):
+        described = re.search(re.escape(option) + r" (\w.+?)(?= --|$)", text)
+        assert described and len(described.group(1)) >= 10, f"{option}: no help text"
+    assert re.search(r"key=value config overrides", text)
+
+
+def test_one_epoch_of_runs_that_agree_is_drawn_on_readable_axes():
+    """Seven runs of one epoch whose accuracies differ in the fourth decimal: whole epochs on
+    x, a y span of at least 0.1 without an offset, and each series drawn wider than the next
+    (none hides under another)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tools.compare import Result, compare_figure
+
+    results = [Result("ddp", w, "", [{"epoch": 1, "test_accuracy": 0.8504 + 0.0001 * w,
+                                      "samples_per_s": 1000.0 * w}]) for w in range(1, 8)]
+    fig = compare_figure(results)
+    FigureCanvasAgg(fig).draw()
+    accuracy = fig.axes[0]
+    low, high = accuracy.get_xlim()
+    assert (low, high) == (0.5, 1.5)
+    assert [t for t in accuracy.get_xticks() if low <= t <= high] == [1.0]
+    bottom, top = accuracy.get_ylim()
+    assert top - bottom >= 0.1 and bottom <= 0.8505 and top >= 0.8511
+    assert accuracy.yaxis.get_offset_text().get_text() == ""
+    widths = [line.get_linewidth() for line in accuracy.get_lines()]
+    sizes = [line.get_markersize() for line in accuracy.get_lines()]
+    assert len(widths) == 7 and widths == sorted(widths, reverse=True)
+    assert len(set(widths)) == 7 and len(set(sizes)) == 7

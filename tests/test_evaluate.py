@@ -1,6 +1,7 @@
 """`make eval` and `make export` on a real run: the same numbers as the run's last epoch, the
 files they write, and their one-line errors."""
 
+import hashlib
 import json
 
 import pytest
@@ -46,6 +47,25 @@ def test_eval_gives_the_last_epochs_numbers_with_top5_and_per_class(run_dir):
         assert name == str(i) and accuracy == pytest.approx(confusion[i, i] / rows[i])
     assert (run_dir / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert f"top-1 {record['test_accuracy']:.2%}" in result.stdout
+    # what was evaluated, resolved: last.pt moves on with the next step, runs/latest too
+    step_file = run_dir / "checkpoints" / f"step_{record['step']:08d}.pt"
+    assert summary["run"] == str(run_dir.resolve())
+    assert summary["checkpoint"] == str(step_file.resolve())
+    assert summary["checkpoint_sha256"] == hashlib.sha256(step_file.read_bytes()).hexdigest()
+
+
+def test_the_confusion_figure_writes_each_count_beside_a_colour_bar(run_dir):
+    from train.evaluate import confusion_figure
+
+    summary = json.loads((run_dir / "eval.json").read_text())
+    fig = confusion_figure(summary)
+    matrix, bar = fig.axes  # the matrix and its colour bar
+    assert bar.get_ylabel() == "test samples"
+    assert bar.get_ylim()[1] >= max(map(max, summary["confusion"]))
+    written = {(round(t.get_position()[1]), round(t.get_position()[0])): int(t.get_text())
+               for t in matrix.texts}
+    assert written == {(i, j): count for i, row in enumerate(summary["confusion"])
+                       for j, count in enumerate(row)}
 
 
 def test_eval_of_the_ema_on_one_worker(run_dir):

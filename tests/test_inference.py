@@ -1,4 +1,5 @@
-"""README's "Evaluation, export, inference": the snippet as written, and the model it loads."""
+"""README's "Evaluation, export, inference": the snippets as written (from a folder that is not
+the repository's), the model they load, the inputs it refuses, and what `make export` records."""
 
 from __future__ import annotations
 
@@ -17,11 +18,20 @@ TINY = ["data.synthetic.train_samples=1024", "data.synthetic.test_samples=301",
         "train.epochs=2", "train.batch_size=128", "wandb.mode=disabled"]
 
 
-def readme_snippet() -> str:
-    """The python block that README marks as tested by this file."""
+MARKER = "<!-- tested as written: tests/test_inference.py -->"
+
+
+def readme_snippets() -> list[str]:
+    """The python blocks that README marks as tested by this file, in order."""
     text = (REPO / "README.md").read_text()
-    marker = text.index("<!-- tested as written: tests/test_inference.py -->")
-    return re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
+    return [re.match(r"\s*```python\n(.*?)```", part, re.S).group(1)
+            for part in text.split(MARKER)[1:]]
+
+
+def run_snippet(snippet: str, cwd) -> subprocess.CompletedProcess:
+    """`python -c snippet` in `cwd` (not the repository), the project on the path."""
+    return subprocess.run([PYTHON, "-c", snippet], cwd=cwd, capture_output=True, text=True,
+                          env=environment({"PYTHONPATH": str(REPO)}), timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +44,9 @@ def trained(tmp_path_factory):
 
 
 def test_the_readme_snippet_runs_as_written(trained):
-    snippet = readme_snippet()
-    assert len(snippet.strip().splitlines()) == 5
-    done = subprocess.run([PYTHON, "-c", snippet], cwd=trained, capture_output=True, text=True,
-                          env=environment({"PYTHONPATH": str(REPO)}), timeout=120)
+    snippets = readme_snippets()
+    assert len(snippets) == 2 and len(snippets[0].strip().splitlines()) == 6
+    done = run_snippet(snippets[0], trained)
     assert done.returncode == 0, done.stderr
     printed = re.fullmatch(r"tensor\(\[([\d, ]+)\]\)", done.stdout.strip())
     assert printed, done.stdout
@@ -66,3 +75,52 @@ def test_the_loaded_model_scores_what_training_measured(trained):
     batch = test.images[:8]
     exported = torch.export.export(model, (batch,))  # README: it exports
     torch.testing.assert_close(exported.module()(batch), model(batch))
+
+
+def test_the_readme_export_snippet_loads_each_file_as_written(trained):
+    """model.pt into the model meta.json names, model.pt2 alone, meta.json's normalization:
+    both predict the same classes, named by meta.json's class names."""
+    result = run_cli("train.export", "runs/latest", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    done = run_snippet(readme_snippets()[1], trained)
+    assert done.returncode == 0, done.stderr
+    printed = re.fullmatch(r"(\[.*\]) tensor\(\[([\d, ]+)\]\)", done.stdout.strip())
+    assert printed, done.stdout
+    meta = json.loads((trained / "runs" / "latest" / "export" / "meta.json").read_text())
+    named = [meta["classes"].index(n) for n in json.loads(printed.group(1).replace("'", '"'))]
+    assert named == [int(c) for c in printed.group(2).split(",")] and len(named) == 8
+
+
+def test_export_records_the_resolved_checkpoint_its_step_and_sha256(trained):
+    import hashlib
+
+    folder = (trained / "runs" / "latest").resolve()
+    result = run_cli("train.export", "runs/latest", "--out", "exported", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((trained / "exported" / "meta.json").read_text())
+    step_file = folder / "checkpoints" / f"step_{meta['step']:08d}.pt"
+    assert meta["run"] == str(folder) and meta["checkpoint"] == str(step_file)
+    assert meta["checkpoint_sha256"] == hashlib.sha256(step_file.read_bytes()).hexdigest()
+    assert step_file.samefile(folder / "checkpoints" / "last.pt")
+
+
+def test_images_the_model_was_not_trained_on_are_refused_or_resized(trained):
+    from train.inference import WrongInput, load_trained
+
+    model = load_trained(trained / "runs" / "latest")
+    c, side = model.spec.channels, model.spec.image_size
+    with pytest.raises(WrongInput, match=f"trained on {c}-channel images; these have {c + 2}"):
+        model(torch.zeros(2, c + 2, side, side, dtype=torch.uint8))
+    with pytest.raises(WrongInput, match=f"trained on {side}x{side} images; these are "
+                                         f"{side + 4}x{side + 4}.*resize=True"):
+        model(torch.zeros(2, c, side + 4, side + 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        model(torch.zeros(c, side, side))
+    resizing = load_trained(trained / "runs" / "latest", resize=True)
+    # One colour per image: resized to any size it is the same image (up to float sums).
+    colours = torch.randint(0, 256, (4, c, 1, 1), dtype=torch.uint8)
+    images, big = colours.expand(-1, -1, side, side), colours.expand(-1, -1, 2 * side, 3 * side)
+    with torch.no_grad():
+        torch.testing.assert_close(resizing(big), model(images), atol=1e-4, rtol=1e-4)
+        with pytest.raises(WrongInput, match="channel"):
+            resizing(torch.zeros(1, c + 1, side, side))

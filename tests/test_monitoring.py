@@ -163,6 +163,19 @@ def test_scratch_path_measures_its_sync_directly(tmp_path):
         assert r["time_sync_ms"] > 0
 
 
+@pytest.mark.parametrize("mode", ["ddp", "scratch"])
+def test_one_worker_has_no_sync_time_and_no_probe(tmp_path, mode):
+    """Nothing to synchronize with one worker: n/a, not a collective's cost with itself."""
+    result = run_cli("launch", "--cpu", "--gpus", "1", "--mode", mode, CONFIG, *SMALL,
+                     f"run.dir={tmp_path}", "wandb.mode=disabled")
+    assert result.returncode == 0, result.stderr
+    for r in records(tmp_path):
+        assert (r["world_size"], r["time_sync_ms"], r["probe_time_s"]) == (1, None, None)
+        assert r["time_sync_ms_ranks"] is None
+        assert r["sync_method"] == "n/a: one worker, nothing to synchronize"
+    assert "probe" not in "".join(x for x in result.stdout.splitlines() if "mean loss" in x)
+
+
 def test_sample_ledger_records_disjoint_covering_shards(tmp_path):
     result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
                      "wandb.mode=disabled", "check.sample_ledger=true")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -63,6 +64,24 @@ def test_what_a_run_computes_changes_it(override):
 def test_the_worker_count_changes_it():
     cfg = load_config(CONFIG)
     assert len({fingerprint(cfg, n) for n in (1, 2, 3, 8)}) == 4
+
+
+def test_a_run_is_named_after_the_model_and_data_it_trains_when_overrides_change_them():
+    trained = ["model.name=torchvision.resnet18", "data.name=imagefolder", "data.root=img"]
+    cfg = load_config(CONFIG, trained)
+    assert cfg.run.name == "default-resnet18-imagefolder"
+    settle_run_dir(cfg, 2)
+    assert re.fullmatch(r"runs/default-resnet18-imagefolder-[0-9a-f]{8}", cfg.run.dir)
+    assert cfg.run.dir.endswith(fingerprint(load_config(CONFIG, trained), 2))  # hash kept
+    assert load_config(CONFIG, ["model.name=resnet18"]).run.name == "default-resnet18-synthetic"
+    # the config's own model and data, or other keys changed: the config's name alone
+    same = [f"model.name={cfg_model()}", "data.name=synthetic", "train.epochs=1"]
+    assert load_config(CONFIG, same).run.name == "default"
+    assert load_config(CONFIG, [*trained, "run.name=exp"]).run.name == "exp"
+
+
+def cfg_model() -> str:
+    return load_config(CONFIG).model.name
 
 
 def test_settle_names_the_default_folder_and_keeps_an_explicit_one():

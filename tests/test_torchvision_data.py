@@ -92,6 +92,8 @@ def test_missing_dataset_offline_is_one_clear_error(tmp_path, name, folder, file
     assert str(tmp_path / folder) in message and "put " in message
     assert all(f in message for f in files)  # every file the loader reads is named
     assert "\n" not in message
+    # in this project's terms, not torchvision's ("You can use download=True")
+    assert "data.download=true" in message and "download=True" not in message
 
 
 def test_truncated_idx_file_is_reported(tmp_path):

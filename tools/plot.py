@@ -29,10 +29,10 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure  # no pyplot: no display, no global figure registry
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from common.errors import EXIT_USER_ERROR, UserError
 from common.records import PHASES
+from tools.axes import epoch_axis, value_axis
 from tools.plot_ranks import PHASE_COLORS, plot_rank_step_time
 from train.run_path import follow_latest
 
@@ -139,6 +139,8 @@ def plot_curves(runs: list[Run]) -> Figure:
                     label=f"{run.label}: train acc", **style)
         acc_ax.plot(epochs, run.series("test_accuracy"), ls="-", marker="s",
                     label=f"{run.label}: test acc", **style)
+    losses = [v for run in runs for v in run.series("train_loss")]
+    value_axis(loss_ax, losses, least=0.1 * max([abs(v) for v in losses if v == v] + [0.01]))
     loss_ax.set(xlabel="epoch", ylabel="train loss", title="train loss")
     loss_ax.legend(fontsize=8)
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
@@ -152,13 +154,6 @@ def plot_curves(runs: list[Run]) -> Figure:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def epoch_axis(ax: Any, last: int) -> None:
-    """Whole epochs on the x axis, also for a run of one epoch (matplotlib would otherwise
-    spread 0.95-1.05 around a lone point)."""
-    ax.set_xlim(0.5, last + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def step_times(run: Run) -> tuple[dict[str, float], float, bool]:

@@ -16,12 +16,15 @@ PHASE_COLORS = {"data": "#9e9e9e", "compute": "#4c72b0", "sync": "#dd8452", "opt
 
 def rank_step_times(run: Any) -> dict[str, list[float]]:
     """Per-phase ms per step of each rank (`time_<phase>_ms_ranks`) of `run` (a tools.plot
-    Run), averaged over the epochs that have them at the run's last world size; {} for runs
-    that lack them (older runs)."""
+    Run), averaged over the epochs that have them at the run's last world size (those with a
+    sync time where some have one); {} for runs that lack them (older runs)."""
     size = len(run.records[-1].get("time_step_ms_ranks") or [])
     records = [r for r in run.records if len(r.get("time_step_ms_ranks") or []) == size]
     if not size:
         return {}
+    # As step_time.png does: where some epochs have the sync (DDP's probe ran), only those;
+    # in the others it is inside compute, and mixing them would count it twice.
+    records = [r for r in records if r.get("time_sync_ms_ranks")] or records
     per_phase = {}
     for p in PHASES:
         # The sync where it is not measured (DDP between its probes, dp) is null: left out,
@@ -35,7 +38,7 @@ def rank_step_times(run: Any) -> dict[str, list[float]]:
 def plot_rank_step_time(runs: list[Any]) -> Figure:
     """Each rank's step time side by side, one panel per run: a straggler's bar stands out,
     and the others' extra sync time is what they spent waiting for it."""
-    fig = Figure(figsize=(max(6.0, 3.6 * len(runs)), 4.6))
+    fig = Figure(figsize=(max(6.0, 3.6 * len(runs)) + 1.0, 4.6))
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, run in zip(axes, runs, strict=True):
         per_rank = rank_step_times(run)
@@ -51,14 +54,19 @@ def plot_rank_step_time(runs: list[Any]) -> Figure:
             ax.bar(ranks, per_rank[phase], 0.6, bottom=bottom, color=PHASE_COLORS[phase],
                    label=phase)
             bottom = [b + v for b, v in zip(bottom, per_rank[phase], strict=True)]
-        slowest = max(ranks, key=lambda r: bottom[r] - per_rank["sync"][r])
-        ax.annotate("slowest\n(before sync)", (slowest, bottom[slowest]), xytext=(0, 4),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        if len(ranks) > 1:  # one rank is no straggler
+            slowest = max(ranks, key=lambda r: bottom[r] - per_rank["sync"][r])
+            ax.annotate("slowest\n(before sync)", (slowest, bottom[slowest]), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(ranks), [f"rank {r}" for r in ranks], fontsize=8)
         ax.set_ylim(0, 1.2 * max(bottom + [1e-3]))
         ax.set_ylabel("ms per step (averaged over epochs)", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left")
+    # Beside the panels, not inside one: inside, it covered rank 0's bar.
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper right",
+                   title="phase", title_fontsize=8)
     fig.suptitle("step time of each rank: data / compute / sync / optim", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.0 / fig.get_figwidth(), 1))
     return fig

@@ -51,11 +51,14 @@ def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) 
             "world_size": ctx.world_size} if ctx.is_main else {}
 
 
-def report(result: dict[str, Any], checkpoint: Path, ema: bool) -> dict[str, Any]:
-    """eval.json's content: per-class accuracy from the confusion matrix's rows."""
+def report(result: dict[str, Any], run: Path, checkpoint: Path, ema: bool) -> dict[str, Any]:
+    """eval.json's content: what was evaluated (resolved: `runs/latest` and `last.pt` move on),
+    per-class accuracy from the confusion matrix's rows."""
+    from train.loaded import checkpoint_record
+
     confusion = result["confusion"]
     per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()
-    return {"checkpoint": str(checkpoint), "step": result["step"], "weights": "ema" if ema
+    return {**checkpoint_record(run, checkpoint, result["step"]), "weights": "ema" if ema
             else "model", "workers": result["world_size"], "samples": int(result["samples"]),
             "loss": result["loss"], "top1_accuracy": result["accuracy"],
             "top5_accuracy": result["top5_accuracy"],
@@ -63,26 +66,37 @@ def report(result: dict[str, Any], checkpoint: Path, ema: bool) -> dict[str, Any
             "confusion": confusion.tolist()}
 
 
-def plot_confusion(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def confusion_figure(summary: dict[str, Any]) -> Any:
+    """The confusion matrix as counts: colour for the eye, a colour bar for its scale, and
+    each cell's count written in it where the cells are big enough to hold one."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global figure registry
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary["per_class_accuracy"])
-    side = min(12, 3 + 0.4 * len(names))
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(summary["confusion"], cmap="Blues")
+    names, confusion = list(summary["per_class_accuracy"]), summary["confusion"]
+    side = min(12, 3.5 + 0.45 * len(names))
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="test samples", fraction=0.046, pad=0.04)
     if len(names) <= 40:  # beyond that, names would overlap
         ax.set_xticks(range(len(names)), names, rotation=90)
         ax.set_yticks(range(len(names)), names)
+    if len(names) <= 20:  # beyond that, the numbers would not fit their cells
+        high = max(max(row) for row in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if count > high / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{summary['weights']} at step {summary['step']}: top-1 "
-                 f"{summary['top1_accuracy']:.2%}")
+                 f"{summary['top1_accuracy']:.2%} of {summary['samples']:,}")
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion(summary: dict[str, Any], path: Path) -> None:
+    fig = confusion_figure(summary)
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {line.split('UserError: ', 1)[1]}", file=sys.stderr)
         return 2
-    summary = report(result, checkpoint, args.ema)
+    summary = report(result, args.run, checkpoint, args.ema)
     atomic_write(args.run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     plot_confusion(summary, args.run / "confusion.png")
     print(f"{summary['weights']} of {checkpoint} (step {summary['step']}) on "

@@ -20,7 +20,7 @@ import torch
 from common.errors import UserError
 from common.files import atomic_write
 from train import dist
-from train.loaded import normalization, open_trained, run_config
+from train.loaded import checkpoint_record, normalization, open_trained, run_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -61,7 +61,7 @@ def export(run: Path, checkpoint: Path, ema: bool, out: Path, overrides: list[st
     atomic_write(out / "model.pt", lambda p: torch.save(state, p))
     example = torch.zeros(2, facts.channels, facts.image_size, facts.image_size)
     program = export_program(trained.model, example, out / "model.pt2")
-    meta = {"model": cfg.model.name, "checkpoint": str(checkpoint), "step": trained.step,
+    meta = {"model": cfg.model.name, **checkpoint_record(run, checkpoint, trained.step),
             "weights": "ema" if ema else "model",
             "input": [facts.channels, facts.image_size, facts.image_size],
             "classes": facts.classes, "normalization": normalization(trained.data),

@@ -4,6 +4,7 @@ checkpoint's weights, for evaluation and export (train/evaluate.py, train/export
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from train.dist import DistContext
 from train.model import build_plain_model, use_channels_last
 from train.optim import AUTOCAST_DTYPES
 from train.sharded_checkpoint import load_model_state_dict
+from train.run_path import follow_latest
 
 
 @dataclass
@@ -52,6 +54,21 @@ def check_inputs(run: Path, checkpoint: Path, overrides: list[str]) -> None:
     """What the command can tell before starting workers: the run, the overrides, the file."""
     run_config(run, overrides)
     read_checkpoint(checkpoint)
+
+
+def checkpoint_record(run: Path, checkpoint: Path, step: int) -> dict[str, Any]:
+    """What eval.json and meta.json say they used: the run folder and checkpoint file resolved
+    (`runs/latest` and `last.pt` move on with the next run or step), its step and sha256."""
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    path = checkpoint.resolve()
+    named = path.with_name(f"step_{step:08d}.pt")  # last.pt is a hard link to the step's file
+    if path.name == "last.pt" and named.is_file() and named.samefile(path):
+        path = named
+    return {"run": str(follow_latest(run).resolve()), "checkpoint": str(path), "step": step,
+            "checkpoint_sha256": digest.hexdigest()}
 
 
 def weights(state: dict[str, Any], ema: bool, path: Path) -> dict[str, torch.Tensor]:

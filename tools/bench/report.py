@@ -166,25 +166,36 @@ SECTIONS = [("targets", _targets), ("scaling", _scaling), ("allreduce", _allredu
 
 
 def figure(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    bench_figure(report).savefig(path, dpi=110)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def bench_figure(report: dict[str, Any]) -> Any:
+    """bench.png: scaling, allreduce bandwidth, ResNet-18 sync, our epoch time vs theirs."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global figure registry
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    from tools.axes import value_axis
+
+    fig = Figure(figsize=(13, 9))
+    axes = fig.subplots(2, 2)
     ax = axes[0][0]
-    for path_name, counts in report["scaling"].items():
-        ax.plot(list(counts), [r["samples_per_s"] for r in counts.values()], marker="o",
-                label=path_name)
+    scaling = report["scaling"]
+    for i, (path_name, counts) in enumerate(scaling.items()):
+        wide = len(scaling) - 1 - i  # earlier series wider: paths that agree stay visible
+        ax.plot([float(c) for c in counts], [r["samples_per_s"] for r in counts.values()],
+                marker="o", lw=1.5 + wide, ms=5 + 2 * wide, alpha=0.85, label=path_name)
     ax.set(title="scaling (one thread per worker)", xlabel="workers", ylabel="samples/s")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    workers = [float(c) for counts in scaling.values() for c in counts] or [1.0]
+    ax.set_xlim(min(workers) - 0.5, max(workers) + 0.5)  # whole workers, even for one count
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    speeds = [r["samples_per_s"] for counts in scaling.values() for r in counts.values()]
+    value_axis(ax, speeds, least=0.1 * max(speeds + [1.0]))
     ax.legend()
     ax = axes[0][1]
     rows = report["allreduce"]["rows"]
-    for name in ("torch", "ring", "naive"):
+    for wide, name in zip((2, 1, 0), ("torch", "ring", "naive"), strict=True):
         ax.plot([r["bytes"] for r in rows], [r[name]["busbw_GBps"] for r in rows], marker="o",
-                label=name)
+                lw=1.5 + wide, ms=5 + 2 * wide, alpha=0.85, label=name)
     ax.set(xscale="log", title="allreduce bus bandwidth", xlabel="bytes", ylabel="GB/s")
     ax.legend()
     ax = axes[1][0]
@@ -205,8 +216,8 @@ def figure(report: dict[str, Any], path: Path) -> None:
     bars = ax.bar(range(len(names)), ratios)
     ax.bar_label(bars, fmt="%.2f")
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylim(0, 1.15 * max(ratios + [1.0]))  # room for the labels above the 1.0 line
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set(title="our epoch time / theirs (lower is faster)", ylabel="ratio")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from common.errors import UserError
 from common.schema import DataConfig
 from train.data import imagefolder, official, pysource
 from train.data.synthetic import make_synthetic
@@ -72,26 +73,41 @@ def load_datasets(cfg: DataConfig, seed: int,
     return train, test
 
 
-def ensure_available(cfg: DataConfig) -> str:
+class SmallerThanBatch(UserError):
+    """The training set holds fewer samples than one global batch: no step could be made."""
+
+
+def ensure_available(cfg: DataConfig, global_batch: int | None = None) -> str:
     """Files present, or downloaded now (the launcher, before workers start); else one line.
-    Returns what was found, for the launcher's and the doctor's row."""
+    With `global_batch`: a training set smaller than one global batch is refused here too
+    (the workers would refuse it after starting). Returns what was found, for the launcher's
+    and the doctor's row."""
     if DATASETS[cfg.name] is _official:
-        official.ensure_files(cfg)
-        return f"{cfg.name}: files present in {official.dataset_folder(cfg)}"
-    if cfg.name == "imagefolder":
+        samples = official.ensure_files(cfg)
+        found = f"{cfg.name}: files present in {official.dataset_folder(cfg)}"
+    elif cfg.name == "imagefolder":
         train, val = imagefolder.scan(cfg)
-        return (f"imagefolder: {len(train):,} train / {len(val):,} val images in "
-                f"{len(train.classes)} classes, in {cfg.root}")
-    if cfg.name == "python":
+        samples = len(train)
+        found = (f"imagefolder: {len(train):,} train / {len(val):,} val images in "
+                 f"{len(train.classes)} classes, in {cfg.root}")
+    elif cfg.name == "python":
         train, test = pysource.open_python(cfg)
-        return (f"python: data.factory {cfg.factory} gives {len(train):,} train / "
-                f"{len(test):,} test samples in {len(train.classes)} classes")
-    return (f"synthetic: generated in memory ({cfg.synthetic.train_samples:,} train / "
-            f"{cfg.synthetic.test_samples:,} test)")
+        samples = len(train)
+        found = (f"python: data.factory {cfg.factory} gives {len(train):,} train / "
+                 f"{len(test):,} test samples in {len(train.classes)} classes")
+    else:
+        samples = cfg.synthetic.train_samples
+        found = (f"synthetic: generated in memory ({cfg.synthetic.train_samples:,} train / "
+                 f"{cfg.synthetic.test_samples:,} test)")
+    if global_batch is not None and samples < global_batch:
+        raise SmallerThanBatch(f"the training set ({samples} samples) is smaller than one global "
+                               f"batch ({global_batch}); lower train.batch_size")
+    return found
 
 
 dataset_folder = official.dataset_folder
 torchvision_class = official.torchvision_class
 
-__all__ = ["DATASETS", "DOWNLOADABLE", "TensorData", "dataset_folder", "ensure_available",
-           "load_datasets", "make_synthetic", "open_datasets", "torchvision_class"]
+__all__ = ["DATASETS", "DOWNLOADABLE", "SmallerThanBatch", "TensorData", "dataset_folder",
+           "ensure_available", "load_datasets", "make_synthetic", "open_datasets",
+           "torchvision_class"]

@@ -61,11 +61,12 @@ def dataset_folder(cfg: DataConfig) -> Path:
     return Path(cfg.root) / _EXPECTED_FILES[cfg.name][0]
 
 
-def ensure_files(cfg: DataConfig) -> None:
+def ensure_files(cfg: DataConfig) -> int:
     """Download what is missing (once, before workers start), or fail with one clear line;
-    files that are there but truncated or not in their format are named."""
-    for train in (True, False):
-        _open(cfg, train, cfg.download)
+    files that are there but truncated or not in their format are named. Returns the number
+    of training samples."""
+    sizes = [len(_open(cfg, train, cfg.download)) for train in (True, False)]
+    return sizes[0]
 
 
 def check_formats(cfg: DataConfig) -> None:
@@ -158,6 +159,8 @@ def _open(cfg: DataConfig, train: bool, download: bool) -> Any:
             error = exc
     folder, files = _EXPECTED_FILES[cfg.name]
     why = f"download failed: {_first_line(error)}" if download else _first_line(error)
+    if "download=True" in why:  # torchvision's advice, in its API's terms: say it in ours
+        why = "files missing or incomplete; data.download=true fetches them"
     raise UserError(f"dataset {cfg.name} cannot be read from {Path(cfg.root) / folder} ({why}); "
                     f"put {files} there") from None
 

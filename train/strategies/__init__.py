@@ -23,14 +23,24 @@ def make_strategy(cfg: Config, ctx: DistContext) -> Strategy:
     if cfg.mode == "scratch":
         from train.strategies.scratch import Scratch
 
-        return Scratch(ctx, cfg.scratch)
-    if cfg.mode == "fsdp":
+        strategy: Strategy = Scratch(ctx, cfg.scratch)
+    elif cfg.mode == "fsdp":
         from train.strategies.fsdp import FSDP
 
-        return FSDP(ctx, cfg.fsdp, cfg.perf.precision)
-    from train.strategies.ddp import DDP
+        strategy = FSDP(ctx, cfg.fsdp, cfg.perf.precision)
+    else:
+        from train.strategies.ddp import DDP
 
-    return DDP(ctx, cfg.ddp)
+        strategy = DDP(ctx, cfg.ddp)
+    return alone(strategy) if ctx.world_size == 1 else strategy
+
+
+def alone(strategy: Strategy) -> Strategy:
+    """One worker under torchrun: nothing to synchronize, so no sync time (n/a, not the cost of
+    a collective with itself) and no DDP sync probe (its extra passes would measure nothing)."""
+    strategy.probes_sync = strategy.measures_sync = False
+    strategy.sync_method = "n/a: one worker, nothing to synchronize"
+    return strategy
 
 
 __all__ = ["Single", "Strategy", "make_strategy"]

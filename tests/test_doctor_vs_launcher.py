@@ -1,0 +1,111 @@
+"""The doctor fails wherever the launcher refuses: for each check the launcher makes before
+starting workers, a job it refuses (exit 2, one line) is a FAIL row of `make doctor` naming the
+same problem (exit 1), never "ready to launch"."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from common.config import to_yaml
+from launch.doctor import ROWS
+from launch.plan import LAUNCH_ORDER
+from tests.helpers import REPO, run_cli
+from train.config import load_config
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+# A refusal of each launcher check: (check, launcher flags, overrides, environment, words of
+# the refusal); `{tmp}` is the test's own folder. Not here: "backend" (gloo is in every torch
+# build the tests run on) and "disk" (a full disk cannot be made without privileges).
+PROXY = "http://127.0.0.1:{closed}"
+CASES = [
+    ("GPUs", [], ["dist.device=cuda"], {}, "no GPU is visible"),  # hidden: conftest.py
+    ("device options", ["--cpu", "--max-restarts", "-1"], [], {}, "must not be negative"),
+    ("batch", ["--cpu"], ["train.batch_size=255"], {}, "not divisible by 2 workers"),
+    ("profile", ["--cpu"], ["perf.profile_steps=1000-1001"], {}, "profile_steps"),
+    ("run folder", ["--cpu"], ["run.dir={tmp}/other"], {}, "already holds a different run"),
+    ("wandb", ["--cpu"], ["wandb.mode=online"], {}, "no credentials"),  # run_cli hides them
+    ("rendezvous port", ["--cpu", "--master-port", "{port}"], [], {}, "already in use"),
+    ("dataset", ["--cpu"], ["data.name=mnist", "data.root={tmp}/empty",
+                            "data.download=false"], {}, "cannot be read from"),
+    ("dataset", ["--cpu"], ["data.synthetic.train_samples=100", "train.batch_size=128"], {},
+     "smaller than one global batch (128)"),
+    ("pretrained weights", ["--cpu"], ["model.pretrained=true"], {},  # lenet: none published
+     "has no published weights"),
+    # torchvision's weights: not in an empty hub cache, and the download goes through a proxy
+    # whose port refuses connections (urllib and the doctor both follow https_proxy)
+    ("pretrained weights", ["--cpu"], ["model.name=torchvision.resnet18",
+                                       "model.pretrained=true"],
+     {"TORCH_HOME": "{tmp}/hub", "https_proxy": PROXY, "HTTPS_PROXY": PROXY},
+     "weights are not in the torch hub cache"),
+]
+NOT_MADE_HERE = {"backend", "disk"}
+
+
+def test_every_launcher_check_is_a_doctor_row_and_has_a_case():
+    rows = [name for name, _ in ROWS]
+    assert [name for name in LAUNCH_ORDER if name not in rows] == []
+    assert {case[0] for case in CASES} | NOT_MADE_HERE == set(LAUNCH_ORDER)
+
+
+@pytest.mark.parametrize("check, flags, overrides, env, words", CASES,
+                         ids=[f"{c[0]}:{(c[2] or c[1])[-1]}" for c in CASES])
+def test_the_doctor_fails_where_the_launcher_refuses(tmp_path, check, flags, overrides, env,
+                                                     words):
+    (tmp_path / "empty").mkdir()
+    other = tmp_path / "other"
+    other.mkdir()  # a folder holding another run
+    (other / "config.yaml").write_text(to_yaml(load_config(CONFIG, ["train.epochs=1"])))
+    with socket.socket() as held, socket.socket() as closed:
+        held.bind(("127.0.0.1", 0))
+        held.listen()  # a port in use
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        fill = {"tmp": tmp_path, "port": held.getsockname()[1],
+                "closed": closed.getsockname()[1]}
+        overrides = [a.format(**fill) for a in overrides]
+        if not any(a.startswith("run.dir=") for a in overrides):
+            overrides.append(f"run.dir={tmp_path / 'run'}")
+        args = [*(a.format(**fill) for a in flags), CONFIG, *overrides]
+        env = {k: v.format(**fill) for k, v in env.items()}
+        launched = run_cli("launch", *args, env=env, timeout=180)
+        doctor = run_cli("launch.doctor", *args, env=env, timeout=180)
+    assert launched.returncode == 2, launched.stdout + launched.stderr
+    refusal = launched.stderr.strip().splitlines()
+    assert len(refusal) == 1 and refusal[0].startswith("error: "), launched.stderr
+    assert words in refusal[0]  # refused for this case's reason
+    assert not (tmp_path / "run").exists()  # refused before any worker started
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    failed = {name: detail for name, verdict, detail in table(doctor.stdout)
+              if verdict == "FAIL"}
+    assert check in failed, doctor.stdout
+    assert words in failed[check]  # the same problem named
+    assert "ready to launch" not in doctor.stdout
+
+
+def table(stdout: str) -> list[tuple[str, str, str]]:
+    """(check, verdict, detail) of each row the doctor printed."""
+    found = []
+    for line in stdout.splitlines():
+        parts = [p.strip() for p in line.split(" | ", 2)]
+        if len(parts) == 3 and parts[0] != "check":
+            found.append((parts[0], parts[1], parts[2]))
+    return found
+
+
+def test_cpu_workers_beyond_the_usable_cores_are_a_warning_with_its_cost():
+    from common.host import usable_cores
+    from launch.cli import parse_args
+    from launch.job import plan_job
+    from launch.resource_checks import check_cores
+
+    cores = usable_cores()
+    fitting = plan_job(parse_args(["--cpu", "--gpus", str(cores), CONFIG]), dry=True)
+    assert check_cores(fitting)[0] == "OK"
+    job = plan_job(parse_args(["--cpu", "--gpus", str(2 * cores), CONFIG]), dry=True)
+    verdict, detail = check_cores(job)
+    assert verdict == "WARN", detail
+    assert f"{2 * cores} CPU worker(s) x 1 thread(s) on {cores} usable core(s)" in detail
+    assert "at least 2.0x the compute time" in detail and f"(GPUS={cores}) fit" in detail

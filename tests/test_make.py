@@ -1,0 +1,58 @@
+"""`make train` stopped mid-run: what make returns. Ctrl-C in a terminal signals the whole
+foreground group; make waits for the launcher (which checkpoints and exits 130) and then ends
+by the same signal, so the shell's `$?` is 130. A signal to the launcher alone comes back from
+make as its own code 2 (`Error 130` named in its message): make has no way to pass on another."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.helpers import REPO
+from tests.jobs import RUN
+
+pytestmark = pytest.mark.slow
+
+
+def start_make_train(run_dir) -> tuple[subprocess.Popen, list[str]]:
+    """`make train` in a session of its own, as a terminal runs it; `-o` keeps make from
+    rebuilding the venv (here a link to a shared one); stdout lines collected as they come."""
+    args = " ".join([*RUN, "train.epochs=50", f"run.dir={run_dir}"])
+    proc = subprocess.Popen(["make", "-s", "-o", ".venv/.installed", "train", "GPUS=2",
+                             f"ARGS={args}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "WANDB_API_KEY": "", "NETRC": os.devnull,
+                                 "CUDA_VISIBLE_DEVICES": ""})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while not any("step 3/" in line for line in lines):
+        assert proc.poll() is None, "".join(lines) + proc.stderr.read()
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    return proc, lines
+
+
+@pytest.mark.parametrize("whom", ["the terminal's group", "the launcher alone"])
+def test_make_train_stopped_by_sigint(tmp_path, whom):
+    proc, _ = start_make_train(tmp_path / "run")
+    if whom == "the terminal's group":
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+    else:
+        [launcher] = [p for p in psutil.Process(proc.pid).children() if "launch" in p.cmdline()]
+        launcher.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert "train] Error 130" in err  # the launcher's own code, named by make
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()  # stopped with a checkpoint
+    if whom == "the terminal's group":
+        assert code == -signal.SIGINT  # ended by SIGINT: a shell's $? is 128 + 2 = 130
+    else:
+        assert code == 2  # make's own code: it has no other to give

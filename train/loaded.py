@@ -21,8 +21,8 @@ from train.data.build import DataParts, build_data
 from train.dist import DistContext
 from train.model import build_plain_model, use_channels_last
 from train.optim import AUTOCAST_DTYPES
-from train.sharded_checkpoint import load_model_state_dict
 from train.run_path import follow_latest
+from train.sharded_checkpoint import load_model_state_dict
 
 
 @dataclass

@@ -92,7 +92,8 @@ class OptimConfig:
     eps: PositiveFloat = 1e-8  # AdamW's denominator term
     # decay biases and norm layers' weights too; null: false for AdamW (as timm), true for SGD
     decay_norm_and_bias: bool | None = None
-    # fused (one kernel), foreach (batched) or loop; auto: fused on GPUs, torch's default on CPU
+    # fused (one kernel), foreach (batched) or loop; auto: fused on GPUs (foreach for SGD in
+    # mode fsdp: torch has no sharded fused SGD), torch's default (a loop) on the CPU
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
     schedule: Literal["constant", "cosine", "step"] = "cosine"  # after the warmup
     warmup_steps: Annotated[int, NonNegative] = 0  # linear warmup from 0 to `lr`, in steps

@@ -131,10 +131,11 @@ def check_recipe(cfg: Config) -> None:
     from models import check_name
     from train.lr import check_lr_options
     from train.model import load_state_dict_file
-    from train.optim import check_optimizer_name
+    from train.optim import check_implementation, check_optimizer_name
 
     check_name(cfg.model.name)
     check_optimizer_name(cfg.optim.name)
+    check_implementation(cfg.optim, cfg.mode)
     check_lr_options(cfg.optim)
     if cfg.model.init_from:
         load_state_dict_file(cfg.model.init_from)

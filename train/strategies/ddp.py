@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -18,7 +17,7 @@ from common.collectives import timed
 from common.errors import CheckFailed, UserError
 from common.schema import DDPConfig
 from train.dist import DistContext
-from train.strategies.base import Strategy
+from train.strategies.base import Strategy, broadcast_together
 from train.strategies.powersgd import PowerSGD
 
 # DDP's sync probe: each pair is two extra forward+backward passes at an epoch's end. One pair:
@@ -99,8 +98,7 @@ class DDP(Strategy):
     def sync_buffers(self, model: nn.Module) -> None:
         # DDP broadcasts buffers at the start of each training forward, and the forward then
         # updates them with the local batch; after the last step ranks differ slightly.
-        for buffer in self.unwrap(model).buffers():
-            dist.broadcast(buffer, src=0)
+        broadcast_together(list(self.unwrap(model).buffers()))
 
     def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float:
         # DDP's allreduce runs inside backward, overlapped with it: what shows is the part of

@@ -124,6 +124,10 @@ class PerfConfig:
     # auto compiles runs this long (LeNet breaks even at ~1,600)
     compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
     cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms
+    # TF32 (10-bit mantissa) for fp32 work on Ampere+ GPUs. torch: its defaults, as in torch,
+    # timm and Lightning (convolutions in TF32, matmuls in full fp32); on: matmuls too (fp32
+    # Linear layers several times faster on H100); off: neither (fp32 exactness everywhere)
+    tf32: Literal["torch", "on", "off"] = "torch"
     # bitwise-repeatable GPU kernels (deterministic cuDNN/cuBLAS algorithms, cudnn_benchmark
     # off): slower; for debugging and for comparing a resumed run with an uninterrupted one
     deterministic: Annotated[bool, RUNTIME] = False

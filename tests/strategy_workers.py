@@ -50,3 +50,52 @@ def fsdp_buffer_broadcasts(overrides: list[str], steps: int) -> dict:
         return {"per_step": per_step, "buffers": buffers}
     finally:
         dist.teardown(ctx)
+
+
+def zero_under_a_grad_scaler(zero: bool) -> dict:
+    """fp16's protocol on the CPU (GradScaler("cpu") and torch's fused SGD, which take it on
+    the CPU too): DDP, with ZeRO or a plain optimizer; a step whose gradients hold an inf in
+    the middle. The parameters after each step, the scale, and how often GradScaler took its
+    host-syncing path (`_maybe_opt_step`: reads found-inf back before stepping), and the
+    broadcasts of each step."""
+    from torch import nn
+
+    from train.strategies import make_strategy
+
+    cfg = load_config(DEFAULT_CONFIG, ["dist.device=cpu", f"ddp.zero={str(zero).lower()}"])
+    ctx = dist.setup(cfg.dist)
+    try:
+        strategy = make_strategy(cfg, ctx)
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        model = strategy.wrap(plain)
+        optimizer = strategy.build_optimizer(plain.parameters(), torch.optim.SGD, lr=0.1,
+                                             momentum=0.9, fused=True)
+        scaler = strategy.grad_scaler("cpu", enabled=True)
+        synced = [0]
+        host_path = scaler._maybe_opt_step
+
+        def counted(*args, **kwargs):
+            synced[0] += 1
+            return host_path(*args, **kwargs)
+
+        scaler._maybe_opt_step = counted
+        generator = torch.Generator().manual_seed(ctx.rank)
+        params, scales, broadcasts = [], [], []
+        for step in range(4):
+            loss = model(torch.randn(6, 8, generator=generator)).square().mean()
+            scaler.scale(loss).backward()
+            if step == 2:  # an overflow: every rank's gradients (after the allreduce) hold it
+                next(plain.parameters()).grad[0, 0] = float("inf")
+            with counting("broadcast") as calls:
+                scaler.step(optimizer)
+            broadcasts.append(calls[0])
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            params.append([p.detach().clone() for p in plain.parameters()])
+            scales.append(scaler.get_scale())
+        return {"params": params, "scales": scales, "host_syncing_steps": synced[0],
+                "broadcasts": broadcasts,
+                "supports": getattr(optimizer, "_step_supports_amp_scaling", False)}
+    finally:
+        dist.teardown(ctx)

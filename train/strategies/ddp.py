@@ -54,13 +54,11 @@ class DDP(Strategy):
                         **defaults: Any) -> torch.optim.Optimizer:
         if not self.cfg.zero:
             return super().build_optimizer(params, optimizer_class, **defaults)
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from train.strategies.zero import ZeroOptimizer
 
-        # Each rank keeps the state of its share of the parameters (whole tensors, balanced
-        # by size), steps them after DDP's allreduce, and broadcasts them to the others. The
-        # checkpointer gathers the state onto the main rank (`consolidate_state_dict`) and
+        # The checkpointer gathers the state onto the main rank (`consolidate_state_dict`) and
         # saves it whole; on loading, each rank keeps its share.
-        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **defaults)
+        return ZeroOptimizer(params, optimizer_class, **defaults)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         knobs = self.cfg

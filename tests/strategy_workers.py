@@ -52,28 +52,29 @@ def fsdp_buffer_broadcasts(overrides: list[str], steps: int) -> dict:
         dist.teardown(ctx)
 
 
-def zero_under_a_grad_scaler(zero: bool) -> dict:
+def zero_under_a_grad_scaler(bucket_view: bool | None) -> dict:
     """fp16's protocol on the CPU (GradScaler("cpu") and torch's fused SGD, which take it on
-    the CPU too): DDP, with ZeRO or a plain optimizer; a step whose gradients hold an inf in
-    the middle. The parameters after each step, the scale, and how often GradScaler took its
-    host-syncing path (`_maybe_opt_step`: reads found-inf back before stepping), and the
-    broadcasts of each step."""
+    the CPU too): DDP with ZeRO (its parameters in flat buckets or not), or with a plain
+    optimizer (`bucket_view` None); a step whose gradients hold an inf in the middle. The
+    parameters after each step, the scale, how often GradScaler took its host-syncing path
+    (`_maybe_opt_step`: reads found-inf back before stepping), the broadcasts of each step."""
     from torch import nn
 
     from train.strategies import make_strategy
+    from train.strategies.zero import ZeroOptimizer
 
-    cfg = load_config(DEFAULT_CONFIG, ["dist.device=cpu", f"ddp.zero={str(zero).lower()}"])
+    cfg = load_config(DEFAULT_CONFIG, ["dist.device=cpu"])
     ctx = dist.setup(cfg.dist)
     try:
         strategy = make_strategy(cfg, ctx)
         torch.manual_seed(0)
         plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         model = strategy.wrap(plain)
-        optimizer = strategy.build_optimizer(plain.parameters(), torch.optim.SGD, lr=0.1,
-                                             momentum=0.9, fused=True)
+        build = (torch.optim.SGD if bucket_view is None else
+                 lambda params, **kw: ZeroOptimizer(params, torch.optim.SGD, bucket_view, **kw))
+        optimizer = build(plain.parameters(), lr=0.1, momentum=0.9, fused=True)
         scaler = strategy.grad_scaler("cpu", enabled=True)
-        synced = [0]
-        host_path = scaler._maybe_opt_step
+        synced, host_path = [0], scaler._maybe_opt_step
 
         def counted(*args, **kwargs):
             synced[0] += 1

@@ -54,11 +54,13 @@ class DDP(Strategy):
                         **defaults: Any) -> torch.optim.Optimizer:
         if not self.cfg.zero:
             return super().build_optimizer(params, optimizer_class, **defaults)
-        from train.strategies.zero import ZeroOptimizer
+        from train.strategies.zero import ZeroOptimizer, flat_buckets_fit
 
         # The checkpointer gathers the state onto the main rank (`consolidate_state_dict`) and
         # saves it whole; on loading, each rank keeps its share.
-        return ZeroOptimizer(params, optimizer_class, **defaults)
+        params = list(params)
+        return ZeroOptimizer(params, optimizer_class,
+                             flat_buckets_fit(params, self.ctx.device.type), **defaults)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         knobs = self.cfg

@@ -17,19 +17,22 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
 
 
-def flat_buckets_fit(params: list[nn.Parameter] | list[dict[str, Any]]) -> bool:
-    """Whether ZeRO may keep each rank's parameters in one flat bucket: one broadcast per rank
-    after a step instead of one per parameter (tools/bench/zero_sync.py measures both). The
-    bucket holds each parameter as a contiguous view, so a channels_last weight (CPU workers'
-    default, perf.channels_last) would change layout under DDP, whose gradient buckets keep
-    the old one, and the convolutions would compute other bits than without ZeRO."""
+def flat_buckets_fit(params: list[nn.Parameter] | list[dict[str, Any]], device_type: str
+                     ) -> bool:
+    """Whether ZeRO keeps each rank's parameters in one flat bucket: one broadcast per rank
+    after a step instead of one per parameter. On GPUs, yes: each NCCL broadcast is a launch
+    and a collective's latency (ResNet-50: 161 of them per step). On the CPU, no: with gloo the
+    per-parameter broadcasts measured faster (tools/bench/zero_sync.py; the performance page).
+    And not with channels_last weights: the bucket holds each parameter as a contiguous view,
+    so their layout would change under DDP, whose gradient buckets keep the old one, and the
+    convolutions would compute other bits than without ZeRO."""
     groups = [g["params"] if isinstance(g, dict) else [g] for g in params]  # or param groups
-    return all(p.is_contiguous() for group in groups for p in group)
+    return device_type == "cuda" and all(p.is_contiguous() for group in groups for p in group)
 
 
 class ZeroOptimizer(ZeroRedundancyOptimizer):
-    """ZeroRedundancyOptimizer with each rank's parameters in one flat bucket where the layout
-    allows (`flat_buckets_fit`), and that passes the GradScaler's scale and
+    """ZeroRedundancyOptimizer, each rank's parameters in one flat bucket or not (`bucket_view`:
+    `flat_buckets_fit`), that passes the GradScaler's scale and
     found-inf flag on to a local optimizer that takes them (torch's fused SGD and AdamW).
 
     Without that, GradScaler reads every step's found-inf flag back to the host (a sync per
@@ -41,10 +44,9 @@ class ZeroOptimizer(ZeroRedundancyOptimizer):
     those parameters."""
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
-                 optimizer_class: type, **defaults: Any):
-        params = list(params)
+                 optimizer_class: type, bucket_view: bool, **defaults: Any):
         super().__init__(params, optimizer_class=optimizer_class,
-                         parameters_as_bucket_view=flat_buckets_fit(params), **defaults)
+                         parameters_as_bucket_view=bucket_view, **defaults)
         self._step_supports_amp_scaling = getattr(self.optim, "_step_supports_amp_scaling",
                                                   False)
 

@@ -7,7 +7,7 @@ parameters, as on GPU workers): broadcasts counted around torch.distributed.broa
 call runs), optimizer-step time (median, milliseconds) and whether both give the same
 parameters, bitwise.
 
-    python -m tools.bench.zero_sync [--model resnet18] [--steps 20]
+    python -m tools.bench.zero_sync [--model resnet18] [--steps 10]
 """
 
 from __future__ import annotations

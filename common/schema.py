@@ -92,7 +92,8 @@ class OptimConfig:
     eps: PositiveFloat = 1e-8  # AdamW's denominator term
     # decay biases and norm layers' weights too; null: false for AdamW (as timm), true for SGD
     decay_norm_and_bias: bool | None = None
-    # fused (one kernel), foreach (batched) or loop; auto: fused on GPUs, torch's default on CPU
+    # fused (one kernel), foreach (batched) or loop; auto: fused on GPUs (foreach for SGD in
+    # mode fsdp: torch has no sharded fused SGD), torch's default (a loop) on the CPU
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
     schedule: Literal["constant", "cosine", "step"] = "cosine"  # after the warmup
     warmup_steps: Annotated[int, NonNegative] = 0  # linear warmup from 0 to `lr`, in steps
@@ -125,6 +126,10 @@ class PerfConfig:
     # auto compiles runs this long (LeNet's break-even: docs/performance.md)
     compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
     cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms
+    # TF32 (10-bit mantissa) for fp32 work on Ampere+ GPUs. torch: its defaults, as in torch,
+    # timm and Lightning (convolutions in TF32, matmuls in full fp32); on: matmuls too (fp32
+    # Linear layers several times faster on H100); off: neither (fp32 exactness everywhere)
+    tf32: Literal["torch", "on", "off"] = "torch"
     # bitwise-repeatable GPU kernels (deterministic cuDNN/cuBLAS algorithms, cudnn_benchmark
     # off): slower; for debugging and for comparing a resumed run with an uninterrupted one
     deterministic: Annotated[bool, RUNTIME] = False

@@ -20,7 +20,7 @@ from common.errors import UserError
 from common.schema import Config, OptimConfig, PerfConfig, parse_step_range
 from models import check_name
 from train.data import DATASETS
-from train.optim import check_optimizer_name
+from train.optim import check_implementation, check_optimizer_name
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,6 +65,7 @@ def validate_with_data(cfg: Config, num_classes: int, total_steps: int) -> None:
 def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
     """Names that must exist, and options that contradict each other."""
     check_names(cfg)
+    check_implementation(cfg.optim, cfg.mode)
     check_lr_options(cfg.optim)
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("model.init_from and model.pretrained=true both set the initial "

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {node0_silent(plan.rdzv_endpoint, timeout_s)}", file=sys.stderr)
         return 1
     return run_torchrun(plan.torchrun_args, verbose=args.verbose, rendezvous_timeout_s=timeout_s,
-                        abort_note=abort_note(plan), run_dir=Path(plan.cfg.run.dir))
+                        abort_note=abort_note(plan), run_dir=Path(plan.cfg.run.dir),
+                        backend=plan.backend)
 
 
 if __name__ == "__main__":

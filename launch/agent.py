@@ -65,11 +65,11 @@ def node0_silent(endpoint: str, timeout_s: float | None) -> str:
 
 def run_torchrun(torchrun_args: list[str], verbose: bool = False,
                  rendezvous_timeout_s: float | None = None, abort_note: str | None = None,
-                 run_dir: Path | None = None) -> int:
+                 run_dir: Path | None = None, backend: str = "gloo") -> int:
     """Run torchrun's elastic agent here; return 0, or the failed workers' exit code.
     `abort_note`: what a worker killed by SIGABRT means in this job (launch/plan.py);
     `run_dir`: where the workers write their hang records; after a failure, one block sums
-    them up (launch/hangs.py)."""
+    them up (launch/hangs.py), read as `backend`'s ranks block."""
     # Where this node's workers say whether they trained and where they stopped (only local
     # rank 0 writes it, so nothing exists unless training began).
     status_file = Path(tempfile.gettempdir()) / f"dptrain-status-{uuid.uuid4().hex}.json"
@@ -81,7 +81,7 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
     os.environ.update(told)
     try:
         return _run_agent(torchrun_args, verbose, rendezvous_timeout_s, abort_note, run_dir,
-                          status_file)
+                          status_file, backend)
     finally:
         status_file.unlink(missing_ok=True)
         drop_empty_fatal_dumps(os.getpid())
@@ -93,7 +93,8 @@ def run_torchrun(torchrun_args: list[str], verbose: bool = False,
 
 
 def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: float | None,
-               abort_note: str | None, run_dir: Path | None, status_file: Path) -> int:
+               abort_note: str | None, run_dir: Path | None, status_file: Path,
+               backend: str) -> int:
     started = time.time()
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -110,10 +111,10 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
             run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
         code = report_failures(exc.failures, abort_note)
-        report_hang(exc.failures, run_dir, started)
+        report_hang(exc.failures, run_dir, backend, started)
         return code
     except SignalException as exc:
-        report_hang({}, run_dir, started)
+        report_hang({}, run_dir, backend, started)
         # torchrun passed the signal on and waited for the workers to leave.
         print(f"launch: {interrupted(exc.sigval, status.read(status_file), run_dir)}",
               file=sys.stderr, flush=True)
@@ -166,13 +167,13 @@ def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: floa
     return f"the rendezvous at {where} failed ({type(exc).__name__}: {exc}); {check}"
 
 
-def report_hang(failures: dict, run_dir: Path | None, since: float) -> None:
+def report_hang(failures: dict, run_dir: Path | None, backend: str, since: float) -> None:
     """The hang block, when the workers of this job left records (launch/hangs.py)."""
     if run_dir is None:
         return
     try:
         collect_fatal_dumps(failures, Path(run_dir))
-        block = hang_block(Path(run_dir), since)
+        block = hang_block(Path(run_dir), since, backend)
     except OSError as exc:
         block = f"hang: the records in {run_dir}/hang could not be read ({exc})"
     if block:

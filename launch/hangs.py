@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common.records import HANG_DIR
+from common.records import HANG_DIR, NCCL_TRACE_PREFIX
 from train.hang import fatal_dump_path
 
 # Records older than the launch are a previous job's; allow for clocks of other nodes that
@@ -39,8 +39,9 @@ def collect_fatal_dumps(failures: dict[int, Any], run_dir: Path) -> None:
         shutil.move(dump, run_dir / HANG_DIR / f"rank_{rank}.fatal.txt")
 
 
-def hang_block(run_dir: Path, since: float) -> str | None:
-    """The block, or None when no rank of this job left a record (`since`: the launch time)."""
+def hang_block(run_dir: Path, since: float, backend: str = "gloo") -> str | None:
+    """The block, or None when no rank of this job left a record (`since`: the launch time;
+    `backend`: the job's, as the launcher planned it)."""
     folder = run_dir / HANG_DIR
     records = read_records(folder, since)
     if not records:
@@ -48,31 +49,66 @@ def hang_block(run_dir: Path, since: float) -> str | None:
     latest = max(r.get("attempt", 0) for r in records.values())
     records = {rank: r for rank, r in records.items() if r.get("attempt", 0) == latest}
     world = max(r.get("world_size", 0) for r in records.values())
-    missed = sorted(rank for rank, r in records.items() if not r.get("waiting"))
-    waited = sorted(rank for rank, r in records.items() if r.get("waiting"))
-    silent = [rank for rank in range(world) if rank not in records]
     steps = sorted({r["step"] for r in records.values() if r.get("step") is not None})
     at = f"at step {', '.join(map(str, steps))}" if steps else "in an unknown step"
+    head, order = (_nccl_head if backend == "nccl" else _gloo_head)(records, at)
+    lines = [f"hang: {head} (every rank's stack: {folder}/rank_<r>.txt)"]
+    lines += ["  " + _line(rank, records[rank], backend) for rank in order]
+    lines += [f"  rank {rank}: no record (it exited before it could write one, or its node "
+              f"does not see {run_dir})" for rank in range(world) if rank not in records]
+    if backend == "nccl":
+        lines.append("  " + trace_note(run_dir))
+    return "\n".join(lines)
+
+
+def _gloo_head(records: dict[int, dict[str, Any]], at: str) -> tuple[str, list[int]]:
+    """gloo blocks inside the collective's Python call: a rank's stack tells whether it waited
+    in one. A rank killed by a signal tells nothing of the kind (its dump is all there is)."""
+    missed = sorted(rank for rank, r in records.items() if r.get("waiting") is False)
+    waited = sorted(rank for rank, r in records.items() if r.get("waiting"))
+    killed = sorted(rank for rank, r in records.items() if r.get("waiting") is None)
     if missed and waited:
         head = (f"rank(s) {_ranks(missed)} did not reach the collective that rank(s) "
                 f"{_ranks(waited)} waited in, {at}")
     elif waited:
         head = (f"every rank that reported waited in a collective, {at}: compare where (they "
                 f"may wait in different collectives)")
-    else:
+    elif missed:
         head = f"rank(s) {_ranks(missed)} did not finish their step, {at}"
-    lines = [f"hang: {head} (every rank's stack: {folder}/rank_<r>.txt)"]
-    for rank in missed + waited:
-        lines.append("  " + _line(rank, records[rank]))
-    for rank in silent:
-        lines.append(f"  rank {rank}: no record (it exited before it could write one, or its "
-                     f"node does not see {run_dir})")
-    return "\n".join(lines)
+    else:
+        head = f"rank(s) {_ranks(killed)} were killed by a signal, {at}"
+    return head, missed + waited + killed
+
+
+def _nccl_head(records: dict[int, dict[str, Any]], at: str) -> tuple[str, list[int]]:
+    """NCCL queues a collective and returns: a rank blocks later, where it reads a result
+    (`.item()`) or synchronizes, so its stack says where it stopped, not which collective it
+    reached. The flight recorder's traces say that."""
+    return (f"on NCCL, {at}: where each rank was blocked (NCCL runs collectives "
+            f"asynchronously: which one each rank reached is in the flight-recorder traces "
+            f"named below)", sorted(records))
+
+
+def trace_note(run_dir: Path) -> str:
+    """Where the NCCL flight recorder's traces are (the launcher sets the variable unless the
+    user did: launch/plan.py), which ranks wrote one, and the command that reads them."""
+    traces = os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+                            str(run_dir.absolute() / NCCL_TRACE_PREFIX))
+    folder, prefix = os.path.split(traces)
+    written = sorted(int(m[1]) for p in Path(folder or ".").glob(f"{prefix}*")
+                     if (m := re.fullmatch(re.escape(prefix) + r"(\d+)", p.name)))
+    if not written:
+        return (f"flight-recorder traces: none in {traces}<rank> (NCCL's watchdog writes them "
+                f"when a collective times out, with TORCH_NCCL_TRACE_BUFFER_SIZE > 0)")
+    return (f"flight-recorder traces of rank(s) {_ranks(written)} in {traces}<rank>: `python "
+            f"-m torch.distributed.flight_recorder.fr_trace {folder} -p {prefix}` names the "
+            f"collective where the ranks parted and the ranks that never joined it")
 
 
 def read_records(folder: Path, since: float) -> dict[int, dict[str, Any]]:
     """rank -> record, of this job: the JSON records and the fatal dumps written since the
-    launch (a fatal dump becomes a record that did not reach the collective)."""
+    launch (a fatal dump becomes a record that tells where the rank was, not whether it
+    reached a collective)."""
     records: dict[int, dict[str, Any]] = {}
     if not folder.is_dir():
         return records
@@ -98,17 +134,30 @@ def fatal_record(rank: int, path: Path) -> dict[str, Any]:
     main = next((b for b in stacks if f"train{os.sep}__main__.py" in b), text)
     frames = [m for m in map(FRAME.match, main.splitlines()) if m]  # most recent first
     ours = next((m for m in frames if "site-packages" not in m["file"]), None)
-    at = f"{_short(ours['file'])}:{ours['line']} in {ours['name']}" if ours else "?"
-    return {"rank": rank, "waiting": False, "step": None, "where": "?", "at": at,
-            "reason": first.rstrip(":").lower(), "stack": path.name, "attempt": 0}
+    return {"rank": rank, "waiting": None, "step": None, "where": "?", "at": _frame(ours),
+            "innermost": _frame(frames[0] if frames else None),
+            "reason": first.rstrip(":").lower(), "stack": path.name, "attempt": 0,
+            "fatal": True}
 
 
-def _line(rank: int, record: dict[str, Any]) -> str:
-    what = "waited in it" if record.get("waiting") else "did not reach it"
+def _frame(match: re.Match | None) -> str:
+    return f"{_short(match['file'])}:{match['line']} in {match['name']}" if match else "?"
+
+
+def _line(rank: int, record: dict[str, Any], backend: str) -> str:
     host = f" (pid {record['pid']} on {record['host']})" if "pid" in record else ""
     step = f"step {record['step']}, in {record['where']}, " if record.get("step") else ""
-    return (f"rank {rank}{host}: {what}: {step}at {record['at']}; {record['reason'][:120]} "
-            f"[{record['stack']}]")
+    where = f"at {record['at']}"
+    if record.get("fatal"):
+        what = "killed by a signal"
+    elif backend == "nccl" or record.get("waiting") is None:
+        what = "blocked"
+    else:
+        what = "waited in it" if record["waiting"] else "did not reach it"
+    inner = record.get("innermost", "?")
+    if backend == "nccl" and inner not in ("?", record["at"]):
+        where += f" (innermost: {inner})"
+    return f"rank {rank}{host}: {what}: {step}{where}; {record['reason'][:120]} [{record['stack']}]"
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -116,6 +165,8 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def _short(path: str) -> str:
+    if f"{os.sep}site-packages{os.sep}" in path:  # torch/..., as a traceback reader knows it
+        return path.split(f"{os.sep}site-packages{os.sep}")[-1]
     marker = next((m for m in ("/train/", "/models/", "/common/", "/launch/", "/tests/")
                    if m in path), None)
     return path[path.index(marker) + 1:] if marker else path

@@ -1,6 +1,8 @@
 """Optimizers (SGD, AdamW and their parameter groups, fused/foreach), the lr's rules and
 schedules (warmup in steps or epochs, constant, cosine, step), clipping's norm."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,35 @@ def test_ema_warms_up_and_averages():
     for _ in range(2000):
         ema.update(net)
     assert ema.current_decay() == 0.99 and ema.module.weight.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name, implementation, mode, device, picked", [
+    ("sgd", "auto", "ddp", "cuda", "fused"),
+    ("sgd", "auto", "fsdp", "cuda", "foreach"),  # no sharded fused SGD in torch
+    ("adamw", "auto", "fsdp", "cuda", "fused"),  # DTensor has fused AdamW's rule
+    ("adamw", "auto", "ddp", "cuda", "fused"),
+    ("sgd", "auto", "fsdp", "cpu", "default"),
+    ("sgd", "auto", "single", "cpu", "default"),
+    ("sgd", "loop", "fsdp", "cuda", "loop"),
+    ("sgd", "fused", "ddp", "cuda", "fused"),
+    ("adamw", "fused", "fsdp", "cpu", "fused"),
+])
+def test_the_implementation_fits_the_optimizer_mode_and_device(name, implementation, mode,
+                                                               device, picked):
+    from train.optim import choose_implementation
+
+    cfg = OptimConfig(name=name, implementation=implementation)
+    assert choose_implementation(cfg, mode, device) == picked
+
+
+def test_fused_sgd_under_fsdp_is_refused_by_validate():
+    from common.validate import check_recipe
+    from train.config import load_config
+
+    default = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+    with pytest.raises(UserError, match=r"^optim.implementation=fused does not work with mode "
+                                        r"fsdp and optim.name=sgd"):
+        check_recipe(load_config(default, ["mode=fsdp", "optim.implementation=fused"]))
+    check_recipe(load_config(default, ["mode=ddp", "optim.implementation=fused"]))
+    check_recipe(load_config(default, ["mode=fsdp", "optim.name=adamw",
+                                       "optim.implementation=fused"]))

@@ -88,12 +88,14 @@ class Checkpointer:
 
     def _write(self, ranks: list[Any], pieces: dict[str, Any] | None,
                whole: dict[str, Any]) -> Path:
+        # On the CPU: a file of CUDA tensors cannot be opened by a bare torch.load on a machine
+        # without that GPU. torch.save copies each tensor to the host anyway.
         state: dict[str, Any] = {}
         for key, part in self.parts.items():
             if key in FLAT_PARTS:
-                state.update(part.state_dict())
+                state.update(on_cpu(part.state_dict()))
             else:
-                state[key] = part.state_dict()
+                state[key] = on_cpu(part.state_dict())
         state.update(ranks=ranks, world_size=self.ctx.world_size, config=self.identity)
         if pieces is None:
             path = self.files.save(state)

@@ -37,8 +37,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         if confusion is not None:
             top = logits.topk(min(5, logits.shape[1]), 1).indices
             totals[3] += (top == labels[:, None]).any(1).sum()
-            confusion += torch.bincount(labels * num_classes + predicted,
-                                        minlength=confusion.numel()).double()
+            # Counted in place, on the device: bincount's output size depends on the largest
+            # value, which it reads back to the host (a sync per batch on a GPU).
+            cells = labels * num_classes + predicted
+            confusion.index_add_(0, cells, torch.ones_like(cells, dtype=confusion.dtype))
     if ctx.distributed:
         dist.all_reduce(totals)
         if confusion is not None:

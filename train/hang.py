@@ -98,13 +98,12 @@ class HangRecorder:
 
     def overdue(self, signum: int, after_s: float) -> None:
         """From the stop signals' watcher thread: a stop was asked for, and this rank has shown
-        no progress for `after_s` seconds (half its stall limit, common/signals.py). Waiting
-        counts when the main thread is inside torch.distributed."""
+        no progress for `after_s` seconds (half its stall limit, common/signals.py)."""
         if self.settled:
             return
         frame = sys._current_frames().get(threading.main_thread().ident or -1)
         frames = traceback.extract_stack(frame) if frame is not None else []
-        waiting = any(f"torch{os.sep}distributed" in f.filename for f in frames)
+        waiting = waits_in_collective(frames, backend())
         name = signal.Signals(signum).name
         self._write(waiting, f"no progress for {after_s:g} s, and {name} asked it to stop",
                     frames, "")
@@ -129,6 +128,7 @@ class HangRecorder:
             tool: list[str] = []
             atomic_write(stack, lambda p: tool.append(dump_stacks(p, header)))
             record = {"rank": self.rank, "world_size": self.world_size, "step": step,
+                      "backend": backend(),
                       "where": where, "waiting": waiting, "reason": reason,
                       "at": repo_frame(frames), "innermost": describe_frame(frames[-1:]),
                       "stack": stack.name, "dumped_by": tool[0], "pid": os.getpid(),
@@ -139,6 +139,24 @@ class HangRecorder:
             self.written += [stack, record_path]
         except Exception as exc:  # noqa: BLE001 - a failed record must not hide the failure
             log.warning("could not write the hang record into %s: %s", self.folder, exc)
+
+
+def backend() -> str | None:
+    """This rank's process group backend ("nccl", "gloo"), None before there is one."""
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def waits_in_collective(frames: list[traceback.FrameSummary], backend: str | None
+                        ) -> bool | None:
+    """Whether a rank's main thread (its `frames`) waits in a collective. gloo blocks inside
+    the collective's Python call (a frame in torch.distributed); NCCL queues the collective and
+    returns, and the rank blocks later where it reads a result (`.item()`) or synchronizes, so
+    its stack cannot tell: None (launch/hangs.py then points at the flight recorder's traces)."""
+    if backend is not None and "nccl" in backend:
+        return None
+    return any(f"torch{os.sep}distributed" in f.filename for f in frames)
 
 
 def dump_stacks(path: Path, header: str) -> str:

@@ -40,7 +40,8 @@ def should_compile(cfg: Config, total_steps: int) -> bool:
 
 def set_kernel_choice(perf: PerfConfig, device_kind: str) -> None:
     """How this process picks GPU kernels: cuDNN's benchmark mode (the fastest algorithm per
-    shape, timed at the first use), or `perf.deterministic` (the same bits on every run)."""
+    shape, timed at the first use), or `perf.deterministic` (the same bits on every run); TF32
+    for fp32 work as `perf.tf32` says."""
     if device_kind != "cuda":
         return
     if perf.deterministic:
@@ -49,6 +50,12 @@ def set_kernel_choice(perf: PerfConfig, device_kind: str) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = perf.deterministic
     torch.backends.cudnn.benchmark = perf.cudnn_benchmark and not perf.deterministic
+    if perf.tf32 != "torch":
+        # The API torch 2.11 to 2.14 take without warning, and the one users know (Lightning
+        # suggests it); mixing it with the newer `fp32_precision` flags makes torch raise.
+        on = perf.tf32 == "on"
+        torch.set_float32_matmul_precision("high" if on else "highest")
+        torch.backends.cudnn.allow_tf32 = on
 
 
 def build_plain_model(cfg: Config, ctx: DistContext, data: DataFacts,

@@ -43,20 +43,41 @@ def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def implementation(cfg: OptimConfig, device_type: str) -> dict[str, bool]:
-    """torch's fused kernels on GPUs (one launch for every parameter), its default elsewhere."""
-    choice = cfg.implementation
-    if choice == "auto":
-        choice = "fused" if device_type == "cuda" else "default"
-    return {"fused": {"fused": True}, "foreach": {"foreach": True},
-            "loop": {"foreach": False}}.get(choice, {})
+# DTensor (FSDP2's shards) has a sharding rule for torch's fused Adam/AdamW kernels but none for
+# its fused SGD (aten._fused_sgd_, torch 2.11 to 2.14): it fails at the first step, and at
+# DCP's optimizer-state initialization, which runs a step. Its foreach kernels all shard.
+UNSHARDED_FUSED = frozenset({"sgd"})
+KNOBS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False},
+         "default": {}}
+
+
+def check_implementation(cfg: OptimConfig, mode: str) -> None:
+    """Refuse an `optim.implementation` that cannot step this mode's parameters."""
+    if cfg.implementation == "fused" and mode == "fsdp" and cfg.name in UNSHARDED_FUSED:
+        raise UserError(f"optim.implementation=fused does not work with mode fsdp and "
+                        f"optim.name={cfg.name}: torch has no sharded form of its fused "
+                        f"{cfg.name.upper()} (aten._fused_sgd_ on DTensor); set "
+                        f"optim.implementation=foreach or auto")
+
+
+def choose_implementation(cfg: OptimConfig, mode: str, device_type: str) -> str:
+    """fused, foreach, loop or default (torch's own choice). auto: torch's fused kernels on
+    GPUs (one launch for every parameter) where they take this mode's parameters, else its
+    foreach kernels; torch's default on the CPU (a loop: foreach gains nothing there)."""
+    check_implementation(cfg, mode)
+    if cfg.implementation != "auto":
+        return cfg.implementation
+    if device_type != "cuda":
+        return "default"
+    return "foreach" if mode == "fsdp" and cfg.name in UNSHARDED_FUSED else "fused"
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str,
                    hooks: OptimizerHooks | None = None) -> torch.optim.Optimizer:
     check_optimizer_name(cfg.name)
-    build = (hooks or PlainHooks()).build_optimizer
-    groups, impl = param_groups(cfg, model), implementation(cfg, device_type)
+    hooks = hooks or PlainHooks()
+    impl = KNOBS[choose_implementation(cfg, hooks.name, device_type)]
+    groups, build = param_groups(cfg, model), hooks.build_optimizer
     if cfg.name == "adamw":
         return build(groups, torch.optim.AdamW, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
                      **impl)
@@ -152,6 +173,8 @@ class Optimization:
 class OptimizerHooks(Protocol):
     """How a strategy builds the optimizer and the loss scaler (train/strategies/base.py)."""
 
+    name: str  # the mode ("fsdp": parameters are DTensor shards)
+
     def build_optimizer(self, params: Iterable[nn.Parameter], optimizer_class: type,
                         **defaults: Any) -> torch.optim.Optimizer: ...
 
@@ -160,6 +183,8 @@ class OptimizerHooks(Protocol):
 
 class PlainHooks:
     """A lone optimizer and scaler, as the strategies without their own build them."""
+
+    name = "single"
 
     def build_optimizer(self, params: Iterable[Any], optimizer_class: type,
                         **defaults: Any) -> torch.optim.Optimizer:

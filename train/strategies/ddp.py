@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -18,7 +17,7 @@ from common.collectives import timed
 from common.errors import CheckFailed, UserError
 from common.schema import DDPConfig
 from train.dist import DistContext
-from train.strategies.base import Strategy
+from train.strategies.base import Strategy, broadcast_together
 from train.strategies.powersgd import PowerSGD
 
 # DDP's sync probe: each pair is two extra forward+backward passes at an epoch's end. One pair:
@@ -55,13 +54,13 @@ class DDP(Strategy):
                         **defaults: Any) -> torch.optim.Optimizer:
         if not self.cfg.zero:
             return super().build_optimizer(params, optimizer_class, **defaults)
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from train.strategies.zero import ZeroOptimizer, flat_buckets_fit
 
-        # Each rank keeps the state of its share of the parameters (whole tensors, balanced
-        # by size), steps them after DDP's allreduce, and broadcasts them to the others. The
-        # checkpointer gathers the state onto the main rank (`consolidate_state_dict`) and
+        # The checkpointer gathers the state onto the main rank (`consolidate_state_dict`) and
         # saves it whole; on loading, each rank keeps its share.
-        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **defaults)
+        params = list(params)
+        return ZeroOptimizer(params, optimizer_class,
+                             flat_buckets_fit(params, self.ctx.device.type), **defaults)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         knobs = self.cfg
@@ -99,8 +98,7 @@ class DDP(Strategy):
     def sync_buffers(self, model: nn.Module) -> None:
         # DDP broadcasts buffers at the start of each training forward, and the forward then
         # updates them with the local batch; after the last step ranks differ slightly.
-        for buffer in self.unwrap(model).buffers():
-            dist.broadcast(buffer, src=0)
+        broadcast_together(list(self.unwrap(model).buffers()))
 
     def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float:
         # DDP's allreduce runs inside backward, overlapped with it: what shows is the part of

@@ -23,7 +23,7 @@ from common.schema import FSDPConfig
 from train.data.batches import Batches
 from train.dist import DistContext
 from train.optim import AUTOCAST_DTYPES
-from train.strategies.base import Batch, Strategy
+from train.strategies.base import Batch, Strategy, broadcast_together
 
 
 def blocks(model: nn.Module) -> Iterator[nn.Module]:
@@ -45,7 +45,9 @@ class FSDP(Strategy):
     name = "fsdp"
     sync_method = ("included in compute: FSDP all-gathers each block's parameters in forward "
                    "and backward and reduce-scatters its gradients in backward")
-    measures_sync = False  # inside forward and backward: the loop's sync phase holds nothing
+    # the gradient sync is inside forward and backward; the loop's sync phase holds only the
+    # buffers' broadcast
+    measures_sync = False
 
     def __init__(self, ctx: DistContext, cfg: FSDPConfig, precision: str):
         super().__init__(ctx)
@@ -77,18 +79,18 @@ class FSDP(Strategy):
         for block in list(blocks(model)):
             fully_shard(block, **knobs)
         fully_shard(model, **knobs)  # in place: `model` is now the sharded module itself
-        # As DDP does (broadcast_buffers): every training forward starts from rank 0's
-        # buffers (BatchNorm statistics), which FSDP leaves replicated and unsynchronized.
-        model.register_forward_pre_hook(self._broadcast_buffers_in_training)
+        self.sync_buffers(model)
         return model
 
-    def _broadcast_buffers_in_training(self, module: nn.Module, args: Any) -> None:
-        if module.training:
-            self.sync_buffers(module)
+    def sync_gradients(self, model: nn.Module) -> None:
+        # As DDP's broadcast_buffers, at step granularity: every step starts from rank 0's
+        # buffers (BatchNorm statistics), which FSDP leaves replicated and unsynchronized. Once
+        # per optimizer step, not per forward: in training mode a BatchNorm normalizes with the
+        # batch's statistics, so its running ones never change what a step computes.
+        self.sync_buffers(model)
 
     def sync_buffers(self, model: nn.Module) -> None:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        broadcast_together(list(model.buffers()))
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:

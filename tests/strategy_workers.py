@@ -46,7 +46,7 @@ def fsdp_buffer_broadcasts(overrides: list[str], steps: int) -> dict:
             with counting("broadcast") as calls:
                 trainer.train_step(images, labels)
             per_step.append(calls[0])
-        buffers = {name: b.detach().clone() for name, b in trainer.plain.named_buffers()}
+        buffers = {name: b.detach().clone() for name, b in trainer.parts.plain.named_buffers()}
         return {"per_step": per_step, "buffers": buffers}
     finally:
         dist.teardown(ctx)

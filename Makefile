@@ -25,7 +25,7 @@ WORKERS ?= 1
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test docs compare bench peers plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
+.PHONY: venv train test docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -80,6 +80,10 @@ bench: venv
 # The optional peers `make bench` compares against (PyTorch Lightning, HF Accelerate).
 peers: venv
 	$(VENV)/bin/pip install --quiet --quiet -r requirements-peers.txt
+
+# Ray Train, the optional engine (python -m launch.ray, docs/ray.md); .ci/run installs it.
+ray: venv
+	$(VENV)/bin/pip install --quiet --quiet -r requirements-ray.txt
 
 bench-overhead: venv
 	$(PY) -m tools.bench.overhead $(ARGS)

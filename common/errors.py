@@ -4,7 +4,7 @@ Exit codes: 0 done, 1 crash (a bug: traceback) or, from the launcher, a rendezvo
 formed (one line: launch/agent.py), 2 bad input, 3 a check stopped training
 (diverged replicas, sample ledger, collective timeout), 4 the run folder could not be written
 (a full disk, a quota, an I/O error; the last valid checkpoint is named), 130 interrupted
-(SIGTERM/SIGINT/SIGHUP; the launcher says whether a checkpoint was written).
+(SIGTERM/SIGINT/SIGHUP/SIGUSR1; the launcher says whether a checkpoint was written).
 """
 
 EXIT_USER_ERROR = 2

@@ -217,6 +217,10 @@ class DebugConfig:
     sigterm_step: Annotated[int, RUNTIME] = 0  # see sigterm_rank (a preemption at a known step)
     # the checkpoint of this step fails half-way with ENOSPC, as on a full disk (0: never)
     disk_full_step: Annotated[int, NonNegative, RUNTIME] = 0
+    # checkpoint writes from this step on pause half-way for `slow_save_seconds` (0: never): a
+    # preemption whose grace period is shorter than a checkpoint write
+    slow_save_step: Annotated[int, NonNegative, RUNTIME] = 0
+    slow_save_seconds: Annotated[float, NonNegative, RUNTIME] = 0.0  # see slow_save_step
 
 
 @dataclass

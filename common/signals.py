@@ -1,5 +1,6 @@
-"""Stop signals, from a process's first line to its end: SIGTERM (a scheduler, `kill`), SIGINT
-(Ctrl-C) and SIGHUP (a closed terminal or ssh session) all ask the job to stop.
+"""Stop signals, from a process's first line to its end: SIGTERM (a scheduler, `kill`, a
+Kubernetes pod's deletion), SIGINT (Ctrl-C), SIGHUP (a closed terminal or ssh session) and SIGUSR1
+(SLURM's `--signal=USR1@N` before the time limit) all ask the job to stop, the same way.
 
 No `import torch` here: the launcher and the workers install this before anything slow.
 
@@ -35,7 +36,11 @@ from collections.abc import Callable, Iterator
 from common.errors import EXIT_INTERRUPTED
 from common.host import die_with_parent, leave
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# What torchrun's agent must catch and pass on (`--signals-to-handle`): its default set
+# (SIGQUIT stays there: torchrun ends its workers on it, as before), plus SIGUSR1, which it
+# would otherwise leave to its default action, ending the agent without a word to its workers.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 NUDGE = signal.SIGURG  # ignored by default; wakes a thread from a sleep (held_for_children)
 MIN_STALL_S = 10.0  # no sign of progress this long after a stop signal: stalled
 STALL_STEPS = 3  # ... or this many typical intervals between signs of progress, if longer

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     os.environ.update(worker_environment(plan))
+    if args.operator:
+        print(f"launch: nodes {args.operator}", flush=True)
     if not plan.torchrun_args:
         print(f"launch: {plan.note}", flush=True)
         return run_one_process(plan.worker_args)

@@ -139,8 +139,8 @@ def interrupted(signum: int, reported: dict | None, run_dir: Path | None) -> str
                 f"checkpoint there: run the same command to resume")
     if newest is not None:
         return (f"interrupted by {name}; no checkpoint was written for this stop (a worker did "
-                f"not reach a step boundary in time): the last one is step {newest}; run the "
-                f"same command to resume from it")
+                f"not reach a step boundary, or the write did not finish, in time): the last "
+                f"one is step {newest}; run the same command to resume from it")
     return f"interrupted by {name}; no checkpoint was written: the same command starts over"
 
 

@@ -24,6 +24,7 @@ from common.host import (
 )
 from common.records import NCCL_TRACE_PREFIX
 from common.schema import Config
+from common.signals import TORCHRUN_SIGNALS
 from common.validate import SECTIONS
 from launch.checks import CHECKS, FAIL, run_check
 from launch.job import Job, plan_job, worker_overrides
@@ -91,12 +92,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "--max-restarts", str(args.max_restarts),
         "--monitor-interval", "0.5",
         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        *signals_to_handle(),
         "-m", "train", *worker_args,
     ]
     threads = threads_per_worker(cfg.dist.cpu_threads, job.nproc)
     return Plan(cfg, job.nproc, nodes.max, args.node_rank, kind,
                 backend_for(kind, cfg.dist.backend), threads, torchrun_args, worker_args, job.note,
                 min_nodes=nodes.min if nodes.elastic else None)
+
+
+def signals_to_handle() -> list[str]:
+    """torchrun's agent catches and passes on SIGUSR1 too (SLURM's warning before the time
+    limit), where the installed torchrun has the flag (torch >= 2.9); without it, SIGUSR1 to
+    the launcher ends it, and the workers then get SIGTERM from the kernel (die_with_parent)."""
+    from torch.distributed.run import get_args_parser  # late: it imports torch
+
+    known = any("--signals-to-handle" in action.option_strings
+                for action in get_args_parser()._actions)
+    return ["--signals-to-handle", TORCHRUN_SIGNALS] if known else []
 
 
 def _rendezvous(job: Job) -> list[str]:

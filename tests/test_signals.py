@@ -114,7 +114,8 @@ def test_a_stop_that_cannot_reach_a_step_boundary_claims_no_checkpoint(tmp_path)
         assert gone_within(processes, 5)
     assert Checkpoints(tmp_path / "checkpoints", keep=2).newest_complete() == 2
     assert job.err()[-1] == ("launch: interrupted by SIGTERM; no checkpoint was written for "
-                             "this stop (a worker did not reach a step boundary in time): the "
+                             "this stop (a worker did not reach a step boundary, or the write did "
+                             "not finish, in time): the "
                              "last one is step 2; run the same command to resume from it")
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,10 +137,12 @@ def on_cpu(state: Any) -> Any:
 class Checkpoints:
     """The checkpoint files of one run folder (the main worker writes; every rank may read)."""
 
-    def __init__(self, folder: Path, keep: int, fill_disk_at: int = 0):
+    def __init__(self, folder: Path, keep: int, fill_disk_at: int = 0,
+                 slow_from: tuple[int, float] = (0, 0.0)):
         self.folder = folder
         self.keep = keep
         self.fill_disk_at = fill_disk_at  # debug.disk_full_step: a planted full disk
+        self.slow_from = slow_from  # debug.slow_save_step/seconds: a planted slow disk
 
     def save(self, state: dict[str, Any]) -> Path:
         """Write `state` as step_<step>.pt (+ .sha256), point last.pt at it, drop old ones.
@@ -175,6 +178,11 @@ class Checkpoints:
                 f.write(blob[:len(blob) // 2])
                 f.flush()
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+            if 0 < self.slow_from[0] <= step:  # planted: a write slower than a grace period
+                f.write(blob[:len(blob) // 2])
+                f.flush()
+                time.sleep(self.slow_from[1])
+                blob = blob[len(blob) // 2:]
             f.write(blob)
 
     def candidates(self) -> list[Path]:

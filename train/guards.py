@@ -29,8 +29,8 @@ T = TypeVar("T")
 
 
 class StopRequest:
-    """A stop signal (SIGTERM, SIGINT, SIGHUP) ends the loop at a step boundary all ranks agree
-    on.
+    """A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) ends the loop at a step boundary all
+    ranks agree on.
 
     Ranks get the signal at slightly different moments; stopping where each one happens to be
     would leave the others waiting in the next gradient allreduce. Every `every` steps the

@@ -151,7 +151,8 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     ema = None if cfg.train.ema_decay is None else ModelEma(plain, cfg.train.ema_decay,
                                                              cfg.train.ema_warmup)
     checkpointer = Checkpointer(
-        Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step), ctx,
+        Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step,
+                    (cfg.debug.slow_save_step, cfg.debug.slow_save_seconds)), ctx,
         # The class names first: a resume with other classes is refused before the model,
         # whose last layer would not fit, is loaded.
         parts={"classes": data.classes, **whole, **optim.parts(), "position": state,

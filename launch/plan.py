@@ -87,13 +87,30 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *_rendezvous(job),
         "--max-restarts", str(args.max_restarts),
         "--monitor-interval", "0.5",
-        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        *optional_torchrun_flags(torchrun_options()),
         "-m", "train", *worker_args,
     ]
     threads = threads_per_worker(cfg.dist.cpu_threads, job.nproc)
     return Plan(cfg, job.nproc, nodes.max, args.node_rank, kind,
                 backend_for(kind, cfg.dist.backend), threads, torchrun_args, worker_args, job.note,
                 min_nodes=nodes.min if nodes.elastic else None)
+
+
+def torchrun_options() -> frozenset[str]:
+    """Every option string the installed torchrun's own parser accepts."""
+    from torch.distributed.run import get_args_parser  # late: it imports torch.distributed
+
+    return frozenset(option for action in get_args_parser()._actions
+                     for option in action.option_strings)
+
+
+def optional_torchrun_flags(known: frozenset[str]) -> list[str]:
+    """The flags that are not in every supported torchrun, each only where its parser takes
+    it: torch 2.11's has no --shutdown-timeout (its agent waits a fixed 30 s, the same), and
+    an unknown flag makes torchrun exit 2 before any worker starts. Asked of the parser, not
+    of the version: a backport or a removal is then right too."""
+    wanted = [("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S))]
+    return [item for flag, value in wanted if flag in known for item in (flag, value)]
 
 
 def _rendezvous(job: Job) -> list[str]:

@@ -41,9 +41,25 @@ def parser_without(flag: str) -> argparse.ArgumentParser:
     return parser
 
 
-def plan_args(tmp_path) -> list[str]:
-    return make_plan(parse_args(["--cpu", "--gpus", "2", CONFIG, f"run.dir={tmp_path}",
-                                 "wandb.mode=disabled"])).torchrun_args
+def plan_args(tmp_path, *launcher_flags: str) -> list[str]:
+    # the batch splits over every world size of an elastic 2:4 nodes x 2 workers
+    return make_plan(parse_args(["--cpu", "--gpus", "2", *launcher_flags, CONFIG,
+                                 f"run.dir={tmp_path}", "wandb.mode=disabled",
+                                 "train.batch_size=240"])).torchrun_args
+
+
+@pytest.mark.parametrize("flags", [
+    pytest.param([], id="one node"),
+    pytest.param(["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                  "--master-port", "29400"], id="two nodes"),
+    pytest.param(["--nnodes", "2:4", "--master-addr", "127.0.0.1"], id="elastic"),
+    pytest.param(["--max-restarts", "3"], id="restarts"),
+])
+def test_the_installed_torchrun_takes_every_plan_the_launcher_makes(tmp_path, flags):
+    args = plan_args(tmp_path, *flags)
+    parsed = REAL_PARSER().parse_args(args)  # an unknown flag: SystemExit 2, as torchrun
+    assert (parsed.module, parsed.training_script) == (True, "train")
+    assert parsed.nnodes == args[args.index("--nnodes") + 1]
 
 
 def test_the_plan_passes_shutdown_timeout_only_to_a_torchrun_that_takes_it(tmp_path,

@@ -25,7 +25,7 @@ WORKERS ?= 1
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
+.PHONY: venv train test test-torch211 docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,26 @@ test: venv
 # make docs: the config reference in docs/configuration.md, generated from common/schema*.py.
 docs: venv
 	$(PY) -m tools.config_reference
+
+# The second tier: the GPU machine's stack (torch 2.11.0, torchvision 0.26.0, Python 3.12, no
+# wandb), the oldest torch pyproject.toml supports, in its own venv from
+# requirements-torch211.txt; it runs the tests marked `compat` (every path and mode, resume,
+# the loaders, the launcher, gpu-check's CPU part). PIP_CONSTRAINT= : a machine-wide pip
+# constraints file must not decide which torch this tier tests. PYTHON312: the first
+# python3.12 that runs (a pyenv shim may exist without selecting 3.12).
+PYTHON312 ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+VENV211 ?= .venv-torch211
+
+$(VENV211)/.installed: requirements-torch211.txt
+	@test -n "$(PYTHON312)" || { echo "make test-torch211: no python3.12 found (give PYTHON312=...)"; exit 2; }
+	$(PYTHON312) -m venv $(VENV211)
+	PIP_CONSTRAINT= $(VENV211)/bin/pip install --quiet --quiet -r requirements-torch211.txt
+	touch $@
+
+test-torch211: $(VENV211)/.installed
+	@! $(VENV211)/bin/python -c "import wandb" 2>/dev/null || { echo "make test-torch211: wandb is installed in $(VENV211); the tier proves the code runs without it"; exit 2; }
+	$(VENV211)/bin/python -m pytest -m compat $(PYTEST_ARGS)
 
 # make compare [ARGS="--workers 1,2 --epochs 3"]: ddp, scratch (ring, naive) and dp side by side,
 # into reports/compare.
@@ -102,4 +122,4 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV211) .pytest_cache .ruff_cache

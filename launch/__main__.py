@@ -8,11 +8,15 @@ on failure.
 from __future__ import annotations
 
 from common.signals import exit_during_startup
+from common.torch_support import refuse_unsupported_torch
 
 if __name__ == "__main__":
     # First, before the slow imports and checks: a stop signal before any worker exists is one
     # line and exit 130 (torchrun's agent takes the signals over once it starts workers).
     exit_during_startup("launch: ")
+    # A torch older than the supported minimum is one line and exit 2, before any import
+    # that may fail on it with a traceback.
+    refuse_unsupported_torch()
 
 import os  # noqa: E402 - after the signal handlers
 import sys  # noqa: E402

@@ -91,8 +91,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *_rendezvous(job),
         "--max-restarts", str(args.max_restarts),
         "--monitor-interval", "0.5",
-        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        *signals_to_handle(),
+        *optional_torchrun_flags(torchrun_options()),
         "-m", "train", *worker_args,
     ]
     threads = threads_per_worker(cfg.dist.cpu_threads, job.nproc)
@@ -101,15 +100,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 min_nodes=nodes.min if nodes.elastic else None)
 
 
-def signals_to_handle() -> list[str]:
-    """torchrun's agent catches and passes on SIGUSR1 too (SLURM's warning before the time
-    limit), where the installed torchrun has the flag (torch >= 2.9); without it, SIGUSR1 to
-    the launcher ends it, and the workers then get SIGTERM from the kernel (die_with_parent)."""
-    from torch.distributed.run import get_args_parser  # late: it imports torch
+def torchrun_options() -> frozenset[str]:
+    """Every option string the installed torchrun's own parser accepts."""
+    from torch.distributed.run import get_args_parser  # late: it imports torch.distributed
 
-    known = any("--signals-to-handle" in action.option_strings
-                for action in get_args_parser()._actions)
-    return ["--signals-to-handle", TORCHRUN_SIGNALS] if known else []
+    return frozenset(option for action in get_args_parser()._actions
+                     for option in action.option_strings)
+
+
+def optional_torchrun_flags(known: frozenset[str]) -> list[str]:
+    """The flags that are not in every supported torchrun, each only where its parser takes
+    it: torch 2.11's has no --shutdown-timeout (its agent waits a fixed 30 s, the same), and
+    an unknown flag makes torchrun exit 2 before any worker starts. Asked of the parser, not
+    of the version: a backport or a removal is then right too."""
+    # --signals-to-handle: torchrun's agent also catches and passes on SIGUSR1 (SLURM's warning
+    # before the time limit); without it, SIGUSR1 would end the agent itself.
+    wanted = [("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)),
+              ("--signals-to-handle", TORCHRUN_SIGNALS)]
+    return [item for flag, value in wanted if flag in known for item in (flag, value)]
 
 
 def _rendezvous(job: Job) -> list[str]:

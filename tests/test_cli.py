@@ -1,5 +1,6 @@
 """The real command line, end to end, as a user types it."""
 
+import importlib.util
 import json
 import re
 import time
@@ -29,6 +30,7 @@ def printed_folder(stdout: str) -> str:
                 if line.startswith("run folder: "))
 
 
+@pytest.mark.compat
 def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     result = run_cli("launch", "--cpu", "--gpus", "2", CONFIG, "train.epochs=2",
                      "data.synthetic.train_samples=1536", "data.synthetic.test_samples=501",
@@ -41,8 +43,11 @@ def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
     assert re.fullmatch(r"runs/default-[0-9a-f]{8}", folder), folder
     assert result.stdout.index("run folder: ") < result.stdout.index("epoch 1/2")
     run = tmp_path / folder
+    # wandb.mode=auto: offline into run.dir/wandb, or nothing where wandb is not installed
+    # (the torch-2.11 tier, like the GPU machine, has none)
+    wandb = ["wandb"] if importlib.util.find_spec("wandb") else []
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "classes.json", "config.yaml", "metrics.jsonl", "summary.json", "wandb"]
+        "checkpoints", "classes.json", "config.yaml", "metrics.jsonl", "summary.json", *wandb]
     assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
     saved = load_config(run / "config.yaml")
     assert identity(saved) == identity(load_config(CONFIG, [
@@ -79,6 +84,7 @@ def test_the_default_config_learns_far_above_chance(tmp_path):
     assert summary["final_test_accuracy"] > 0.75  # chance is 0.10
 
 
+@pytest.mark.compat
 def test_torchrun_directly_runs_the_same_workers(tmp_path):
     result = run_cli("torch.distributed.run", "--nproc-per-node=2",
                      f"--master-port={free_port()}", "-m", "train", CONFIG,
@@ -88,6 +94,7 @@ def test_torchrun_directly_runs_the_same_workers(tmp_path):
     assert (summary["world_size"], summary["steps"], summary["backend"]) == (2, 3, "gloo")
 
 
+@pytest.mark.compat
 def test_one_process_without_torchrun(tmp_path):
     result = run_cli("train", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
     assert result.returncode == 0, result.stderr

@@ -75,7 +75,9 @@ def assert_all_gone(processes: list[psutil.Process], within: float = 10) -> None
     assert not alive, f"left behind: {[p.pid for p in alive]}"
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
+@pytest.mark.parametrize("how", [
+    pytest.param("SIGTERM to the launcher", marks=pytest.mark.compat),  # torchrun's agent too
+    "Ctrl-C to the process group"])
 def test_interrupt_checkpoints_at_a_step_boundary_and_resume_is_bitwise(tmp_path, uninterrupted,
                                                                         how):
     proc = start(tmp_path, "checkpoint.every_steps=100", new_session=True)

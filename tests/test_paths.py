@@ -21,17 +21,19 @@ def reference(tmp_path_factory):
 
 
 # LeNet's gradients are 129,068 floats (504 KiB): 0.1 MiB buckets cut parameters unevenly.
+# `compat`: one of each mode in the torch-2.11 tier too (`make test-torch211`).
 @pytest.mark.parametrize("world_size, path", [
-    (2, ["mode=ddp"]),
+    pytest.param(2, ["mode=ddp"], marks=pytest.mark.compat),
     (3, ["mode=ddp"]),
-    (2, ["mode=scratch", "scratch.algorithm=naive", "scratch.bucket_mb=0.1"]),
+    pytest.param(2, ["mode=scratch", "scratch.algorithm=naive", "scratch.bucket_mb=0.1"],
+                 marks=pytest.mark.compat),
     (3, ["mode=scratch", "scratch.algorithm=naive", "scratch.per_parameter=true"]),
     (2, ["mode=scratch", "scratch.algorithm=ring", "scratch.per_parameter=true"]),
     (3, ["mode=scratch", "scratch.algorithm=ring", "scratch.bucket_mb=0.1"]),
     # Sharded: FSDP2 (uneven shards over 3 ranks; micro-batches accumulated unreduced), ZeRO.
-    (2, ["mode=fsdp"]),
+    pytest.param(2, ["mode=fsdp"], marks=pytest.mark.compat),
     (3, ["mode=fsdp", "train.grad_accum_steps=2"]),
-    (3, ["mode=ddp", "ddp.zero=true"]),
+    pytest.param(3, ["mode=ddp", "ddp.zero=true"], marks=pytest.mark.compat),
 ])
 def test_every_path_matches_one_process(tmp_path, reference, world_size, path):
     params = run_distributed(train_and_return_params, world_size,
@@ -40,6 +42,7 @@ def test_every_path_matches_one_process(tmp_path, reference, world_size, path):
         torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.compat
 def test_dataparallel_matches_one_process(tmp_path, reference):
     params = run_single(train_and_return_params, [*SMALL, "mode=dp", f"run.dir={tmp_path}"])
     for name, value in reference.items():

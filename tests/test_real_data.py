@@ -242,6 +242,7 @@ def test_a_bad_data_factory_is_one_line(factories, spec, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.compat
 def test_a_python_dataset_streams_and_holds_in_memory_alike(factories, tmp_path):
     cfg = ["data.name=python", "data.factory=my_factories:good", "data.image_size=16",
            f"data.cache_dir={tmp_path}", "data.num_workers=0"]
@@ -281,6 +282,7 @@ def test_decoded_file_trusts_slots_filled_before_the_epoch_and_on_disk(tmp_path)
     assert DecodedFile(path, 6, (1, 2, 2)).state(0, 5) == 0  # another shape: a new file
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("recipe", ["imagenet", "cifar"])
 def test_stream_batches_depend_on_neither_loader_processes_nor_the_resume_point(
         folder, tmp_path, recipe):
@@ -296,6 +298,7 @@ def test_stream_batches_depend_on_neither_loader_processes_nor_the_resume_point(
     assert_same(batches(one, "test"), batches(two, "test"))
 
 
+@pytest.mark.compat
 def test_memory_and_stream_paths_give_the_same_cifar_batches(tmp_path):
     cfg = ["data.synthetic.train_samples=64", "data.synthetic.test_samples=10",
            "data.synthetic.channels=3", "data.synthetic.image_size=16", "data.augment=cifar",

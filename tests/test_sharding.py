@@ -121,6 +121,7 @@ def test_convert_writes_a_sharded_checkpoint_as_one_plain_file(fsdp_run, tmp_pat
     assert groups[0]["momentum"] == 0.9 and groups[0]["params"] == list(full["model"])
 
 
+@pytest.mark.compat
 @pytest.mark.timeout(600)  # two runs (and the fixture's, for the first test that uses it)
 def test_fsdp_resume_is_bitwise(fsdp_run, tmp_path):
     # A SIGTERM after step 7 is agreed on at step 10, inside the first epoch.

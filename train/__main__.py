@@ -11,6 +11,7 @@ import sys
 from common import status
 from common.host import die_with_parent, leave
 from common.signals import startup_line, stop_signals
+from common.torch_support import refuse_unsupported_torch
 
 
 def _say_startup(signum: int) -> None:
@@ -25,6 +26,9 @@ if __name__ == "__main__":
     stop_signals(_say_startup)
     if "RANK" in os.environ:
         die_with_parent(int(os.environ.get(status.PARENT_ENV, "0")) or None)
+    # Started by torchrun directly, not by the launcher: a torch older than the supported
+    # minimum is one line from local rank 0 and exit 2, before the imports that may fail on it.
+    refuse_unsupported_torch()
 
 import argparse  # noqa: E402 - after the signal handlers
 import logging  # noqa: E402

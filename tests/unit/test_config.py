@@ -5,11 +5,11 @@ import yaml
 
 from common.config import Config, apply_override, to_yaml
 from common.errors import UserError
+from tests.helpers import REPO
 from train.config import load_config
 from train.identity import describe_differences, identity
 from train.preflight import check_world_size
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "configs" / "default.yaml"
 
 

@@ -64,19 +64,7 @@ def test_dp_launches_one_process_and_says_cpu_has_nothing_to_split(tmp_path):
     assert "DataParallel on the CPU" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode", "dp", "--nnodes", "2", "--master-addr", "127.0.0.1", CONFIG],
-     "mode dp runs one process on one node"),
-    (["--mode", "scratch", CONFIG, "scratch.algorithm=tree"],
-     "scratch.algorithm must be one of naive, ring; got 'tree'"),
-    (["--mode", "scratch", CONFIG, "scratch.bucket_mb=0"], "scratch.bucket_mb must be positive"),
-    (["--mode", "scratch", CONFIG, "scratch.bucket_mb=-2"], "scratch.bucket_mb must be positive"),
-])
-def test_bad_path_input_is_one_line(tmp_path, args, message):
-    result = run_cli("launch", *args, f"run.dir={tmp_path}")
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+# The paths' bad input, refused by the launcher: tests/unit/test_bad_input.py.
 
 
 def test_dp_under_torchrun_with_several_workers_is_refused_once(tmp_path):

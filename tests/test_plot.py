@@ -155,12 +155,11 @@ def test_the_records_per_rank_agree_with_their_mean_and_max(runs):
         assert record["time_step_ms_max"] == max(record["time_step_ms_ranks"])
 
 
+# One real command line; every case in process: tests/unit/test_bad_input.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, message", [
-    (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), "has no metrics.jsonl"),
-    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "is empty"),
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("{oops\n")), "not valid JSON"),
-], ids=["missing", "no-metrics", "empty", "bad-json"])
+], ids=["bad-json"])
 def test_bad_run_is_one_line_and_exit_2(tmp_path, setup, message):
     run_dir = tmp_path / "run"
     setup(run_dir)

@@ -9,3 +9,17 @@ before any test module, so before anything can start CUDA.
 from tests.helpers import hide_gpus
 
 hide_gpus()
+
+
+import pytest  # noqa: E402 - after the GPUs are hidden
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tmp_path_factory):
+    """One process, no synchronization at all, trained with `PARITY_RUN`: the parameters every
+    parallel path must reach (test_paths.py, test_distributed.py). One run per session."""
+    from tests.helpers import PARITY_RUN, run_single
+    from tests.workers import train_and_return_params
+
+    run_dir = tmp_path_factory.mktemp("one-process-reference")
+    return run_single(train_and_return_params, [*PARITY_RUN, f"run.dir={run_dir}"])

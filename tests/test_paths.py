@@ -4,20 +4,19 @@ checks, input."""
 import pytest
 import torch
 
+from tests.helpers import PARITY_RUN as SMALL
 from tests.helpers import REPO, free_port, run_cli, run_distributed, run_single, small_run
 from tests.workers import train_and_return_params
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
-SMALL = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
-         "train.epochs=1", "train.max_steps=8", "train.batch_size=96", "run.overwrite=true",
-         "wandb.mode=disabled", "check.sync_every_steps=1"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, no synchronization at all."""
-    return run_single(train_and_return_params, [*SMALL, f"run.dir={tmp_path_factory.mktemp('r')}"])
+@pytest.fixture
+def reference(one_process_reference):
+    """One process, no synchronization at all (tests/conftest.py: shared with
+    test_distributed.py)."""
+    return one_process_reference
 
 
 # LeNet's gradients are 129,068 floats (504 KiB): 0.1 MiB buckets cut parameters unevenly.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, run_cli, small_run
+from tests.helpers import REPO, run_cli
 from tools.plot import PHASES, load_runs, plot_curves, plot_step_time
 from tools.plot_ranks import plot_rank_step_time
 
@@ -20,17 +20,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[Path]:
-    """Two real runs of 2 epochs: 2 CPU workers, and 1 worker."""
-    root = tmp_path_factory.mktemp("runs")
-    made = []
-    for name, flags in (("two-workers", []), ("one-worker", ["--gpus", "1"])):
-        result = run_cli("launch", "--cpu", *flags, CONFIG,
-                         *small_run(root / name, "train.max_steps=8"))
-        assert result.returncode == 0, result.stderr
-        made.append(root / name)
-    return made
+@pytest.fixture
+def runs(launched_runs) -> list[Path]:
+    """Two real runs of 2 epochs: 2 CPU workers, and 1 worker (tests/conftest.py: shared with
+    the other tests that only read what a plain run leaves)."""
+    return launched_runs
 
 
 @pytest.mark.slow

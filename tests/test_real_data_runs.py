@@ -14,7 +14,7 @@ import torch
 
 from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli
 from tests.test_real_data import FACTORIES
-from tests.test_torchvision_data import write_mnist
+from tests.unit.test_torchvision_data import write_mnist
 from tools.make_images import write_image_folder
 
 pytestmark = pytest.mark.slow

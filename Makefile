@@ -25,7 +25,7 @@ WORKERS ?= 1
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test test-torch211 docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
+.PHONY: venv train test test-fast test-torch211 docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -40,8 +40,13 @@ $(VENV)/.installed: requirements.txt
 train: venv
 	$(PY) -m launch $(LAUNCH_FLAGS) $(CONFIG) $(ARGS)
 
+# make test: both tiers (tests/unit, then the real multi-process runs); make test-fast: the
+# unit tier alone (pure logic in one process, under 2 minutes).
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # make docs: the config reference in docs/configuration.md, generated from common/schema*.py.
 docs: venv

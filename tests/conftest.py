@@ -22,3 +22,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in COMPAT_FILES:
             item.add_marker(pytest.mark.compat)
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tmp_path_factory):
+    """One process, no synchronization at all, trained with `PARITY_RUN`: the parameters every
+    parallel path must reach (test_paths.py, test_distributed.py). One run per session."""
+    from tests.helpers import PARITY_RUN, run_single
+    from tests.workers import train_and_return_params
+
+    run_dir = tmp_path_factory.mktemp("one-process-reference")
+    return run_single(train_and_return_params, [*PARITY_RUN, f"run.dir={run_dir}"])
+
+
+@pytest.fixture(scope="session")
+def launched_runs(tmp_path_factory) -> list:
+    """Two real `python -m launch --cpu` runs of the default config on small data, 8 steps
+    (2 epochs, the second partial): 2 CPU workers, and 1 worker. For tests that only read
+    what a plain run leaves (test_plot.py, test_profile.py); one pair per session."""
+    from tests.helpers import REPO, run_cli, small_run
+
+    root = tmp_path_factory.mktemp("launched-runs")
+    made = []
+    for name, flags in (("two-workers", []), ("one-worker", ["--gpus", "1"])):
+        result = run_cli("launch", "--cpu", *flags, str(REPO / "configs" / "default.yaml"),
+                         *small_run(root / name, "train.max_steps=8"))
+        assert result.returncode == 0, result.stderr
+        made.append(root / name)
+    return made

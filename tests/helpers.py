@@ -20,8 +20,8 @@ import torch
 
 from common.spawn import Env, SpawnError, free_port, spawn
 
-__all__ = ["REPO", "PYTHON", "free_port", "gpu_count", "gpu_env", "hide_gpus", "run_cli",
-           "run_distributed", "run_single", "small_run", "start_nodes"]
+__all__ = ["REPO", "PYTHON", "PARITY_RUN", "free_port", "gpu_count", "gpu_env", "hide_gpus",
+           "run_cli", "run_distributed", "run_single", "small_run", "start_nodes"]
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -93,7 +93,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
     tensors on the CPU. `env`: environment overrides, e.g. `gpu_env()` (None removes one).
     """
     try:
-        return spawn(fn, world_size, *args, timeout=timeout, env=env, launched=launched)
+        # Forked from a server that imported torch once (common/spawn.py: `_context`): the
+        # suite starts a few hundred such processes, each 2 s of CPU less.
+        return spawn(fn, world_size, *args, timeout=timeout, env=env, launched=launched,
+                     preloaded=True)
     except SpawnError as exc:
         raise AssertionError(str(exc)) from None
 
@@ -110,6 +113,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: Env | None = None,
                             "DPTRAIN_PARENT_PID": None, **(env or {})})
     return subprocess.run([PYTHON, "-m", *args], cwd=cwd or REPO, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+# The parity runs' settings: 8 steps of LeNet on small synthetic data, replicas compared at
+# every step. Every path trained with them must end where one process does
+# (tests/conftest.py: `one_process_reference`, run once for the whole session).
+PARITY_RUN = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
+              "train.epochs=1", "train.max_steps=8", "train.batch_size=96", "run.overwrite=true",
+              "wandb.mode=disabled", "check.sync_every_steps=1"]
 
 
 def small_run(run_dir: Path, *extra: str) -> list[str]:

@@ -77,10 +77,14 @@ def test_launch_trains_with_two_cpu_workers_and_leaves_a_run_folder(tmp_path):
 
 
 def test_the_default_config_learns_far_above_chance(tmp_path):
-    result = run_cli("launch", "--cpu", CONFIG, f"run.dir={tmp_path}")
+    """Every default (data, model, batch, optimizer, warmup, workers) but the epoch count: the
+    config says it is far above chance after its first epoch (0.87 there; 0.89 after all 6),
+    and one epoch is a sixth of the time."""
+    result = run_cli("launch", "--cpu", CONFIG, f"run.dir={tmp_path}", "train.epochs=1")
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2  # two CPU workers by default without a GPU
+    assert summary["steps"] == 24000 // 256  # the default's whole first epoch
     assert summary["final_test_accuracy"] > 0.75  # chance is 0.10
 
 
@@ -109,16 +113,10 @@ def test_one_process_without_torchrun(tmp_path):
     assert "epoch 1/1 " in header and "epoch 1/2" not in header  # the run's real end
 
 
+# One real command line for the behaviour; every message is checked in process, through the
+# same main(), in tests/unit/test_bad_input.py.
 @pytest.mark.parametrize("args, message", [
-    (["configs/missing.yaml"], "config file not found: configs/missing.yaml"),
     ([CONFIG, "train.epoch=3"], "unknown key 'train.epoch' (did you mean train.epochs?)"),
-    ([CONFIG, "optim.lr=fast"], "optim.lr expects a number"),
-    (["--gpus", "3", CONFIG], "train.batch_size=256 (the global batch) is not divisible by 3"),
-    (["--gpus", "0", CONFIG], "--gpus must be at least 1"),
-    ([CONFIG, "dist.device=cuda"], "no GPU is visible"),
-    ([CONFIG, "data.name=fashion_mnist", "data.root=nowhere", "data.download=false"],
-     "dataset fashion_mnist cannot be read from nowhere/FashionMNIST/raw"),
-    (["--nnodes", "2", CONFIG], "several nodes need --master-addr"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     result = run_cli("launch", *args, f"run.dir={tmp_path / 'run'}")
@@ -203,15 +201,6 @@ def test_launcher_exit_code_is_non_zero_when_a_worker_fails(monkeypatch):
                          "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",
                          str(REPO / "tests" / "crash_worker.py"), "3"])
     assert code == 3
-
-
-def test_restarts_with_mode_dp_are_refused(tmp_path):
-    result = run_cli("launch", "--mode", "dp", "--max-restarts", "2", CONFIG,
-                     f"run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "--max-restarts 2 needs torchrun workers" in lines[0], result.stderr
-    assert not (tmp_path / "run").exists()
 
 
 def test_dp_on_the_cpu_runs_one_process_and_says_gpus_is_ignored(tmp_path):

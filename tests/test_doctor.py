@@ -215,9 +215,9 @@ def test_unresolvable_master_fails():
     assert verdict == FAIL and "no-such-host.invalid" in detail and "does not resolve" in detail
 
 
+# One real command line; every message in process: tests/unit/test_bad_input.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["configs/no-such.yaml"], "config file not found"),
-    ([CONFIG, "train.no_such_key=1"], "unknown key 'train.no_such_key'"),
     (["--nnodes", "2", "--node-rank", "2", CONFIG], "--node-rank must be in 0..1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -18,7 +18,7 @@ from launch.checks import check_batch
 from launch.cli import parse_args
 from launch.job import plan_job
 from launch.plan import make_plan, worker_environment
-from tests.helpers import REPO, run_cli, start_nodes
+from tests.helpers import REPO, start_nodes
 from train.config import load_config
 from train.identity import check_resumable, identity
 
@@ -155,19 +155,7 @@ def test_an_elastic_worker_resumes_another_world_size_but_not_another_config():
                         elastic=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("nnodes, message", [
-    ("3:2", "--nnodes 3:2: MIN must not exceed MAX"),
-    ("0:2", "--nnodes must be at least 1; got 0:2"),
-    ("two", "--nnodes expects N or MIN:MAX (whole numbers); got 'two'"),
-])
-def test_a_bad_range_is_one_line_and_exit_2(tmp_path, nnodes, message):
-    result = run_cli("launch", "--cpu", "--nnodes", nnodes, "--master-addr", "127.0.0.1",
-                     CONFIG, f"run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
-    assert not (tmp_path / "run").exists()
+# A bad range is one line and exit 2: tests/unit/test_bad_input.py.
 
 
 def test_an_elastic_job_without_restarts_is_warned_about():

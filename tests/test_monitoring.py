@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.helpers import PYTHON, REPO, run_cli
 from tests.wandb_files import offline_runs, read_offline_run
+from train.observe.wandb_sink import sync_commands
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -211,3 +213,15 @@ def test_without_the_ledger_the_planted_fault_goes_unnoticed(tmp_path):
                      "wandb.mode=disabled", "debug.skip_set_epoch=true")
     assert result.returncode == 0, result.stderr
 
+
+# (from test_console.py, now in tests/unit: this one starts the printed command.)
+def test_the_printed_wandb_command_runs_as_printed(tmp_path):
+    segment = tmp_path / "wandb" / "offline-run-20260101_000000-abc123"
+    segment.mkdir(parents=True)
+    command = sync_commands(segment)
+    tool, verb, *rest = shlex.split(command)
+    assert (verb, rest) == ("sync", [str(segment)])
+    # `wandb` itself is not on PATH here (no venv activated): the venv's own is printed.
+    done = subprocess.run([tool, "sync", "--help"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr

@@ -4,20 +4,19 @@ checks, input."""
 import pytest
 import torch
 
+from tests.helpers import PARITY_RUN as SMALL
 from tests.helpers import REPO, free_port, run_cli, run_distributed, run_single, small_run
 from tests.workers import train_and_return_params
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
-SMALL = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
-         "train.epochs=1", "train.max_steps=8", "train.batch_size=96", "run.overwrite=true",
-         "wandb.mode=disabled", "check.sync_every_steps=1"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, no synchronization at all."""
-    return run_single(train_and_return_params, [*SMALL, f"run.dir={tmp_path_factory.mktemp('r')}"])
+@pytest.fixture
+def reference(one_process_reference):
+    """One process, no synchronization at all (tests/conftest.py: shared with
+    test_distributed.py)."""
+    return one_process_reference
 
 
 # LeNet's gradients are 129,068 floats (504 KiB): 0.1 MiB buckets cut parameters unevenly.
@@ -67,19 +66,7 @@ def test_dp_launches_one_process_and_says_cpu_has_nothing_to_split(tmp_path):
     assert "DataParallel on the CPU" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode", "dp", "--nnodes", "2", "--master-addr", "127.0.0.1", CONFIG],
-     "mode dp runs one process on one node"),
-    (["--mode", "scratch", CONFIG, "scratch.algorithm=tree"],
-     "scratch.algorithm must be one of naive, ring; got 'tree'"),
-    (["--mode", "scratch", CONFIG, "scratch.bucket_mb=0"], "scratch.bucket_mb must be positive"),
-    (["--mode", "scratch", CONFIG, "scratch.bucket_mb=-2"], "scratch.bucket_mb must be positive"),
-])
-def test_bad_path_input_is_one_line(tmp_path, args, message):
-    result = run_cli("launch", *args, f"run.dir={tmp_path}")
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+# The paths' bad input, refused by the launcher: tests/unit/test_bad_input.py.
 
 
 def test_dp_under_torchrun_with_several_workers_is_refused_once(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, run_cli, small_run
+from tests.helpers import REPO, run_cli
 from tools.plot import PHASES, load_runs, plot_curves, plot_step_time
 from tools.plot_ranks import plot_rank_step_time
 
@@ -20,17 +20,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[Path]:
-    """Two real runs of 2 epochs: 2 CPU workers, and 1 worker."""
-    root = tmp_path_factory.mktemp("runs")
-    made = []
-    for name, flags in (("two-workers", []), ("one-worker", ["--gpus", "1"])):
-        result = run_cli("launch", "--cpu", *flags, CONFIG,
-                         *small_run(root / name, "train.max_steps=8"))
-        assert result.returncode == 0, result.stderr
-        made.append(root / name)
-    return made
+@pytest.fixture
+def runs(launched_runs) -> list[Path]:
+    """Two real runs of 2 epochs: 2 CPU workers, and 1 worker (tests/conftest.py: shared with
+    the other tests that only read what a plain run leaves)."""
+    return launched_runs
 
 
 @pytest.mark.slow
@@ -160,12 +154,11 @@ def test_the_records_per_rank_agree_with_their_mean_and_max(runs):
         assert record["time_step_ms_max"] == max(record["time_step_ms_ranks"])
 
 
+# One real command line; every case in process: tests/unit/test_bad_input.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, message", [
-    (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), "has no metrics.jsonl"),
-    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "is empty"),
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("{oops\n")), "not valid JSON"),
-], ids=["missing", "no-metrics", "empty", "bad-json"])
+], ids=["bad-json"])
 def test_bad_run_is_one_line_and_exit_2(tmp_path, setup, message):
     run_dir = tmp_path / "run"
     setup(run_dir)

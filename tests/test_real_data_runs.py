@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli
+from tests.inprocess import launcher_main, run_main
 from tests.test_real_data import FACTORIES
-from tests.test_torchvision_data import write_mnist
+from tests.unit.test_torchvision_data import write_mnist
 from tools.make_images import write_image_folder
 
 pytestmark = pytest.mark.slow
@@ -145,11 +147,27 @@ def test_a_bad_image_folder_is_one_line_before_any_worker(folder, tmp_path, case
     ("my_factories:triple", "train sample 0 is a tuple of 3: Tensor, int, str, not an (image, "
                             "label) pair"),
 ])
-def test_a_bad_data_factory_is_one_line_before_any_worker(tmp_path, spec, message):
+def test_a_bad_data_factory_is_one_line_before_any_worker(tmp_path, monkeypatch, spec, message):
+    """The launcher's main() in this process (tests/inprocess.py); one real command line
+    follows."""
+    (tmp_path / "my_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_factories", raising=False)
+    result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, "data.name=python",
+                      f"data.factory={spec}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_data_factory_is_one_line_from_the_real_launcher(tmp_path):
+    """Its module found through PYTHONPATH, as a user's would be."""
     (tmp_path / "my_factories.py").write_text(FACTORIES)
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
-    result = run_cli("launch", "--cpu", CONFIG, "data.name=python", f"data.factory={spec}",
-                     f"run.dir={tmp_path / 'run'}", env=env)
+    result = run_cli("launch", "--cpu", CONFIG, "data.name=python",
+                     "data.factory=my_factories:triple", f"run.dir={tmp_path / 'run'}", env=env)
+    message = "train sample 0 is a tuple of 3: Tensor, int, str, not an (image, label) pair"
     assert result.returncode == 2
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -172,10 +190,13 @@ def _idx_case(tmp_path: Path, case: str) -> Path:
     ("truncated", "{path} is truncated: 1,000 bytes for 40 x 28 x 28 values"),
     ("not idx", "{path} is not an IDX file of 1-dimensional unsigned bytes"),
 ])
-def test_official_files_that_are_damaged_are_named_before_any_worker(tmp_path, case, message):
+def test_official_files_that_are_damaged_are_named_before_any_worker(tmp_path, monkeypatch, case,
+                                                                    message):
+    # The launcher's main() in this process (tests/inprocess.py).
     path = _idx_case(tmp_path, case)
-    result = run_cli("launch", "--cpu", CONFIG, "data.name=mnist", f"data.root={tmp_path}",
-                     "data.download=false", f"run.dir={tmp_path / 'run'}")
+    result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, "data.name=mnist",
+                      f"data.root={tmp_path}", "data.download=false",
+                      f"run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and message.format(path=path) in lines[0], result.stderr

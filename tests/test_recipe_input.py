@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, free_port, run_cli, small_run
+from tests.inprocess import launcher_main, run_main
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -26,12 +27,28 @@ def files(tmp_path_factory):
     # (optim.name, clip, smoothing and EMA ranges: the same config path, in test_config.py)
     ("train.mixup_alpha=0.2 train.batch_size=98", "need an even batch per worker"),
     ("model.init_from=FILES/dict.pt", "is not a state dict (names to tensors); got a dict"),
+])
+def test_bad_recipe_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, files, override,
+                                                        message):
+    """What the launcher refuses itself: its main() in this process (tests/inprocess.py)."""
+    run_dir = tmp_path / "run"
+    overrides = override.replace("FILES", str(files)).split()
+    result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, *small_run(run_dir),
+                      *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("override, message", [
     ("model.init_from=FILES/resnet.pt", "does not fit the model: keys 8 missing "
                                         "(features.0.weight"),
     ("model.name=torchvision.vit_b_16", "does not take the data's images of shape 1x28x28 "
                                         "(it takes 3x224x224)"),
 ])
-def test_bad_recipe_input_is_one_line_and_writes_nothing(tmp_path, files, override, message):
+def test_bad_recipe_input_the_workers_find_is_one_line(tmp_path, files, override, message):
+    """What only the workers can tell (they build the model): real runs."""
     run_dir = tmp_path / "run"
     overrides = override.replace("FILES", str(files)).split()
     result = run_cli("launch", "--cpu", CONFIG, *small_run(run_dir), *overrides)

@@ -6,10 +6,10 @@ import yaml
 from common.config import Config, apply_override, to_yaml
 from common.errors import UserError
 from common.validate import check_world_size
+from tests.helpers import REPO
 from train.config import load_config
 from train.identity import describe_differences, identity
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "configs" / "default.yaml"
 
 

@@ -1,7 +1,6 @@
 """Optimizers (SGD, AdamW and their parameter groups, fused/foreach), the lr's rules and
 schedules (warmup in steps or epochs, constant, cosine, step), clipping's norm."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from common.errors import UserError
 from common.schema import OptimConfig
 from common.validate import check_lr_options
 from models import build_model
+from tests.helpers import REPO
 from train.lr import LrPlan, peak_lr
 from train.optim import build_optimization, make_optimizer, param_groups
 
@@ -154,7 +154,7 @@ def test_fused_sgd_under_fsdp_is_refused_by_validate():
     from common.validate import check_recipe
     from train.config import load_config
 
-    default = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+    default = str(REPO / "configs" / "default.yaml")
     with pytest.raises(UserError, match=r"^optim.implementation=fused does not work with mode "
                                         r"fsdp and optim.name=sgd"):
         check_recipe(load_config(default, ["mode=fsdp", "optim.implementation=fused"]))

@@ -4,7 +4,7 @@ Every key with its type, default, constraint, whether it is part of the run's id
 keys not marked RUNTIME: train/identity.py) and the comment beside it in the schema. The
 reference is the part of docs/configuration.md between the BEGIN and END markers; the rest of
 the page is written by hand. `python -m tools.config_reference` (`make docs`) rewrites it;
-`--check` only says whether it is current (tests/test_docs.py runs the same comparison).
+`--check` only says whether it is current (tests/unit/test_docs.py runs the same comparison).
 """
 
 from __future__ import annotations

@@ -120,6 +120,9 @@ class PerfConfig:
     compile: Annotated[Literal["auto", "on", "off"], RUNTIME] = "auto"
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune",
                                     "max-autotune-no-cudagraphs"], RUNTIME] = "default"
+    # torch.compile's backend; aot_eager captures graphs and AOTAutograd without generating
+    # kernels (seconds, not a C++ build per graph: the test matrix's compiled runs)
+    compile_backend: Annotated[Literal["inductor", "aot_eager"], RUNTIME] = "inductor"
     # auto compiles runs this long (LeNet breaks even at ~1,600)
     compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
     cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms

@@ -43,11 +43,11 @@ OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "workers": {"1": (), "2": (), "3": ()},
     "channels_last": {"off": ("perf.channels_last=false",), "on": ("perf.channels_last=true",)},
 }
-# Every run: 48 samples, a global batch of 12 (4 steps, one epoch, a checkpoint at step 2 inside
+# Every run: 48 samples, a global batch of 12 (4 steps, one epoch, a checkpoint at step 3 inside
 # it); 21 test samples in batches of 5 (ranks hold different numbers of evaluation batches).
 COMMON = ("data.synthetic.train_samples=48", "data.synthetic.test_samples=21",
           "train.batch_size=12", "train.eval_batch_size=5", "train.epochs=1",
-          "optim.warmup_steps=0", "checkpoint.every_steps=2", "checkpoint.keep=10",
+          "optim.warmup_steps=0", "checkpoint.every_steps=3", "checkpoint.keep=10",
           "data.num_workers=0", "log.every_steps=1", "log.progress=off", "wandb.mode=disabled",
           "dist.timeout_s=120")
 

@@ -22,6 +22,7 @@ from train.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "default.yaml"
+STOP = 3  # the step a stop is left at: inside the 4-step epoch (checkpoint.every_steps=3)
 TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -100,7 +101,7 @@ def cut_after(run_dir: Path, step: int) -> None:
 
 
 def combination(pool: Pool, job: dict, rank: int, world_size: int) -> dict:
-    """Train, cut after step 2 and resume, evaluate and export one combination; rank 0's
+    """Train, cut after step STOP and resume, evaluate and export one combination; rank 0's
     findings (the others return {})."""
     from train.sharded_checkpoint import load_model_state_dict
 
@@ -114,8 +115,8 @@ def combination(pool: Pool, job: dict, rank: int, world_size: int) -> dict:
     if rank == 0:
         out["whole"] = last(run_dir)
         out["records"] = (run_dir / "metrics.jsonl").read_text()
-        out["at_cut"] = load_model_state_dict(run_dir / "checkpoints" / "step_00000002.pt")
-        cut_after(run_dir, 2)
+        out["at_cut"] = load_model_state_dict(run_dir / "checkpoints" / "step_00000003.pt")
+        cut_after(run_dir, STOP)
     with alone() if solo else contextlib.nullcontext():
         pool.next_attempt()  # every rank: rank 0 cut the run before its process group formed
         train_once(args)

@@ -116,16 +116,19 @@ def test_the_combination_trains_resumes_evaluates_and_exports(results, name):
     assert finite(found["records"]) and whole["step"] == 4
     assert any(not torch.equal(whole["model"][k], v) for k, v in found["at_cut"].items())
     assert resumed["step"] == 4
+    combo = COMBOS[NAMES.index(name)]
+    # PowerSGD's resumed DDP starts with buckets in parameter order and rebuilds them: its
+    # matrix products see other memory alignments for a step (tests/test_knobs.py's resume).
+    exact = {"rtol": 0, "atol": 0} if combo["hook"] != "powersgd" else PARITY_TOL
     for part in ("model", "ema", "optimizer"):
         if part in whole:
-            torch.testing.assert_close(resumed[part], whole[part], rtol=0, atol=0)
+            torch.testing.assert_close(resumed[part], whole[part], **exact)
     assert found["eval"]["samples"] == 21 and found["eval"]["step"] == 4
     assert math.isfinite(found["eval"]["loss"]) and 0 <= found["eval"]["top1_accuracy"] <= 1
     assert found["export"]["step"] == 4
     assert found["exported"].keys() == whole["model"].keys()
     for key, value in whole["model"].items():
         assert torch.equal(found["exported"][key], value), key
-    combo = COMBOS[NAMES.index(name)]
     if parity(combo):
         one = results[f"{name}/one"]["model"]
         for key, value in one.items():

@@ -26,9 +26,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CONFIG = str(REPO / "configs" / "default.yaml")
 NAMES = [name_of(c) for c in COMBOS]
 # Parity with one process holds where nothing but summation order differs: fp32 without a
-# compressing hook, and no mixup (each worker pairs its own samples). Measured over these
-# combinations (AVX512, avx2, default kernels): at most 3e-7 apart after 4 SGD steps.
+# compressing hook, and no mixup (each worker pairs its own samples). Measured over the 8
+# such combinations (AVX512 kernels, 4 SGD steps): at most 3.0e-8 apart; the bound is 30x that.
 PARITY_TOL = {"rtol": 1e-5, "atol": 1e-6}
+# A resumed DDP starts with its buckets in parameter order and rebuilds them after its first
+# step, as the uninterrupted run did at step 1: for that step the allreduces see other bucket
+# layouts. Two ranks sum a + b either way; gloo's ring over three sums each chunk in an order set
+# by the layout (measured: 1.9e-9 on fp32, 9.2e-7 through the bf16 hook), and PowerSGD's matrix
+# products see other memory alignments (tests/test_knobs.py). Everything else is bitwise.
+RESUME_TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def resume_tolerance(combo: dict) -> dict:
+    ddp = combo["mode"] in ("ddp", "zero")
+    if combo["hook"] == "powersgd" or (ddp and combo["workers"] == "3"):
+        return RESUME_TOL
+    return {"rtol": 0, "atol": 0}
 
 
 def parity(combo: dict) -> bool:
@@ -117,17 +130,14 @@ def test_the_combination_trains_resumes_evaluates_and_exports(results, name):
     assert any(not torch.equal(whole["model"][k], v) for k, v in found["at_cut"].items())
     assert resumed["step"] == 4
     combo = COMBOS[NAMES.index(name)]
-    # PowerSGD's resumed DDP starts with buckets in parameter order and rebuilds them: its
-    # matrix products see other memory alignments for a step (tests/test_knobs.py's resume).
-    exact = {"rtol": 0, "atol": 0} if combo["hook"] != "powersgd" else PARITY_TOL
     for part in ("model", "ema", "optimizer"):
         if part in whole:
-            torch.testing.assert_close(resumed[part], whole[part], **exact)
+            torch.testing.assert_close(resumed[part], whole[part], **resume_tolerance(combo))
     assert found["eval"]["samples"] == 21 and found["eval"]["step"] == 4
     assert math.isfinite(found["eval"]["loss"]) and 0 <= found["eval"]["top1_accuracy"] <= 1
     assert found["export"]["step"] == 4
     assert found["exported"].keys() == whole["model"].keys()
-    for key, value in whole["model"].items():
+    for key, value in resumed["model"].items():  # the checkpoint `make export` read
         assert torch.equal(found["exported"][key], value), key
     if parity(combo):
         one = results[f"{name}/one"]["model"]

@@ -37,11 +37,15 @@ PARITY_TOL = {"rtol": 1e-5, "atol": 1e-6}
 RESUME_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
-def resume_tolerance(combo: dict) -> dict:
+def resume_tolerance(combo: dict, part: str) -> dict:
     ddp = combo["mode"] in ("ddp", "zero")
-    if combo["hook"] == "powersgd" or (ddp and combo["workers"] == "3"):
-        return RESUME_TOL
-    return {"rtol": 0, "atol": 0}
+    if not (combo["hook"] == "powersgd" or (ddp and combo["workers"] == "3")):
+        return {"rtol": 0, "atol": 0}
+    if combo["hook"] == "bf16" and part == "optimizer":
+        # A gradient rounded to bf16 (8 significant bits) on one side of a tie or the other:
+        # AdamW's first moment keeps it (measured 6.8e-3 relative; 2^-6 bounds two roundings).
+        return {"rtol": 2**-6, "atol": 1e-5}
+    return RESUME_TOL
 
 
 def parity(combo: dict) -> bool:
@@ -132,7 +136,7 @@ def test_the_combination_trains_resumes_evaluates_and_exports(results, name):
     combo = COMBOS[NAMES.index(name)]
     for part in ("model", "ema", "optimizer"):
         if part in whole:
-            torch.testing.assert_close(resumed[part], whole[part], **resume_tolerance(combo))
+            torch.testing.assert_close(resumed[part], whole[part], **resume_tolerance(combo, part))
     assert found["eval"]["samples"] == 21 and found["eval"]["step"] == 4
     assert math.isfinite(found["eval"]["loss"]) and 0 <= found["eval"]["top1_accuracy"] <= 1
     assert found["export"]["step"] == 4

@@ -27,7 +27,8 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 NAMES = [name_of(c) for c in COMBOS]
 # Parity with one process holds where nothing but summation order differs: fp32 without a
 # compressing hook, and no mixup (each worker pairs its own samples). Measured over the 8
-# such combinations (AVX512 kernels, 4 SGD steps): at most 3.0e-8 apart; the bound is 30x that.
+# such combinations (4 SGD steps; AVX512, avx2 and default kernels alike): at most 3.0e-8 apart;
+# the bound is 30x that.
 PARITY_TOL = {"rtol": 1e-5, "atol": 1e-6}
 # A resumed DDP starts with its buckets in parameter order and rebuilds them after its first
 # step, as the uninterrupted run did at step 1: for that step the allreduces see other bucket

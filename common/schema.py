@@ -123,6 +123,9 @@ class PerfConfig:
     # torch.compile's mode
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune",
                                     "max-autotune-no-cudagraphs"], RUNTIME] = "default"
+    # torch.compile's backend; aot_eager captures graphs and AOTAutograd without generating
+    # kernels (seconds, not a C++ build per graph: the test matrix's compiled runs)
+    compile_backend: Annotated[Literal["inductor", "aot_eager"], RUNTIME] = "inductor"
     # auto compiles runs this long (LeNet's break-even: docs/performance.md)
     compile_min_steps: Annotated[int, NonNegative, RUNTIME] = 2000
     cudnn_benchmark: Annotated[bool, RUNTIME] = True  # cuDNN picks the fastest conv algorithms
@@ -145,7 +148,9 @@ class DDPConfig:
     find_unused_parameters: bool = False  # for models whose forward leaves parameters unused
     comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"  # compress the gradients
     powersgd_rank: PositiveInt = 1  # PowerSGD's matrix approximation rank
-    powersgd_start_step: int = 10  # plain allreduce before this step (PowerSGD warm start)
+    # plain allreduce before this step (PowerSGD warm start; torch's needs two plain ones)
+    powersgd_start_step: Annotated[int, AtLeast(2, "torch's PowerSGD compresses from DDP's "
+                                                   "third iteration")] = 10
     # ZeroRedundancyOptimizer: each rank keeps the optimizer state of its share of the
     # parameters, steps them, and broadcasts them (parameters and gradients stay whole). The
     # same arithmetic as without it, bitwise, and the same checkpoint: a run may switch it.

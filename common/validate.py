@@ -21,6 +21,7 @@ from common.schema import Config, OptimConfig, PerfConfig, parse_step_range
 from models import check_name
 from train.data import DATASETS
 from train.optim import check_implementation, check_optimizer_name
+from train.refusals import check_refusals
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,10 +71,6 @@ def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("model.init_from and model.pretrained=true both set the initial "
                         "weights; set one")
-    if cfg.mode == "fsdp" and cfg.train.ema_decay is not None:
-        # Its copy of the weights would be whole on every rank: what fsdp exists to avoid.
-        raise UserError("train.ema_decay does not work with mode fsdp (the moving average "
-                        "would keep the whole model on every rank); use mode ddp for EMA")
     return []
 
 
@@ -102,17 +99,10 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
     if cpu and cfg.perf.precision == "fp16":
         raise UserError("perf.precision=fp16 needs a GPU (fp16 autocast with a GradScaler); on "
                         "the CPU use bf16 or fp32")
-    if cfg.model.sync_bn and (cpu or cfg.mode != "ddp"):
+    check_refusals(cfg)  # mode x feature: the one table (train/refusals.py)
+    if cfg.model.sync_bn and cpu:
         raise UserError("model.sync_bn needs mode ddp on GPUs: torch's SyncBatchNorm runs on "
                         "CUDA only")
-    if cfg.mode == "dp" and cfg.perf.compile == "on":
-        raise UserError("perf.compile=on does not work with mode dp: DataParallel's replicas of "
-                        "a compiled model write into the original module (checkpoints break); "
-                        "compile with mode ddp, or set perf.compile=off")
-    if cfg.mode == "ddp" and cfg.ddp.static_graph and cfg.train.grad_accum_steps > 1:
-        raise UserError("ddp.static_graph=true with train.grad_accum_steps>1 fails inside DDP "
-                        "(an internal assert in its reducer after no_sync(), "
-                        "pytorch/pytorch#143580); set ddp.static_graph=false to accumulate")
     if cpu and cfg.data.decoder == "nvjpeg":
         raise UserError("data.decoder=nvjpeg decodes on the GPU; on the CPU use data.decoder=pil")
     if cfg.data.decoder == "nvjpeg" and (cfg.data.name != "imagefolder"
@@ -120,8 +110,6 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
                                          or cfg.data.cache != "none"):
         raise UserError("data.decoder=nvjpeg needs data.name=imagefolder, data.loader=stream "
                         "and data.cache=none (it decodes files on the GPU as they stream)")
-    if cfg.ddp.comm_hook != "none" and cfg.mode != "ddp":
-        raise UserError(f"ddp.comm_hook applies to mode ddp only (mode is {cfg.mode})")
     check_mode_keys(cfg)
     warnings = []
     if cpu and cfg.perf.precision == "bf16" and not _cpu_has_bf16():
@@ -139,10 +127,6 @@ def _device_section(cfg: Config, world: World) -> list[str]:
 
 def check_mode_keys(cfg: Config) -> None:
     """Keys of one mode's section set under another mode would silently do nothing."""
-    if cfg.ddp.zero and cfg.mode != "ddp":
-        also = ("; mode fsdp shards the optimizer state itself (with the parameters and "
-                "gradients)" if cfg.mode == "fsdp" else "")
-        raise UserError(f"ddp.zero applies to mode ddp only (mode is {cfg.mode}){also}")
     if cfg.mode != "fsdp" and (changed := _changed(cfg, "fsdp")):
         raise UserError(f"{changed[0]} applies to mode fsdp only (mode is {cfg.mode})")
     if cfg.mode == "fsdp" and (changed := _changed(cfg, "ddp") or _changed(cfg, "scratch")):

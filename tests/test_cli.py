@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import re
-import time
 
 import pytest
 import torch
@@ -139,7 +138,6 @@ def test_a_folder_holding_a_different_run_is_left_alone(tmp_path):
     first = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    time.sleep(0.01)
     second = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=3"))
     assert second.returncode == 2
     lines = error_lines(second.stderr)

@@ -39,7 +39,10 @@ def test_a_different_global_batch_does_not_match(tmp_path, single_process_params
 # batches of the 1001 samples, and must still run the same number of forwards.
 @pytest.mark.parametrize("world_size, path", [(2, ["train.eval_batch_size=64"]),
                                               (3, ["train.eval_batch_size=64"]),
-                                              (2, ["mode=fsdp", "train.eval_batch_size=100"])])
+                                              (2, ["mode=fsdp", "train.eval_batch_size=100"]),
+                                              # the stream path has no `data.images` (issue 21)
+                                              (2, ["mode=fsdp", "train.eval_batch_size=100",
+                                                   "data.loader=stream", "data.num_workers=0"])])
 def test_distributed_evaluation_equals_single_process_on_an_odd_test_set(world_size, path):
     overrides = ["data.synthetic.train_samples=600", "data.synthetic.test_samples=1001",
                  "train.batch_size=96", *path]
@@ -51,6 +54,19 @@ def test_distributed_evaluation_equals_single_process_on_an_odd_test_set(world_s
         assert result["correct"] == single["correct"]
         assert result["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert 0 < single["correct"] < 1001
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_fsdp_evaluates_when_a_rank_has_no_test_sample(loader):
+    """2 test samples on 3 ranks: rank 2 has no batch at all, and still runs the forward the
+    others run (an empty one, shaped as its split's batches)."""
+    overrides = ["data.synthetic.train_samples=96", "data.synthetic.test_samples=2",
+                 "train.batch_size=48", "mode=fsdp", f"data.loader={loader}",
+                 "data.num_workers=0"]
+    single = run_single(evaluate_fresh_model, overrides)
+    for result in run_distributed(evaluate_fresh_model, 3, overrides):
+        assert result["samples"] == 2
+        assert result["correct"] == single["correct"]
 
 
 def test_a_setup_error_on_one_rank_reaches_every_rank():

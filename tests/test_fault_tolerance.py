@@ -217,10 +217,14 @@ def _environ(process: psutil.Process) -> dict[str, str]:
         return {}
 
 
-def _wait_for_steps_started(proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while not workers_of(proc) and time.monotonic() < deadline:
-        time.sleep(0.2)
+def _wait_for_steps_started(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the launcher's workers exist (a deadline that passes fails the test: an empty
+    list of workers would make the check that they are all gone pass by itself)."""
+    deadline = time.monotonic() + timeout
+    while not workers_of(proc):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.05)
 
 
 def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterrupted):

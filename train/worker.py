@@ -136,7 +136,7 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)
     if compiled:
-        model = strategy.compile(model, cfg.perf.compile_mode)
+        model = strategy.compile(model, cfg.perf.compile_mode, cfg.perf.compile_backend)
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
                                schedule.global_batch, schedule.total_steps,
                                schedule.steps_per_epoch, ctx.device.type, strategy)

@@ -99,6 +99,9 @@ def test_run_name_defaults_from_the_config_file_and_dir_waits_for_the_worker_cou
     ("train.label_smoothing=-0.1", "train.label_smoothing must be in [0, 1)"),
     ("train.ema_decay=1", "train.ema_decay must be in (0, 1)"),
     ("train.ema_decay=0", "train.ema_decay must be in (0, 1)"),
+    # torch's PowerSGD raised a ValueError at DDP's construction (found by tests/test_matrix.py)
+    ("ddp.powersgd_start_step=1", "ddp.powersgd_start_step must be at least 2 (torch's PowerSGD "
+                                  "compresses from DDP's third iteration)"),
     ("optim.milestones=[5,2]", "optim.milestones must be increasing positive epochs"),
     ("data.name=imagenet", "data.name 'imagenet' is unknown"),
     ("wandb.tags=a", "wandb.tags expects a list"),

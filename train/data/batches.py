@@ -65,6 +65,11 @@ class ShardOrder:
     def close(self) -> None:
         """Let go of loader processes (the stream path); nothing on the memory path."""
 
+    def empty_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of zero samples shaped as this split's batches (mode fsdp's padding
+        forwards on a rank without any evaluation batch)."""
+        raise NotImplementedError
+
 
 class Batches(ShardOrder):
     """This rank's batches from an in-memory dataset, in the order its sampler gives.
@@ -106,6 +111,9 @@ class Batches(ShardOrder):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate()
+
+    def empty_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(torch.empty(0, dtype=torch.long, device=self.data.images.device))
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples `idx` of a dataset that lives on the training device."""

@@ -192,6 +192,13 @@ class StreamBatches(ShardOrder):
         self.new_epoch(epoch)
         self.clock.set_epoch(epoch)
 
+    def empty_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's first sample rendered here, as the loader would, then cut to zero
+        samples: the shape the split's batches have (no `data.images` to read it from)."""
+        epoch = self.clock.epoch
+        images, labels = self.finish(self.loader.collate_fn([self.reader[(epoch, 0)]]), epoch)
+        return images[:0], labels[:0]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate()
 

@@ -82,10 +82,12 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
-    def compile(self, model: nn.Module, mode: str) -> nn.Module:
+    def compile(self, model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
         """torch.compile around the wrapper: for DDP, dynamo then splits the graph at bucket
         boundaries so that the allreduce still overlaps backward; compiled inside, DDP would
-        get every gradient at once at the end of one fused backward."""
+        get every gradient at once at the end of one fused backward. `mode` is inductor's."""
+        if backend != "inductor":
+            return torch.compile(model, backend=backend)
         return torch.compile(model, mode=mode)
 
     def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from common.schema import FSDPConfig
-from train.data.batches import Batches
+from train.data.batches import ShardOrder
 from train.dist import DistContext
 from train.optim import AUTOCAST_DTYPES
 from train.strategies.base import Batch, Strategy, broadcast_together
@@ -101,16 +101,23 @@ class FSDP(Strategy):
         finally:
             model.set_requires_gradient_sync(True)
 
-    def eval_batches(self, batches: Batches) -> Iterator[Batch]:
+    def eval_batches(self, batches: ShardOrder) -> Iterator[Batch]:
         """Every rank runs as many forwards as the rank with the most batches: each forward
         all-gathers parameters, so a rank that stopped early would leave the others waiting.
         The extra ones are empty batches (zero samples: nothing counted)."""
         count = torch.tensor([len(batches)], device=self.ctx.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        yield from batches.iterate()
-        nothing = torch.empty(0, dtype=torch.long, device=batches.data.images.device)
-        for _ in range(int(count.item()) - len(batches)):
-            yield batches.batch(nothing)
+        last = None
+        for last in batches.iterate():
+            yield last
+        missing = int(count.item()) - len(batches)
+        if missing:
+            # The padding is the last batch cut to zero samples (its shape, dtype and memory
+            # format, on either data path; issue 21: the stream path has no `data.images`); a
+            # rank without any batch asks its batches for an empty one.
+            images, labels = last if last is not None else batches.empty_batch()
+            for _ in range(missing):
+                yield images[:0], labels[:0]
 
     def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler:
         # fp16: an inf or NaN may sit in one rank's shard of the gradients only; this scaler

@@ -124,7 +124,7 @@ def test_a_refusal_is_one_line_before_any_worker(tmp_path):
 
 
 def test_the_docs_show_the_table_as_the_code_has_it():
-    assert render_table() in (REPO / "docs" / "pending" / "matrix.md").read_text()
+    assert render_table() in (REPO / "docs" / "parallelism.md").read_text()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -18,7 +18,7 @@ from common.errors import UserError
 from tests.helpers import REPO, run_cli, run_distributed
 from tests.matrix import COMBOS, COMMON, OPTIONS, name_of, not_applicable, overrides, refused
 from tests.matrix_workers import finite, run_pool
-from tests.test_torchvision_data import write_mnist
+from tests.unit.test_torchvision_data import write_mnist
 from tools.make_images import write_image_folder
 from train.refusals import REFUSALS, render_table
 

@@ -23,7 +23,10 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 PROXY = "http://127.0.0.1:{closed}"
 CASES = [
     ("GPUs", [], ["dist.device=cuda"], {}, "no GPU is visible"),  # hidden: conftest.py
-    ("device options", ["--cpu", "--max-restarts", "-1"], [], {}, "must not be negative"),
+    ("recipe", ["--cpu"], ["optim.name=adam"], {}, "is not an optimizer"),
+    ("device options", ["--cpu"], ["perf.precision=fp16"], {}, "needs a GPU"),
+    ("restarts", ["--cpu", "--max-restarts", "-1"], [], {}, "must not be negative"),
+    ("initial weights", ["--cpu"], ["model.init_from={tmp}/missing.pt"], {}, "missing.pt"),
     ("batch", ["--cpu"], ["train.batch_size=255"], {}, "not divisible by 2 workers"),
     ("profile", ["--cpu"], ["perf.profile_steps=1000-1001"], {}, "profile_steps"),
     ("run folder", ["--cpu"], ["run.dir={tmp}/other"], {}, "already holds a different run"),

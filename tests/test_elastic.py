@@ -159,14 +159,14 @@ def test_an_elastic_worker_resumes_another_world_size_but_not_another_config():
 
 
 def test_an_elastic_job_without_restarts_is_warned_about():
-    from launch.checks import WARN, check_options
+    from launch.checks import WARN, check_restarts
 
     job = plan_job(parse_args(["--cpu", "--nnodes", "2:3", "--master-addr", "h", CONFIG]))
-    verdict, detail = check_options(job)
+    verdict, detail = check_restarts(job)
     assert verdict == WARN and "the first node that leaves ends the job" in detail
     job = plan_job(parse_args(["--cpu", "--nnodes", "2:3", "--master-addr", "h",
                                "--max-restarts", "2", CONFIG]))
-    assert check_options(job)[0] != WARN
+    assert check_restarts(job)[0] != WARN
 
 
 def test_an_elastic_job_keeps_one_default_folder_at_every_size(tmp_path, monkeypatch):

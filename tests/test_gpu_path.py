@@ -407,9 +407,10 @@ def test_figures_are_sane(tmp_path, where):
         assert record["epoch_time_s"] > 0 and record["samples_per_s"] > 0
         assert record["samples_per_s"] == pytest.approx(12 * 128 / record["epoch_time_s"])
         assert all(record[f"time_{p}_ms"] >= 0 for p in ("data", "compute", "optim"))
-    # DDP's sync is estimated by a probe, once per run in epochs this short: n/a after it.
-    assert 0 <= first["time_sync_ms"] <= first["time_sync_ms_max"] + 1e-9
-    assert second["time_sync_ms"] is None and "not estimated" in second["sync_method"]
+    # One worker has nothing to synchronize: no probe, and sync is n/a in every epoch (the
+    # probe's estimate with several workers: tests/test_monitoring.py, tests/test_plot.py).
+    for record in (first, second):
+        assert record["time_sync_ms"] is None and "one worker" in record["sync_method"]
     for record in (first, second):
         assert 0 < record["peak_memory_mb"] <= record["peak_memory_mb_max"]
         assert record["peak_memory_mb_spread"] == 0  # one worker, one device

@@ -139,7 +139,7 @@ def evaluate_and_export(pool: Pool, run_dir: Path, rank: int, solo: bool) -> dic
             result = evaluate_worker(str(run_dir), str(checkpoint), False,
                                      ["dist.device=cpu", "wandb.mode=disabled"])
         if rank == 0:
-            out["eval"] = {k: v for k, v in report(result, checkpoint, False).items()
+            out["eval"] = {k: v for k, v in report(result, run_dir, checkpoint, False).items()
                            if k != "per_class_accuracy"}
     if rank == 0:
         with alone():

@@ -135,7 +135,9 @@ def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
         assert all(v >= 0 for v in phases)
         assert all(r[f"time_{p}_ms_max"] >= r[f"time_{p}_ms"] - 1e-9 for p in known)
         step_ms = 1000 * r["epoch_time_s"] / 12
-        assert 0.7 * step_ms < sum(phases) <= 1.05 * step_ms  # the phases make up the step
+        # The phases make up the step. Lower bound 0.5: on a loaded 2-core machine time spent
+        # descheduled between two phases is nobody's (33.2 of 47.7 ms was seen in CI's suite).
+        assert 0.5 * step_ms < sum(phases) <= 1.05 * step_ms
         assert r["time_compute_ms"] > r["time_data_ms"]  # in-memory data: waiting is negligible
         assert r["eval_time_s"] > 0
         assert r["peak_memory_mb"] > 10

@@ -88,11 +88,11 @@ convert: venv
 # make eval RUN=runs/x [CHECKPOINT=file] [WORKERS=2] [ARGS="--ema data.root=..."]: eval.json and
 # confusion.png in the run folder.
 eval: venv
-	$(PY) -m train.evaluate $(RUN) --workers $(WORKERS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
+	$(PY) -m train.after.evaluate $(RUN) --workers $(WORKERS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
 # make export RUN=runs/x [CHECKPOINT=file] [OUT=folder] [ARGS=--ema]: model.pt, model.pt2, meta.json.
 export: venv
-	$(PY) -m train.export $(RUN) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(PY) -m train.after.export $(RUN) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # make doctor [GPUS=.. CONFIG=.. ARGS=.. NNODES=.. ...]: what would go wrong, before launching.
 doctor: venv

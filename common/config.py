@@ -50,7 +50,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     if not cfg.run.name and not cfg.run.dir:
         cfg.run.name = run_name(path.stem, cfg, given)
     # run.dir stays empty unless given: its default needs the number of workers
-    # (train/run_path.py: settle_run_dir, called by the launcher, the doctor and the workers).
+    # (train/run/location.py: settle_run_dir, called by the launcher, the doctor and the workers).
     return cfg
 
 

@@ -4,7 +4,7 @@ a comment.
 `Annotated[T, ...]` carries what the engine (common/config.py) checks beside the key: a value
 constraint (`Positive`, `AtLeast(16)`, ...) and `RUNTIME` for keys that change how a run is
 launched or looked at, not what it computes (a run folder accepts the same run again with
-other values of those; see train/identity.py).
+other values of those; see train/run/identity.py).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class LogConfig:
     every_steps: Annotated[int, Positive, RUNTIME] = 20  # per-step metrics every N steps
     # estimate DDP's sync hidden in backward: a forward+backward with and one without sync (two
     # extra passes) at epoch ends, as often as that costs at most 3% of an epoch, else once per
-    # run; never in runs shorter than an epoch. false: records say n/a (train/trainer.py)
+    # run; never in runs shorter than an epoch. false: records say n/a (train/loop/trainer.py)
     sync_probe: Annotated[bool, RUNTIME] = True
 
 
@@ -234,7 +234,7 @@ class RunConfig:
     # run.dir's last part
     name: Annotated[str, RUNTIME] = ""
     # the run's output folder; default: runs/<name>-<8 hex digits of the run's identity and
-    # worker count> (train/run_path.py), so the same command resumes and another gets its own
+    # worker count> (train/run/location.py), so the same command resumes and another gets its own
     dir: Annotated[str, RUNTIME] = ""
     overwrite: Annotated[bool, RUNTIME] = False  # replace a different run already in `dir`
 

@@ -14,7 +14,7 @@ interpreter's C-level handler wakes at once (`signal.set_wakeup_fd`):
 
 - during start-up it exits with 130 at once: nothing has been trained, nothing needs saving;
 - once the loop runs (`begin_training`), it records the request, which the ranks agree on at a
-  step boundary (train/guards.py StopRequest); a process that then shows no sign of progress
+  step boundary (train/loop/guards.py StopRequest); a process that then shows no sign of progress
   (`alive`) for `stall_limit_s` seconds, outside a checkpoint write (`busy`), exits 130: it is
   stalled in a step, or waiting in a collective for a stalled peer, and would never reach the
   boundary.

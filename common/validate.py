@@ -188,7 +188,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 
 def check_mixing(cfg: Config, world_size: int) -> None:
-    """Mixup and CutMix pair each sample with the one half a batch away (train/regularize.py):
+    """Mixup and CutMix pair each sample with the one half a batch away (train/loop/regularize.py):
     the pairs stay inside each worker's share only when that share is even."""
     if not (cfg.train.mixup_alpha or cfg.train.cutmix_alpha):
         return

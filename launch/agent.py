@@ -32,8 +32,8 @@ from common.signals import (
     startup_line,
 )
 from launch.hangs import collect_fatal_dumps, hang_block
-from train.checkpoint import Checkpoints
-from train.hang import drop_empty_fatal_dumps
+from train.run.checkpoint import Checkpoints
+from train.run.hang import drop_empty_fatal_dumps
 
 
 def node0_answers(endpoint: str, timeout_s: float) -> bool:

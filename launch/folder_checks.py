@@ -12,9 +12,9 @@ from common.lock import in_use
 from common.records import CHECKPOINT_DIR, CONFIG_FILE, REPLACED_DIR
 from launch.job import Job
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
-from train.checkpoint import Checkpoints
-from train.identity import check_resumable, check_run_dir
-from train.resume import is_complete
+from train.run.checkpoint import Checkpoints
+from train.run.identity import check_resumable, check_run_dir
+from train.run.resume import is_complete
 
 DISK_FAIL_BYTES = 200 * 2**20
 DISK_WARN_BYTES = 2 * 2**30

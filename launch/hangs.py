@@ -1,6 +1,6 @@
 """After a failed job: one short block naming the ranks that did not reach the collective the
 others waited in, and where each was, from the records the ranks wrote themselves
-(train/hang.py) into `run.dir/hang/`.
+(train/run/hang.py) into `run.dir/hang/`.
 
 A rank killed by a fatal signal (SIGABRT from NCCL's watchdog, a segfault) left faulthandler's
 dump in the temp folder under its pid: this node's launcher moves the dumps of its own failed
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.records import HANG_DIR, NCCL_TRACE_PREFIX
-from train.hang import fatal_dump_path
+from train.run.hang import fatal_dump_path
 
 # Records older than the launch are a previous job's; allow for clocks of other nodes that
 # run behind (the doctor's "clocks" row checks them).

@@ -17,7 +17,7 @@ from common.host import (
 )
 from common.schema import Config
 from common.validate import World
-from train.run_path import settle_run_dir
+from train.run.location import settle_run_dir
 
 DEFAULT_CPU_WORKERS = 2
 DEFAULT_MASTER_PORT = 29500

@@ -103,7 +103,7 @@ def cut_after(run_dir: Path, step: int) -> None:
 def combination(pool: Pool, job: dict, rank: int, world_size: int) -> dict:
     """Train, cut after step STOP and resume, evaluate and export one combination; rank 0's
     findings (the others return {})."""
-    from train.sharded_checkpoint import load_model_state_dict
+    from train.run.sharded import load_model_state_dict
 
     run_dir = Path(job["run_dir"])
     args = [*job["overrides"], f"run.dir={run_dir}"]
@@ -128,8 +128,8 @@ def combination(pool: Pool, job: dict, rank: int, world_size: int) -> dict:
 
 def evaluate_and_export(pool: Pool, run_dir: Path, rank: int, solo: bool) -> dict:
     """`make eval` on this pool's workers (mode dp: one), then `make export` on rank 0."""
-    from train.evaluate import evaluate_worker, report
-    from train.export import export
+    from train.after.evaluate import evaluate_worker, report
+    from train.after.export import export
 
     checkpoint = run_dir / "checkpoints" / "last.pt"
     out: dict = {}

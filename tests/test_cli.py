@@ -13,7 +13,7 @@ from launch.cli import parse_args
 from launch.job import plan_job
 from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, small_run
 from train.config import load_config
-from train.identity import identity
+from train.run.identity import identity
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")

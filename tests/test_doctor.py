@@ -17,9 +17,9 @@ from launch.cli import parse_args
 from launch.doctor import ROWS as CHECKS
 from launch.job import plan_job
 from tests.helpers import REPO, free_port, run_cli
-from train.checkpoint import Checkpoints
 from train.config import load_config
-from train.identity import identity
+from train.run.checkpoint import Checkpoints
+from train.run.identity import identity
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 

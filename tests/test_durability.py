@@ -17,7 +17,7 @@ import torch
 import common.files
 from tests.helpers import free_port, run_cli, run_single
 from tests.jobs import CONFIG, RUN, gone_within, running
-from train.checkpoint import Checkpoints
+from train.run.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
 SHORT = [*RUN, "train.epochs=2"]  # 24 steps

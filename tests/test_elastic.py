@@ -20,7 +20,7 @@ from launch.job import plan_job
 from launch.plan import make_plan, worker_environment
 from tests.helpers import REPO, start_nodes
 from train.config import load_config
-from train.identity import check_resumable, identity
+from train.run.identity import check_resumable, identity
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 # 1152 samples, global batch 96 (divisible by 3 and by 2 workers): 12 steps per epoch, 48 in

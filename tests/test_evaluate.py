@@ -30,7 +30,7 @@ def last_record(folder):
 
 
 def test_eval_gives_the_last_epochs_numbers_with_top5_and_per_class(run_dir):
-    result = run_cli("train.evaluate", str(run_dir), "--workers", "2", "--cpu")
+    result = run_cli("train.after.evaluate", str(run_dir), "--workers", "2", "--cpu")
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "eval.json").read_text())
     record = last_record(run_dir)
@@ -55,7 +55,7 @@ def test_eval_gives_the_last_epochs_numbers_with_top5_and_per_class(run_dir):
 
 
 def test_the_confusion_figure_writes_each_count_beside_a_colour_bar(run_dir):
-    from train.evaluate import confusion_figure
+    from train.after.evaluate import confusion_figure
 
     summary = json.loads((run_dir / "eval.json").read_text())
     fig = confusion_figure(summary)
@@ -69,7 +69,7 @@ def test_the_confusion_figure_writes_each_count_beside_a_colour_bar(run_dir):
 
 
 def test_eval_of_the_ema_on_one_worker(run_dir):
-    result = run_cli("train.evaluate", str(run_dir), "--ema", "--cpu")
+    result = run_cli("train.after.evaluate", str(run_dir), "--ema", "--cpu")
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "eval.json").read_text())
     record = last_record(run_dir)
@@ -82,7 +82,7 @@ def test_eval_of_the_ema_on_one_worker(run_dir):
 def test_export_writes_a_state_dict_a_program_and_what_inputs_need(run_dir, tmp_path):
     from models import build_model
 
-    result = run_cli("train.export", str(run_dir), "--out", str(tmp_path))
+    result = run_cli("train.after.export", str(run_dir), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["classes"] == [str(i) for i in range(10)] and meta["input"] == [1, 28, 28]
@@ -102,7 +102,7 @@ def test_export_writes_a_state_dict_a_program_and_what_inputs_need(run_dir, tmp_
     (["RUN", "--workers", "0"], "--workers must be at least 1"),
 ])
 def test_eval_bad_input_is_one_line(run_dir, args, message):
-    result = run_cli("train.evaluate", *[str(run_dir) if a == "RUN" else a for a in args])
+    result = run_cli("train.after.evaluate", *[str(run_dir) if a == "RUN" else a for a in args])
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr

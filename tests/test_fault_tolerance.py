@@ -23,7 +23,7 @@ from tests.helpers import (
     run_cli,
     start_nodes,
 )
-from train.checkpoint import Checkpoints
+from train.run.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -181,7 +181,7 @@ def test_a_stalled_worker_makes_everyone_exit_with_a_message(tmp_path):
     assert block[0].startswith("hang: rank(s) 1 did not reach the collective that rank(s) 0 "
                                "waited in, at step 3"), err
     assert block[1].startswith("  rank 1 ") and "did not reach it" in block[1]
-    assert "at train/faults.py:" in block[1] and "in inside_step" in block[1]
+    assert "at train/loop/faults.py:" in block[1] and "in inside_step" in block[1]
     assert block[2].startswith("  rank 0 ") and "waited in it" in block[2]
     assert "at train/optim.py:" in block[2] and "Timed out" in block[2]
     records = {r: json.loads((tmp_path / "hang" / f"rank_{r}.json").read_text()) for r in (0, 1)}
@@ -412,7 +412,7 @@ def test_nodes_that_see_different_run_folders_are_stopped_before_training(tmp_pa
 def test_allowed_changes_cannot_move_a_position_inside_an_epoch(change):
     from common.errors import UserError
     from train.config import load_config
-    from train.identity import check_resumable, identity
+    from train.run.identity import check_resumable, identity
 
     old = load_config(CONFIG, RUN)
     state = {"config": identity(old), "world_size": 2, "batch_in_epoch": 5}
@@ -427,7 +427,7 @@ def test_extending_a_finished_run_recomputes_the_schedule_over_the_new_length(tm
     """train.epochs 2 -> 3 with allow_changes: the cosine continues as the 3-epoch one would
     from step 24 (timm's and Lightning's choice), from the first new step on."""
     from train.config import load_config
-    from train.lr import LrPlan
+    from train.loop.lr import LrPlan
 
     two = ["train.epochs=2", f"run.dir={tmp_path}"]
     first = run_cli("launch", "--cpu", CONFIG, *RUN, *two)

@@ -14,7 +14,7 @@ from torch import nn
 from common.schema import PerfConfig
 from tests.helpers import PYTHON, REPO, environment, gpu_count, gpu_env, run_cli
 from train.dist import DistContext
-from train.evaluation import evaluate
+from train.loop.evaluation import evaluate
 from train.model import set_kernel_choice
 
 CONFIG = str(REPO / "configs" / "default.yaml")

@@ -58,8 +58,8 @@ def test_the_loaded_model_scores_what_training_measured(trained):
     """The preprocessing comes with the model: on the test set's uint8 images it is as
     accurate as the run's own last evaluation (float order aside: within one sample)."""
     from common.config import load_config
+    from train.after.inference import load_trained
     from train.data import load_datasets
-    from train.inference import load_trained
 
     folder = (trained / "runs" / "latest").resolve()
     model = load_trained(folder)
@@ -80,7 +80,7 @@ def test_the_loaded_model_scores_what_training_measured(trained):
 def test_the_readme_export_snippet_loads_each_file_as_written(trained):
     """model.pt into the model meta.json names, model.pt2 alone, meta.json's normalization:
     both predict the same classes, named by meta.json's class names."""
-    result = run_cli("train.export", "runs/latest", cwd=trained)
+    result = run_cli("train.after.export", "runs/latest", cwd=trained)
     assert result.returncode == 0, result.stderr
     done = run_snippet(readme_snippets()[1], trained)
     assert done.returncode == 0, done.stderr
@@ -95,7 +95,7 @@ def test_export_records_the_resolved_checkpoint_its_step_and_sha256(trained):
     import hashlib
 
     folder = (trained / "runs" / "latest").resolve()
-    result = run_cli("train.export", "runs/latest", "--out", "exported", cwd=trained)
+    result = run_cli("train.after.export", "runs/latest", "--out", "exported", cwd=trained)
     assert result.returncode == 0, result.stderr
     meta = json.loads((trained / "exported" / "meta.json").read_text())
     step_file = folder / "checkpoints" / f"step_{meta['step']:08d}.pt"
@@ -105,7 +105,7 @@ def test_export_records_the_resolved_checkpoint_its_step_and_sha256(trained):
 
 
 def test_images_the_model_was_not_trained_on_are_refused_or_resized(trained):
-    from train.inference import WrongInput, load_trained
+    from train.after.inference import WrongInput, load_trained
 
     model = load_trained(trained / "runs" / "latest")
     c, side = model.spec.channels, model.spec.image_size

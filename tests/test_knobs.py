@@ -25,7 +25,7 @@ from tests.workers import (
     static_graph_with_no_sync,
     train_and_return_params,
 )
-from train.checkpoint import Checkpoints
+from train.run.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")

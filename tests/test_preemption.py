@@ -15,7 +15,7 @@ import torch
 from launch.plan import SHUTDOWN_TIMEOUT_S
 from tests.helpers import run_cli
 from tests.jobs import CONFIG, RUN, gone_within, running
-from train.checkpoint import Checkpoints
+from train.run.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
 SHORT = [*RUN, "train.epochs=2"]  # 12 steps per epoch, 24 in all

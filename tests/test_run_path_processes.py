@@ -10,14 +10,14 @@ import subprocess
 from tests.helpers import PYTHON, REPO
 from tests.unit.test_run_path import DEFAULT_WITH_TWO_WORKERS
 from train.config import load_config
-from train.run_path import LATEST, fingerprint
+from train.run.location import LATEST, fingerprint
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 
 
 def test_the_fingerprint_is_fixed_across_processes_and_hash_seeds():
     assert fingerprint(load_config(CONFIG), 2) == DEFAULT_WITH_TWO_WORKERS
-    code = ("from common.config import load_config; from train.run_path import fingerprint; "
+    code = ("from common.config import load_config; from train.run.location import fingerprint; "
             f"print(fingerprint(load_config({CONFIG!r}), 2))")  # no torch: a quick start
     for seed in ("0", "12345"):
         out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -29,7 +29,7 @@ def test_runs_started_at_once_leave_one_valid_link(tmp_path):
     names = [f"run{i}" for i in range(4)]
     for name in names:
         (tmp_path / "runs" / name).mkdir(parents=True)
-    code = ("import sys; from pathlib import Path; from train.run_path import point_latest\n"
+    code = ("import sys; from pathlib import Path; from train.run.location import point_latest\n"
             "for _ in range(300): point_latest(Path('runs') / sys.argv[1])")
     procs = [subprocess.Popen([PYTHON, "-c", code, name], cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(REPO)}) for name in names]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli
-from train.checkpoint import Checkpoints
-from train.sharded_checkpoint import folder_damage, load_model_state_dict
+from train.run.checkpoint import Checkpoints
+from train.run.sharded import folder_damage, load_model_state_dict
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -86,7 +86,7 @@ def test_fsdp_saves_one_file_per_rank_beside_each_step_and_a_plain_model_at_the_
     assert "optimizer" not in step and {"scheduler", "ranks", "config"} <= step.keys()
     # Tensors only in the folder (DCP reads anything else with weights_only=False): the
     # optimizer's hyperparameters are in the step file.
-    from train.sharded_checkpoint import safe_reader
+    from train.run.sharded import safe_reader
 
     entries = safe_reader(folder / "step_00000032").read_metadata().state_dict_metadata
     assert {type(m).__name__ for m in entries.values()} == {"TensorStorageMetadata"}
@@ -313,7 +313,7 @@ def test_eval_reads_a_sharded_step_file_as_it_reads_last_pt(fsdp_run, tmp_path):
     assert "model" not in torch.load(step_file, weights_only=True)  # in pieces, not whole
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for checkpoint in (step_file, run_dir / "checkpoints" / "last.pt"):
-        result = run_cli("train.evaluate", str(run_dir), "--workers", "2", "--cpu",
+        result = run_cli("train.after.evaluate", str(run_dir), "--workers", "2", "--cpu",
                          "--checkpoint", str(checkpoint))
         assert result.returncode == 0, result.stderr
         summary = json.loads((run_dir / "eval.json").read_text())

@@ -18,7 +18,7 @@ import torch
 from common.signals import held_for_children
 from tests.helpers import PYTHON, REPO
 from tests.jobs import CONFIG, RUN, gone_within, running
-from train.checkpoint import Checkpoints
+from train.run.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow
 STARTUP_LINE = "interrupted by {} during start-up: nothing was trained yet"

@@ -21,7 +21,7 @@ def train_and_return_params(overrides: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _trainer(cfg, ctx):
-    from train.run_folder import NullRun
+    from train.run.folder import NullRun
     from train.strategies import make_strategy
     from train.worker import build_trainer
 
@@ -150,9 +150,9 @@ def resume_and_report(overrides: list[str]) -> dict:
 
     import numpy as np
 
-    from train.checkpoint import load
-    from train.resume import resume
-    from train.run_folder import open_run
+    from train.run.checkpoint import load
+    from train.run.folder import open_run
+    from train.run.resume import resume
     from train.strategies import make_strategy
     from train.worker import build_trainer
 

@@ -1,7 +1,7 @@
 """The config reference of docs/configuration.md, generated from the schema (common/schema*.py).
 
 Every key with its type, default, constraint, whether it is part of the run's identity (the
-keys not marked RUNTIME: train/identity.py) and the comment beside it in the schema. The
+keys not marked RUNTIME: train/run/identity.py) and the comment beside it in the schema. The
 reference is the part of docs/configuration.md between the BEGIN and END markers; the rest of
 the page is written by hand. `python -m tools.config_reference` (`make docs`) rewrites it;
 `--check` only says whether it is current (tests/unit/test_docs.py runs the same comparison).
@@ -155,7 +155,7 @@ def render() -> str:
     """The reference: one table per section, in the schema's order."""
     out = [BEGIN, "", textwrap.fill(
         "The identity column says whether a key is part of the run's identity "
-        "(`train/identity.py`): changing a key marked yes makes another run, with another "
+        "(`train/run/identity.py`): changing a key marked yes makes another run, with another "
         "default run folder, and its checkpoints resume only with "
         "`checkpoint.allow_changes=true`; a key marked no (RUNTIME in the schema) changes "
         "how a run is launched or looked at, not what it computes.", WIDTH), ""]

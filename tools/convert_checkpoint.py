@@ -6,7 +6,7 @@ This reads every piece in one process (no process group, no GPU) and writes one 
 file holding `model` (a plain state_dict, as DDP's checkpoints have it) and `optimizer` (its
 state keyed by parameter name, and its hyperparameters from the step file), loadable with
 `torch.load(..., weights_only=True)`: what `torch.distributed.checkpoint.format_utils.
-dcp_to_torch_save` writes, read through `train.sharded_checkpoint.read_whole` instead, whose
+dcp_to_torch_save` writes, read through `train.run.sharded.read_whole` instead, whose
 reader lets `.metadata` (a pickle) name DCP's own records only, and which adds the step file's
 hyperparameters in the same single write.
 
@@ -25,8 +25,8 @@ import torch
 
 from common.errors import EXIT_USER_ERROR, UserError
 from common.files import atomic_write
-from train.checkpoint import Checkpoints, CorruptCheckpoint, load
-from train.sharded_checkpoint import SHARDED_KEY, VALUES_KEY, folder_damage, read_whole
+from train.run.checkpoint import Checkpoints, CorruptCheckpoint, load
+from train.run.sharded import SHARDED_KEY, VALUES_KEY, folder_damage, read_whole
 
 
 def sharded_step(path: Path) -> tuple[Path, dict[str, Any]]:

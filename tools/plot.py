@@ -34,7 +34,7 @@ from common.errors import EXIT_USER_ERROR, UserError
 from common.records import PHASES
 from tools.axes import epoch_axis, value_axis
 from tools.plot_ranks import PHASE_COLORS, plot_rank_step_time
-from train.run_path import follow_latest
+from train.run.location import follow_latest
 
 SLOWEST = "slowest rank's\nwhole step"
 DPI = 110  # the PNGs' resolution

@@ -41,8 +41,8 @@ from common.errors import EXIT_INTERRUPTED, UserError  # noqa: E402
 from common.signals import signal_name  # noqa: E402
 from train import dist  # noqa: E402
 from train.dist import DistContext  # noqa: E402
+from train.loop.trainer import Interrupted  # noqa: E402
 from train.observe.logs import setup_logging  # noqa: E402
-from train.trainer import Interrupted  # noqa: E402
 from train.worker import train  # noqa: E402
 
 log = logging.getLogger("train")

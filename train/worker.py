@@ -15,29 +15,29 @@ import torch
 from common import status
 from common.schema import Config
 from common.validate import World, validate, validate_with_data
-from train.checkpoint import Checkpointer, Checkpoints
+from train.after.inference import InputSpec
 from train.data.build import DataParts, build_data
 from train.dist import DistContext, agree
-from train.faults import Faults
-from train.guards import SampleLedger, StopRequest, SyncChecker
-from train.hang import HangRecorder, NoHangRecord, enable_fatal_dump
-from train.identity import identity
-from train.inference import InputSpec
-from train.metrics import EpochTotals
+from train.loop.faults import Faults
+from train.loop.guards import SampleLedger, StopRequest, SyncChecker
+from train.loop.metrics import EpochTotals
+from train.loop.parts import Guards, Schedule, TrainerParts, TrainState
+from train.loop.regularize import Criterion, Mixing, ModelEma
+from train.loop.rng import ProcessRng
+from train.loop.trainer import Trainer
 from train.model import build_plain_model, set_kernel_choice, should_compile, use_channels_last
 from train.observe.console import Console
 from train.observe.monitor import Monitor
 from train.observe.profile import make_profiler
 from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
 from train.optim import build_optimization
-from train.parts import Guards, Schedule, TrainerParts, TrainState
-from train.regularize import Criterion, Mixing, ModelEma
-from train.resume import elastic_nodes, resume
-from train.rng import ProcessRng
-from train.run_folder import RunFolder, open_run
-from train.run_path import LATEST, settle_run_dir
+from train.run.checkpoint import Checkpointer, Checkpoints
+from train.run.folder import RunFolder, open_run
+from train.run.hang import HangRecorder, NoHangRecord, enable_fatal_dump
+from train.run.identity import identity
+from train.run.location import LATEST, settle_run_dir
+from train.run.resume import elastic_nodes, resume
 from train.strategies import Strategy, make_strategy
-from train.trainer import Trainer
 
 log = logging.getLogger("train")
 
@@ -107,7 +107,7 @@ def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path |
 
 
 def settle_folder(cfg: Config, ctx: DistContext) -> None:
-    """run.dir and run.name, decided as the launcher does (train/run_path.py)."""
+    """run.dir and run.name, decided as the launcher does (train/run/location.py)."""
     nodes = elastic_nodes()  # an elastic job keeps one folder at every size of its range
     workers = f"{ctx.local_world_size}x{nodes}" if nodes else ctx.world_size
     moving = not cfg.run.dir or Path(cfg.run.dir).name == LATEST  # runs/latest may be
@@ -116,7 +116,7 @@ def settle_folder(cfg: Config, ctx: DistContext) -> None:
         return
     # runs/latest may change between two ranks' reads: rank 0's holds. A folder named
     # explicitly stays each rank's own: nodes that see different ones (no shared file system)
-    # are stopped before training (train/resume.py). Every rank takes the same branch.
+    # are stopped before training (train/run/resume.py). Every rank takes the same branch.
     asked: list[bool | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(asked, moving)
     if any(asked):

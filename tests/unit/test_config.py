@@ -8,7 +8,7 @@ from common.errors import UserError
 from common.validate import check_world_size
 from tests.helpers import REPO
 from train.config import load_config
-from train.identity import describe_differences, identity
+from train.run.identity import describe_differences, identity
 
 DEFAULT = REPO / "configs" / "default.yaml"
 
@@ -61,7 +61,7 @@ def test_optional_keys_accept_null():
 
 
 def test_run_name_defaults_from_the_config_file_and_dir_waits_for_the_worker_count(tmp_path):
-    from train.run_path import fingerprint, settle_run_dir
+    from train.run.location import fingerprint, settle_run_dir
 
     cfg = load_config(write(tmp_path, "train:\n  epochs: 2\n"))
     assert (cfg.run.name, cfg.run.dir) == ("exp", "")

@@ -11,10 +11,10 @@ import torch
 
 from common.schema import DDPConfig, LogConfig
 from train.dist import DistContext
+from train.loop.parts import Schedule
+from train.loop.probe import SyncProbe
 from train.observe import console
 from train.observe.console import Console, format_epoch
-from train.parts import Schedule
-from train.probe import SyncProbe
 from train.strategies.base import Single
 from train.strategies.ddp import DDP
 

@@ -54,7 +54,7 @@ def test_every_config_key_has_a_comment_for_the_reference():
 
 def test_the_reference_marks_identity_as_train_identity_decides():
     from common.config import Config
-    from train.identity import identity
+    from train.run.identity import identity
 
     in_identity = set(identity(Config()))
     marked = {k.name for k in config_reference.keys() if k.identity}
@@ -70,7 +70,7 @@ def test_each_page_has_one_title_first(page):
 
 def test_the_default_run_folder_named_in_the_docs_is_the_one_make_train_uses():
     from common.config import load_config
-    from train.run_path import default_run_dir
+    from train.run.location import default_run_dir
 
     folder = default_run_dir(load_config(REPO / "configs" / "default.yaml"), 2).name
     for page in PAGES:

@@ -1,4 +1,4 @@
-"""The launcher's hang block (launch/hangs.py) and a rank's "waiting" verdict (train/hang.py)
+"""The launcher's hang block (launch/hangs.py) and a rank's "waiting" verdict (train/run/hang.py)
 for both backends, from synthetic records and faulthandler dumps (pure logic, in process).
 
 gloo blocks inside the collective's Python call, so a stack tells who waited; NCCL queues the
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launch.hangs import hang_block
-from train.hang import waits_in_collective
+from train.run.hang import waits_in_collective
 
 TORCH = "/venv/lib/python3.12/site-packages/torch"
 REPO = "/work/dptrain"
@@ -59,7 +59,7 @@ def test_gloo_names_the_rank_that_did_not_reach_the_collective(tmp_path):
     write(tmp_path, [
         record(0, True, "train/optim.py:140 in step", f"{TORCH}/distributed/c10d.py:9 in wait",
                "its collective failed: Timed out waiting 5000ms", "gloo"),
-        record(1, False, "train/faults.py:30 in inside_step", "train/faults.py:30 in "
+        record(1, False, "train/loop/faults.py:30 in inside_step", "train/loop/faults.py:30 in "
                "inside_step", "no progress for 2.5 s, and SIGTERM asked it to stop", "gloo"),
         record(2, True, "train/optim.py:140 in step", "x", "its collective failed: x", "gloo"),
     ], {})
@@ -76,13 +76,13 @@ def test_gloo_does_not_say_a_rank_killed_by_a_signal_did_not_reach_the_collectiv
     write(tmp_path, [
         record(0, True, "train/optim.py:140 in step", "x", "its collective failed: x", "gloo"),
         record(2, True, "train/optim.py:140 in step", "x", "its collective failed: x", "gloo"),
-    ], {1: dump(f'File "{REPO}/train/trainer.py", line 175 in train_step')})
+    ], {1: dump(f'File "{REPO}/train/loop/trainer.py", line 175 in train_step')})
     block = hang_block(tmp_path, since, "gloo")
     assert "did not reach" not in block
     assert block.startswith("hang: every rank that reported waited in a collective, at step 7")
     line = next(li for li in block.splitlines() if li.startswith("  rank 1"))
-    assert line == ("  rank 1: killed by a signal: at train/trainer.py:175 in train_step; fatal "
-                    "python error: aborted [rank_1.fatal.txt]")
+    assert line == ("  rank 1: killed by a signal: at train/loop/trainer.py:175 in train_step; "
+                    "fatal python error: aborted [rank_1.fatal.txt]")
 
 
 def test_nccl_says_where_each_rank_blocked_and_points_at_the_flight_recorder(tmp_path):
@@ -90,9 +90,10 @@ def test_nccl_says_where_each_rank_blocked_and_points_at_the_flight_recorder(tmp
     write(tmp_path, [
         # A rank in a stall (the cause) and one blocked reading the loss back: on NCCL the
         # worker cannot tell whether either reached the collective (waiting: None).
-        record(1, None, "train/faults.py:30 in inside_step", "train/faults.py:30 in inside_step",
+        record(1, None, "train/loop/faults.py:30 in inside_step",
+               "train/loop/faults.py:30 in inside_step",
                "no progress for 300 s, and SIGTERM asked it to stop", "nccl"),
-        record(2, None, "train/metrics.py:51 in read", "train/metrics.py:51 in read",
+        record(2, None, "train/loop/metrics.py:51 in read", "train/loop/metrics.py:51 in read",
                "no progress for 300 s, and SIGTERM asked it to stop", "nccl"),
     ], {0: dump(f'File "{TORCH}/cuda/__init__.py", line 1083 in synchronize',
                 f'File "{REPO}/train/observe/timer.py", line 61 in phase')})
@@ -106,9 +107,9 @@ def test_nccl_says_where_each_rank_blocked_and_points_at_the_flight_recorder(tmp
                         "(innermost: torch/cuda/__init__.py:1083 in synchronize); fatal python "
                         "error: aborted [rank_0.fatal.txt]")
     assert lines[2].startswith("  rank 1 (pid 101 on node0): blocked: step 7, in compute, at "
-                               "train/faults.py:30 in inside_step; no progress")
+                               "train/loop/faults.py:30 in inside_step; no progress")
     assert lines[3].startswith("  rank 2 (pid 102 on node0): blocked: step 7, in compute, at "
-                               "train/metrics.py:51 in read;")
+                               "train/loop/metrics.py:51 in read;")
     assert lines[4] == (f"  flight-recorder traces of rank(s) 0, 2 in {tmp_path.absolute()}/"
                         f"nccl_trace_rank_<rank>: `python -m torch.distributed.flight_recorder."
                         f"fr_trace {tmp_path.absolute()} -p nccl_trace_rank_` names the "
@@ -119,9 +120,9 @@ def test_nccl_without_traces_says_none_were_written_where_the_user_put_them(tmp_
                                                                           monkeypatch):
     monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(tmp_path / "fr" / "trace_"))
     since = time.time()
-    write(tmp_path, [], {1: dump(f'File "{REPO}/train/metrics.py", line 51 in read')})
+    write(tmp_path, [], {1: dump(f'File "{REPO}/train/loop/metrics.py", line 51 in read')})
     block = hang_block(tmp_path, since, "nccl").splitlines()
-    assert "killed by a signal: at train/metrics.py:51 in read;" in block[1]
+    assert "killed by a signal: at train/loop/metrics.py:51 in read;" in block[1]
     assert block[-1].startswith(f"  flight-recorder traces: none in {tmp_path}/fr/trace_<rank>")
 
 
@@ -130,9 +131,9 @@ def frames(*files: str) -> list[traceback.FrameSummary]:
 
 
 def test_a_rank_waits_in_a_collective_on_gloo_only_by_its_stack():
-    in_collective = frames(f"{REPO}/train/trainer.py",
+    in_collective = frames(f"{REPO}/train/loop/trainer.py",
                            f"{TORCH}/distributed/distributed_c10d.py")
-    in_item = frames(f"{REPO}/train/trainer.py", f"{REPO}/train/metrics.py")
+    in_item = frames(f"{REPO}/train/loop/trainer.py", f"{REPO}/train/loop/metrics.py")
     assert waits_in_collective(in_collective, "gloo") is True
     assert waits_in_collective(in_item, "gloo") is False
     assert waits_in_collective(in_collective, "nccl") is None  # NCCL blocks elsewhere

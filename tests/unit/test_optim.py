@@ -11,7 +11,7 @@ from common.schema import OptimConfig
 from common.validate import check_lr_options
 from models import build_model
 from tests.helpers import REPO
-from train.lr import LrPlan, peak_lr
+from train.loop.lr import LrPlan, peak_lr
 from train.optim import build_optimization, make_optimizer, param_groups
 
 
@@ -100,7 +100,7 @@ def test_under_fp16_the_norm_is_taken_after_unscaling():
 
 def test_mixing_pairs_are_the_same_on_one_process_and_on_workers():
     from common.schema import TrainConfig
-    from train.regularize import Mixing
+    from train.loop.regularize import Mixing
 
     mixing = Mixing(TrainConfig(mixup_alpha=0.4, cutmix_alpha=1.0), seed=3)
     images = torch.randn(12, 1, 8, 8)
@@ -117,7 +117,7 @@ def test_mixing_pairs_are_the_same_on_one_process_and_on_workers():
 
 
 def test_ema_warms_up_and_averages():
-    from train.regularize import ModelEma
+    from train.loop.regularize import ModelEma
 
     net = nn.Linear(1, 1, bias=False)
     net.weight.data.fill_(0.0)

@@ -13,7 +13,7 @@ from common.errors import UserError
 from common.schema import Config
 from tests.helpers import REPO
 from train.config import load_config
-from train.run_path import LATEST, fingerprint, follow_latest, point_latest, settle_run_dir
+from train.run.location import LATEST, fingerprint, follow_latest, point_latest, settle_run_dir
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 

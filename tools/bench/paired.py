@@ -21,9 +21,9 @@ from pathlib import Path
 from tools.bench.minimal_ddp import MinimalLoop, page_faults
 from train import dist
 from train.config import load_config
-from train.run_folder import NullRun
+from train.loop.trainer import Trainer
+from train.run.folder import NullRun
 from train.strategies import make_strategy
-from train.trainer import Trainer
 from train.worker import build_trainer
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"

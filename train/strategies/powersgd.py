@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-from train.rng import numpy_state, set_numpy_state
+from train.loop.rng import numpy_state, set_numpy_state
 
 Pieces = dict[str, dict[int, torch.Tensor]]  # "error"/"p"/"q" -> parameter index -> slice
 

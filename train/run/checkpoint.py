@@ -34,7 +34,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from common.files import atomic_write, write_failure
 from train.dist import DistContext, agree
-from train.sharded_checkpoint import Sharded, ShardedParts, damage
+from train.run.sharded import Sharded, ShardedParts, damage
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
@@ -56,7 +56,7 @@ class Checkpointer:
     to the main worker, and on resume each rank gets its own back. A rank part may define
     `load_other_world(states)` for a resume with another number of workers. `sharded` parts
     are in pieces across the ranks (FSDP's model and optimizer): every rank saves its pieces
-    into a folder beside the step file (train/sharded_checkpoint.py).
+    into a folder beside the step file (train/run/sharded.py).
     """
 
     def __init__(self, files: Checkpoints, ctx: DistContext, parts: Mapping[str, Stateful],

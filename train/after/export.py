@@ -1,4 +1,4 @@
-"""`python -m train.export RUN [--checkpoint FILE] [--ema] [--out DIR] [key=value ...]`
+"""`python -m train.after.export RUN [--checkpoint FILE] [--ema] [--out DIR] [key=value ...]`
 (`make export`): a run's model for use outside this project.
 
 Writes into DIR (default RUN/export): model.pt (the plain state_dict, loadable with
@@ -20,11 +20,11 @@ import torch
 from common.errors import UserError
 from common.files import atomic_write
 from train import dist
-from train.loaded import checkpoint_record, normalization, open_trained, run_config
+from train.after.loaded import checkpoint_record, normalization, open_trained, run_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m train.after.export", description=__doc__)
     parser.add_argument("run", type=Path, help="the run folder (holds config.yaml)")
     parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
     parser.add_argument("--ema", action="store_true", help="the weights' moving average")

@@ -1,5 +1,5 @@
 """A finished (or running) run, opened again: its config, its data and its model with a
-checkpoint's weights, for evaluation and export (train/evaluate.py, train/export.py)."""
+checkpoint's weights, for evaluation and export (train/after/evaluate.py, train/after/export.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from torch import nn
 
 from common.errors import UserError
 from common.schema import Config
-from train.checkpoint import CorruptCheckpoint, load
 from train.config import load_config
 from train.data.build import DataParts, build_data
 from train.dist import DistContext
 from train.model import build_plain_model, use_channels_last
 from train.optim import AUTOCAST_DTYPES
-from train.run_path import follow_latest
-from train.sharded_checkpoint import load_model_state_dict
+from train.run.checkpoint import CorruptCheckpoint, load
+from train.run.location import follow_latest
+from train.run.sharded import load_model_state_dict
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.data.batches import Batches
-from train.parts import Schedule
+from train.loop.parts import Schedule
 from train.strategies.base import Strategy
 
 # DDP's sync probe costs about two steps (two extra forward+backward passes): it runs at every

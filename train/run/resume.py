@@ -1,5 +1,5 @@
 """Continuing a run: find the newest valid checkpoint, check that every rank found the same one
-and that it belongs to this run (train/identity.py decides), and hand it to the checkpointer."""
+and that it belongs to this run (train/run/identity.py decides), and hand it to the checkpointer."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.distributed as dist
 from common.errors import UserError
 from common.host import ELASTIC_ENV
 from common.schema import Config, TrainConfig
-from train.checkpoint import Checkpointer
 from train.dist import DistContext
-from train.identity import check_resumable
-from train.run_folder import RunFolder
+from train.run.checkpoint import Checkpointer
+from train.run.folder import RunFolder
+from train.run.identity import check_resumable
 
 
 def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,

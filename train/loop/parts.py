@@ -8,20 +8,20 @@ from typing import Any
 
 from torch import nn
 
-from train.checkpoint import Checkpointer
 from train.data.batches import Batches
 from train.data.build import DataFacts
 from train.data.counters import DataCounters
 from train.data.stream import StreamBatches
-from train.faults import Faults
-from train.guards import SampleLedger, StopRequest, SyncChecker
-from train.hang import HangRecorder, NoHangRecord
-from train.metrics import EpochTotals
+from train.loop.faults import Faults
+from train.loop.guards import SampleLedger, StopRequest, SyncChecker
+from train.loop.metrics import EpochTotals
+from train.loop.regularize import Criterion, Mixing, ModelEma
 from train.observe.monitor import Monitor
 from train.observe.profile import NoProfiler
 from train.optim import Optimization
-from train.regularize import Criterion, Mixing, ModelEma
-from train.run_folder import RunFolder
+from train.run.checkpoint import Checkpointer
+from train.run.folder import RunFolder
+from train.run.hang import HangRecorder, NoHangRecord
 from train.strategies.base import Strategy
 
 

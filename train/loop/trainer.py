@@ -19,11 +19,11 @@ import torch.distributed as dist
 from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
 from train.dist import DistContext, agree, is_comm_failure, peer_failure
-from train.evaluation import evaluate
-from train.metrics import EpochTrain, epoch_record, summarize
+from train.loop.evaluation import evaluate
+from train.loop.metrics import EpochTrain, epoch_record, summarize
+from train.loop.parts import Guards, TrainerParts
+from train.loop.probe import SyncProbe
 from train.observe.timing import CompileClock, StepTimer
-from train.parts import Guards, TrainerParts
-from train.probe import SyncProbe
 from train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ class StopRequest:
     @property
     def on_overdue(self) -> Callable[[int, float], None] | None:
         """Called (signal, seconds) from the watcher once half the stall limit has passed
-        without progress after a stop signal: the rank's hang record (train/hang.py), on disk
+        without progress after a stop signal: the rank's hang record (train/run/hang.py), on disk
         before the rank exits or torchrun's SIGKILL comes."""
         return self.signals.on_overdue
 

@@ -2,11 +2,11 @@
 tools (`settle_run_dir`), and `runs/latest`, which names the newest run.
 
 A run's default folder is `runs/<run.name>-<fingerprint>`: the config's name (or `run.name`)
-and a short hash of what defines the run, the keys that train/identity.py compares to refuse
+and a short hash of what defines the run, the keys that train/run/identity.py compares to refuse
 a different run plus the number of workers, without which a checkpoint does not resume. The
 same command finds its own folder again and resumes; a different command gets a folder of its
 own, never a refusal. A `run.dir` given explicitly is used as it is, and a different run in
-it is refused (train/identity.py: check_run_dir).
+it is refused (train/run/identity.py: check_run_dir).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.schema import Config
-from train.identity import identity
+from train.run.identity import identity
 
 log = logging.getLogger(__name__)
 

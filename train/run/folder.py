@@ -31,10 +31,10 @@ from common.records import (
     SUMMARY_FILE,
 )
 from common.schema import Config
-from train.checkpoint import Checkpoints
 from train.dist import DistContext, from_main
-from train.identity import check_run_dir
-from train.run_path import point_latest
+from train.run.checkpoint import Checkpoints
+from train.run.identity import check_run_dir
+from train.run.location import point_latest
 
 log = logging.getLogger(__name__)
 # What a run that starts over in its own folder (checkpoint.resume=false) sets aside.
@@ -43,7 +43,7 @@ ATTEMPT_FILES = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, LEDGER_FILE)
 
 class RunFolder:
     """The main worker's view of `run.dir`: config.yaml, metrics.jsonl, summary.json (and the
-    checkpoints/ folder, which train/checkpoint.py writes)."""
+    checkpoints/ folder, which train/run/checkpoint.py writes)."""
 
     def __init__(self, folder: Path, replace: bool = False):
         self.folder = folder

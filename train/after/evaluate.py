@@ -1,4 +1,4 @@
-"""`python -m train.evaluate RUN [--checkpoint FILE] [--workers N] [--ema] [key=value ...]`
+"""`python -m train.after.evaluate RUN [--checkpoint FILE] [--workers N] [--ema] [key=value ...]`
 (`make eval`): a run's checkpoint on the test split, in N gloo/NCCL workers.
 
 Loads the run's config.yaml (overrides change the data: another root, another batch size),
@@ -20,14 +20,14 @@ from common.errors import UserError
 from common.files import atomic_write
 from common.spawn import SpawnError, spawn
 from train import dist
-from train.evaluation import evaluate
-from train.loaded import check_inputs, open_trained, run_config
+from train.after.loaded import check_inputs, open_trained, run_config
+from train.loop.evaluation import evaluate
 
-log = logging.getLogger("train.evaluate")
+log = logging.getLogger("train.after.evaluate")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m train.after.evaluate", description=__doc__)
     parser.add_argument("run", type=Path, help="the run folder (holds config.yaml)")
     parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
@@ -54,7 +54,7 @@ def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) 
 def report(result: dict[str, Any], run: Path, checkpoint: Path, ema: bool) -> dict[str, Any]:
     """eval.json's content: what was evaluated (resolved: `runs/latest` and `last.pt` move on),
     per-class accuracy from the confusion matrix's rows."""
-    from train.loaded import checkpoint_record
+    from train.after.loaded import checkpoint_record
 
     confusion = result["confusion"]
     per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()

@@ -22,7 +22,7 @@ from common.records import CHECKPOINT_DIR, CONFIG_FILE
 from models import build_model
 from train.data import load_datasets
 from train.data.build import DataFacts
-from train.run_path import follow_latest
+from train.run.location import follow_latest
 
 
 @dataclass

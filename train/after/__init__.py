@@ -1,0 +1,1 @@
+"""After training: `make eval`, `make export` and loading an exported model for inference."""

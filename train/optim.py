@@ -16,7 +16,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.schema import OptimConfig
-from train.loop.lr import LrPlan, peak_lr
+from train.lr import LrPlan, peak_lr
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,7 +96,7 @@ class LRSchedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
-        """`factor`: the multiplier of the peak LR after a number of updates (train/loop/lr.py)."""
+        """`factor`: the multiplier of the peak LR after a number of updates (train/lr.py)."""
         self.optimizer = optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

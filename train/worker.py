@@ -27,6 +27,7 @@ from train.loop.rng import ProcessRng
 from train.loop.trainer import Trainer
 from train.model import build_plain_model, set_kernel_choice, should_compile, use_channels_last
 from train.observe.console import Console
+from train.observe.describe import describe as describe_strategy
 from train.observe.monitor import Monitor
 from train.observe.profile import make_profiler
 from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
@@ -229,7 +230,7 @@ def describe(cfg: Config, trainer: Trainer) -> str:
         length = (f"{plan.total_steps} steps: train.max_steps ends the run in epoch "
                   f"{plan.epochs_in_run} of {plan.epochs}")
     return (
-        f"{parts.strategy.name}: {parts.strategy.describe()}; {', '.join(knobs)}\n"
+        f"{parts.strategy.name}: {describe_strategy(parts.strategy)}; {', '.join(knobs)}\n"
         f"model {cfg.model.name} ({params:,} parameters); data {cfg.data.name} {shape}: "
         f"{facts.train_samples:,} train / {facts.test_samples:,} test, {facts.num_classes} "
         f"classes{augment}; {facts.note}\n"

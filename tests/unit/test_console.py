@@ -15,6 +15,7 @@ from train.loop.parts import Schedule
 from train.loop.probe import SyncProbe
 from train.observe import console
 from train.observe.console import Console, format_epoch
+from train.observe.describe import describe
 from train.strategies.base import Single
 from train.strategies.ddp import DDP
 
@@ -113,6 +114,6 @@ def test_the_probe_runs_every_epoch_only_where_it_is_cheap():
 
 
 def test_thread_counts_read_as_counts():
-    assert Single(ctx(1, 2)).describe() == "one process on cpu, 2 threads"
-    assert Single(ctx(1, 1)).describe() == "one process on cpu, 1 thread"
-    assert DDP(ctx(2, 1), DDPConfig()).describe() == "2 x cpu (gloo), 1 thread each"
+    assert describe(Single(ctx(1, 2))) == "one process on cpu, 2 threads"
+    assert describe(Single(ctx(1, 1))) == "one process on cpu, 1 thread"
+    assert describe(DDP(ctx(2, 1), DDPConfig())) == "2 x cpu (gloo), 1 thread each"

@@ -5,7 +5,7 @@ import pytest
 
 from common.schema import OptimConfig
 from tests.helpers import REPO
-from train.loop.lr import peak_lr
+from train.lr import peak_lr
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 

@@ -11,7 +11,7 @@ from common.schema import OptimConfig
 from common.validate import check_lr_options
 from models import build_model
 from tests.helpers import REPO
-from train.loop.lr import LrPlan, peak_lr
+from train.lr import LrPlan, peak_lr
 from train.optim import build_optimization, make_optimizer, param_groups
 
 

@@ -20,6 +20,7 @@ from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
 from train.dist import DistContext, agree, is_comm_failure, peer_failure
 from train.loop.evaluation import evaluate
+from train.loop.failures import known_failure
 from train.loop.metrics import EpochTrain, epoch_record, summarize
 from train.loop.parts import Guards, TrainerParts
 from train.loop.probe import SyncProbe
@@ -282,7 +283,7 @@ def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str
     """One line for a failure the strategy knows, or for a collective that failed (nothing
     when the worker that failed first has said why; else its waiting rank also writes its
     hang record)."""
-    explained = strategy.explain(exc, step)
+    explained = known_failure(exc, step)
     if explained is not None or not is_comm_failure(exc):
         return explained
     peer = peer_failure(ctx)

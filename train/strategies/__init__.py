@@ -1,6 +1,13 @@
-"""The training paths, one file each: `single` (one process), `ddp`, `dp`, `scratch`, `fsdp`."""
+"""The training paths, one file each: `single` (one process), `ddp`, `dp`, `scratch`, `fsdp`.
+
+`STRATEGIES` maps a mode to its builder. Each builder imports its module when called: FSDP's
+and DDP's import torch.distributed's fsdp / parallel machinery, which a run of another mode
+(and `python -m train --help`) need not load.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from common.errors import UserError
 from common.schema import Config
@@ -8,31 +15,46 @@ from train.dist import DistContext
 from train.strategies.base import Single, Strategy
 
 
+def _ddp(cfg: Config, ctx: DistContext) -> Strategy:
+    from train.strategies.ddp import DDP
+
+    return DDP(ctx, cfg.ddp)
+
+
+def _scratch(cfg: Config, ctx: DistContext) -> Strategy:
+    from train.strategies.scratch import Scratch
+
+    return Scratch(ctx, cfg.scratch)
+
+
+def _fsdp(cfg: Config, ctx: DistContext) -> Strategy:
+    from train.strategies.fsdp import FSDP
+
+    return FSDP(ctx, cfg.fsdp, cfg.perf.precision)
+
+
+def _dp(cfg: Config, ctx: DistContext) -> Strategy:
+    from train.strategies.dp import DataParallel
+
+    if ctx.distributed:
+        raise UserError("mode dp runs ONE process that drives every GPU; start it with "
+                        "`python -m launch --mode dp` (not torchrun, not several nodes)",
+                        agreed=True)
+    return DataParallel(ctx)
+
+
+# mode -> builder; one process (no torchrun) needs no sync: `Single`, except for dp, whose one
+# process drives every GPU.
+STRATEGIES: dict[str, Callable[[Config, DistContext], Strategy]] = {
+    "ddp": _ddp, "scratch": _scratch, "fsdp": _fsdp, "dp": _dp}
+
+
 def make_strategy(cfg: Config, ctx: DistContext) -> Strategy:
     """The strategy for `cfg.mode` in this process (a lone process needs no sync)."""
-    if cfg.mode == "dp":
-        from train.strategies.dp import DataParallel
-
-        if ctx.distributed:
-            raise UserError("mode dp runs ONE process that drives every GPU; start it with "
-                            "`python -m launch --mode dp` (not torchrun, not several nodes)",
-                            agreed=True)
-        return DataParallel(ctx)
-    if not ctx.distributed:
+    if cfg.mode != "dp" and not ctx.distributed:
         return Single(ctx)
-    if cfg.mode == "scratch":
-        from train.strategies.scratch import Scratch
-
-        strategy: Strategy = Scratch(ctx, cfg.scratch)
-    elif cfg.mode == "fsdp":
-        from train.strategies.fsdp import FSDP
-
-        strategy = FSDP(ctx, cfg.fsdp, cfg.perf.precision)
-    else:
-        from train.strategies.ddp import DDP
-
-        strategy = DDP(ctx, cfg.ddp)
-    return alone(strategy) if ctx.world_size == 1 else strategy
+    strategy = STRATEGIES[cfg.mode](cfg, ctx)
+    return alone(strategy) if ctx.world_size == 1 and cfg.mode != "dp" else strategy
 
 
 def alone(strategy: Strategy) -> Strategy:
@@ -43,4 +65,4 @@ def alone(strategy: Strategy) -> Strategy:
     return strategy
 
 
-__all__ = ["Single", "Strategy", "make_strategy"]
+__all__ = ["STRATEGIES", "Single", "Strategy", "make_strategy"]

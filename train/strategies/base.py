@@ -9,15 +9,15 @@ file per strategy; `make_strategy` (train/strategies/__init__.py) picks one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.errors import UserError
 from train.dist import DistContext
+from train.optim import PlainHooks
 
 if TYPE_CHECKING:
     from train.data.batches import Batches
@@ -48,8 +48,11 @@ def broadcast_together(tensors: list[torch.Tensor], src: int = 0) -> None:
         torch._foreach_copy_(tensors, views)
 
 
-class Strategy:
-    """The defaults: no synchronization at all (a lone process)."""
+class Strategy(PlainHooks):
+    """The defaults: no synchronization at all (a lone process). How a mode distributes
+    gradients and parameters; the optimizer and scaler it builds default to `PlainHooks`'
+    (ZeRO and FSDP shard them). The console words it (train/observe/describe.py); known
+    failures are translated in train/loop/failures.py; `STRATEGIES` picks one by mode."""
 
     name = "single"
     sync_method = "none: one process"
@@ -59,18 +62,6 @@ class Strategy:
 
     def __init__(self, ctx: DistContext):
         self.ctx = ctx
-
-    def describe(self) -> str:
-        """Where the workers run and how they synchronize, for the console's first line."""
-        where = self.placement()
-        if self.ctx.device.type == "cpu":
-            threads = self.ctx.cpu_threads
-            where += f", {threads} thread{'' if threads == 1 else 's'}"
-            where += " each" if self.ctx.world_size > 1 else ""
-        return where
-
-    def placement(self) -> str:
-        return f"{self.ctx.world_size} x {self.ctx.device.type} ({self.ctx.backend})"
 
     def devices(self) -> list[torch.device]:
         """The devices this process computes on (their peak memory is reported)."""
@@ -117,20 +108,7 @@ class Strategy:
         the loop measures the sync phase directly)."""
         return None
 
-    def explain(self, exc: RuntimeError, step: int) -> UserError | None:
-        """A one-line error for a failure this strategy's machinery reports cryptically."""
-        return None
-
     # --- what the optimizer and the checkpoints see (mode fsdp and ddp.zero shard them) -----
-
-    def build_optimizer(self, params: Iterable[nn.Parameter], optimizer_class: type,
-                        **defaults: Any) -> torch.optim.Optimizer:
-        """The optimizer over `params` (the wrapped model's: FSDP's are its shards)."""
-        return optimizer_class(params, **defaults)
-
-    def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler:
-        """fp16's loss scaler; its skip decision must be the same on every rank."""
-        return torch.amp.GradScaler(device_type, enabled=enabled)
 
     def eval_batches(self, batches: Batches) -> Iterator[Batch]:
         """What evaluation iterates on this rank: its own batches (counts may differ by one
@@ -146,6 +124,3 @@ class Strategy:
 
 class Single(Strategy):
     """One process, one device: no synchronization at all (the reference for parity tests)."""
-
-    def placement(self) -> str:
-        return f"one process on {self.ctx.device.type}"

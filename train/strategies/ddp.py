@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from common.collectives import timed
-from common.errors import CheckFailed, UserError
 from common.schema import DDPConfig
 from train.dist import DistContext
 from train.strategies.base import Strategy, broadcast_together
@@ -45,10 +44,6 @@ class DDP(Strategy):
             self.probes_sync = False
             self.sync_method = ("included in compute: not estimated with the PowerSGD hook, "
                                 "whose state a probe would advance")
-
-    def describe(self) -> str:
-        zero = "; optimizer state in one shard per rank (ZeRO)" if self.cfg.zero else ""
-        return super().describe() + zero
 
     def build_optimizer(self, params: Iterable[nn.Parameter], optimizer_class: type,
                         **defaults: Any) -> torch.optim.Optimizer:
@@ -114,13 +109,3 @@ class DDP(Strategy):
             buffer.copy_(value)
         model.zero_grad(set_to_none=True)
         return max(0.0, 1000 * statistics.median(deltas))
-
-
-    def explain(self, exc: RuntimeError, step: int) -> UserError | None:
-        if "Expected to have finished reduction" not in str(exc):
-            return None
-        return CheckFailed(
-            f"some parameters got no gradient in step {step}: the model's forward does not use "
-            f"them, and DDP waits for their gradients forever; set "
-            f"ddp.find_unused_parameters=true (slower), or remove them", agreed=True)
-

@@ -21,9 +21,6 @@ class DataParallel(Strategy):
     sync_method = ("included in compute: DataParallel replicates the model in forward and "
                    "reduces gradients onto the first GPU in backward")
 
-    def placement(self) -> str:
-        return dp_note()
-
     def devices(self) -> list[torch.device]:
         # Every GPU it drives: the first one's larger peak is the imbalance to show.
         if self.ctx.device.type == "cpu":
@@ -42,10 +39,3 @@ class DataParallel(Strategy):
 
     def eval_model(self, model: nn.Module, plain: nn.Module) -> nn.Module:
         return model  # scatter evaluation batches over the GPUs too
-
-
-def dp_note() -> str:
-    gpus = visible_gpus()
-    if gpus == 0:
-        return "DataParallel on the CPU: there are no GPUs to split the batch over"
-    return f"DataParallel over {gpus} GPU(s) in one process"

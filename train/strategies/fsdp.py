@@ -57,12 +57,6 @@ class FSDP(Strategy):
         # CPU, gloo is left with fp32 and autocast alone lowers the compute, as in every mode.
         self.param_dtype = AUTOCAST_DTYPES.get(precision) if ctx.device.type == "cuda" else None
 
-    def describe(self) -> str:
-        mixed = (f", gathered in {str(self.param_dtype).removeprefix('torch.')}, gradients "
-                 f"reduced in fp32" if self.param_dtype else "")
-        return (f"{super().describe()}; parameters, gradients and optimizer state in "
-                f"{self.ctx.world_size} shards{mixed}")
-
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -21,10 +21,6 @@ class Scratch(Strategy):
         super().__init__(ctx)
         self.cfg = cfg
 
-    def describe(self) -> str:
-        bucket = "per parameter" if self.cfg.per_parameter else f"{self.cfg.bucket_mb:g} MiB"
-        return f"{super().describe()}; our {self.cfg.algorithm} allreduce, buckets {bucket}"
-
     def wrap(self, model: nn.Module) -> nn.Module:
         # Start every replica from rank 0's weights, as DDP does.
         for tensor in [*model.parameters(), *model.buffers()]:

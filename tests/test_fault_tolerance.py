@@ -427,7 +427,7 @@ def test_extending_a_finished_run_recomputes_the_schedule_over_the_new_length(tm
     """train.epochs 2 -> 3 with allow_changes: the cosine continues as the 3-epoch one would
     from step 24 (timm's and Lightning's choice), from the first new step on."""
     from train.config import load_config
-    from train.loop.lr import LrPlan
+    from train.lr import LrPlan
 
     two = ["train.epochs=2", f"run.dir={tmp_path}"]
     first = run_cli("launch", "--cpu", CONFIG, *RUN, *two)

@@ -46,6 +46,13 @@ _seen: dict[Any, Any] = {}  # (what was listed, with its folders' times) -> the 
 def data_content(cfg: DataConfig) -> str | None:
     """A short description of the data's files and a hash of their listing; None where the
     config alone says what the data is."""
+    try:
+        return _content(cfg)
+    except OSError as exc:  # a folder it may not read: the data checks say so in their words
+        return f"{cfg.name}: unreadable ({exc.strerror or exc})"
+
+
+def _content(cfg: DataConfig) -> str | None:
     root = Path(cfg.root)
     if cfg.name == "imagefolder":
         return image_folder_content(root, (cfg.imagefolder.train, cfg.imagefolder.val))

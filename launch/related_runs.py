@@ -31,6 +31,7 @@ from train.identity import (
     identity,
     worker_count_matters,
 )
+from train.resume import is_complete
 
 _FINGERPRINT = r"-[0-9a-f]{8}"  # train/run_path.py: FINGERPRINT_DIGITS
 
@@ -76,6 +77,9 @@ def related_notice(cfg: Config, world_size: int, argv: list[str]) -> str | None:
         what.append(f"{state['world_size']} workers -> {world_size}" + (f", and {why}" if why
                                                                          else ""))
     differs = "; ".join(what) or "the same run, in a folder named by an earlier version"
+    if is_complete(cfg.train, int(state["epoch"]), int(state["step"])):  # nothing to continue
+        return (f"{cfg.run.dir} is a new run folder; {related.folder} holds a complete run of "
+                f"this config ({differs})")
     head = (f"{cfg.run.dir} is a new run folder, but {related.folder} holds a run of this "
             f"config at step {state['step']} ({differs})")
     allow = bool(related.changed) or (state["world_size"] != world_size

@@ -141,11 +141,11 @@ def test_another_worker_count_continues_unless_the_learning_rate_follows_it():
 
 
 def beside(tmp_path: Path, name: str, saved: dict, world_size: int = 2, step: int = 12,
-           batch_in_epoch: int = 0) -> Path:
+           batch_in_epoch: int = 0, epoch: int = 1) -> Path:
     """A run folder `runs/<name>` with one checkpoint of `saved` (an identity)."""
     folder = tmp_path / "runs" / name
     Checkpoints(folder / "checkpoints", keep=1).save({
-        "config": saved, "world_size": world_size, "epoch": 1, "step": step,
+        "config": saved, "world_size": world_size, "epoch": epoch, "step": step,
         "batch_in_epoch": batch_in_epoch})
     return folder
 
@@ -202,3 +202,8 @@ def test_the_same_config_on_other_files_names_the_change(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "runs")
     beside(tmp_path, f"{run}-0123abcd", before, batch_in_epoch=3)  # stopped inside an epoch
     assert "it cannot continue with this config: " in related_notice(cfg, 1, [])
+    shutil.rmtree(tmp_path / "runs")
+    beside(tmp_path, f"{run}-0123abcd", before, epoch=cfg.train.epochs)  # every epoch done
+    done = related_notice(cfg, 1, [])
+    assert "holds a complete run of this config (data.content: 'train 4" in done
+    assert "run.dir=" not in done  # nothing to continue

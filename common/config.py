@@ -49,7 +49,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         apply_override(cfg, item)
     if not cfg.run.name and not cfg.run.dir:
         cfg.run.name = run_name(path.stem, cfg, given)
-    # run.dir stays empty unless given: its default needs the number of workers
+    # run.dir stays empty unless given: its default may need the number of workers
     # (train/run/location.py: settle_run_dir, called by the launcher, the doctor and the workers).
     return cfg
 

@@ -65,8 +65,9 @@ class DataConfig:
     # synthetic | fashion_mnist | mnist | cifar10 | imagefolder | python
     name: str = "synthetic"
     # torchvision datasets are read from (and downloaded into) this folder; imagefolder: the
-    # folder holding the train and val sub-folders
-    root: str = "data"
+    # folder holding the train and val sub-folders (where, not what: the run's identity holds
+    # the files' fingerprint instead, train/run/data_identity.py)
+    root: Annotated[str, RUNTIME] = "data"
     # try to download torchvision datasets that are missing (how files arrive: not the run)
     download: Annotated[bool, RUNTIME] = True
     factory: str = ""  # data.name=python: module:callable returning (train, test) Datasets

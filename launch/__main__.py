@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(worker_environment(plan))
     if args.operator:
         print(f"launch: nodes {args.operator}", flush=True)
+    for note in plan.notes:
+        print(f"launch: {note}", flush=True)
     if not plan.torchrun_args:
         print(f"launch: {plan.note}", flush=True)
         return run_one_process(plan.worker_args)

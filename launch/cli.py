@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from launch.operator_env import apply_operator_env
 
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.epochs=3 optim.lr=0.1")
     args = p.parse_intermixed_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to run it again
     # A Kubernetes operator's variables fill the node flags not given (launch/operator_env.py).
     args.operator = apply_operator_env(args, os.environ)
     return args

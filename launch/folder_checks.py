@@ -11,6 +11,7 @@ from common.lock import holder as lock_holder
 from common.lock import in_use
 from common.records import CHECKPOINT_DIR, CONFIG_FILE, REPLACED_DIR
 from launch.job import Job
+from launch.related_runs import related_notice
 from launch.verdict import FAIL, OK, SKIP, WARN, Verdict
 from train.run.checkpoint import Checkpoints
 from train.run.identity import check_resumable, check_run_dir
@@ -63,6 +64,9 @@ def check_run_folder(job: Job) -> Verdict:
     if files.candidates():
         return OK, (f"{folder}: checkpoint.resume=false: starts over; its checkpoints are moved "
                     f"to {folder / REPLACED_DIR} until the new run's first checkpoint")
+    notice = related_notice(cfg, job.world_size, getattr(job.args, "argv", []))
+    if notice:
+        return WARN, notice
     if (folder / CONFIG_FILE).is_file():
         return OK, f"{folder}: holds this run without checkpoints: starts over"
     return OK, f"{folder}: a new run folder"

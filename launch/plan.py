@@ -26,7 +26,7 @@ from common.records import NCCL_TRACE_PREFIX
 from common.schema import Config
 from common.signals import TORCHRUN_SIGNALS
 from common.validate import SECTIONS
-from launch.checks import CHECKS, FAIL, run_check
+from launch.checks import CHECKS, FAIL, WARN, run_check
 from launch.job import Job, plan_job, worker_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,7 @@ class Plan:
     note: str  # what the console says about the choice
     gpus: int = 0  # mode dp: the GPUs its one process drives (0 on the CPU)
     min_nodes: int | None = None  # an elastic job's MIN (`nnodes` is then its MAX)
+    notes: tuple[str, ...] = ()  # what the launcher says before it starts (launch/__main__.py)
 
     @property
     def world_size(self) -> int:
@@ -72,10 +73,13 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Decide, check (the first FAIL is a UserError), then say how to start the workers."""
     job = plan_job(args)
+    notes = []
     for name in LAUNCH_ORDER:
         verdict, detail = run_check(CHECKS[name], job, raise_errors=True)
         if verdict == FAIL:
             raise UserError(detail)
+        if verdict == WARN and name == "run folder":  # a run replaced, or one to continue
+            notes.append(detail)
     cfg, kind = job.cfg, job.kind
     # The folder decided here, given on: a runs/latest that moves meanwhile changes nothing.
     worker_args = [str(args.config), *worker_overrides(args), f"run.dir={cfg.run.dir}",
@@ -83,7 +87,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if job.dp:
         threads = usable_cores() if kind == "cpu" else threads_per_worker(0, job.nproc)
         return Plan(cfg, 1, 1, 0, kind, "none", threads, [], worker_args, job.note,
-                    gpus=job.nproc if kind == "cuda" else 0)
+                    gpus=job.nproc if kind == "cuda" else 0, notes=tuple(notes))
     nodes = job.nodes
     torchrun_args = [
         "--nnodes", str(nodes),
@@ -97,7 +101,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     threads = threads_per_worker(cfg.dist.cpu_threads, job.nproc)
     return Plan(cfg, job.nproc, nodes.max, args.node_rank, kind,
                 backend_for(kind, cfg.dist.backend), threads, torchrun_args, worker_args, job.note,
-                min_nodes=nodes.min if nodes.elastic else None)
+                min_nodes=nodes.min if nodes.elastic else None, notes=tuple(notes))
 
 
 def torchrun_options() -> frozenset[str]:

@@ -246,20 +246,25 @@ def test_run_folder_holding_another_run_fails(tmp_path):
     assert "deleted once the new run has written its first checkpoint" in detail
 
 
-def test_run_folder_with_checkpoints_resumes_with_this_world_size_only(tmp_path):
-    cfg = load_config(CONFIG, [f"run.dir={tmp_path}"])
+@pytest.mark.parametrize("scaled", [[], ["optim.scale_lr=linear"]])
+def test_run_folder_with_checkpoints_resumes_on_another_world_size_unless_the_lr_follows_it(
+        tmp_path, scaled):
+    cfg = load_config(CONFIG, [f"run.dir={tmp_path}", *scaled])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     files = Checkpoints(tmp_path / "checkpoints", keep=3)
     for step in (3, 6):
         files.save({"step": step, "epoch": 1, "batch_in_epoch": 0, "world_size": 2,
                     "config": identity(cfg)})
     (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"")  # damaged: skipped
-    assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}")) == (
-        OK, f"{tmp_path}: will resume from step_00000006.pt (epoch 2, step 6)")
+    resumes = (OK, f"{tmp_path}: will resume from step_00000006.pt (epoch 2, step 6)")
+    assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}", *scaled)) == resumes
     verdict, detail = run_check(check_run_folder,
-                                job_for("--gpus", "3", CONFIG, f"run.dir={tmp_path}"))
-    assert verdict == FAIL and "was written by 2 workers and this job has 3" in detail
-    verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}",
+                                job_for("--gpus", "3", CONFIG, f"run.dir={tmp_path}", *scaled))
+    if scaled:  # lr x workers: another world size is another run
+        assert verdict == FAIL and "was written by 2 workers and this job has 3" in detail
+    else:  # the same global batch: re-sharded
+        assert (verdict, detail) == resumes
+    verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}", *scaled,
                                                "checkpoint.resume=false"))
     assert verdict == OK and "starts over" in detail
 

@@ -145,11 +145,13 @@ def test_the_batch_must_split_at_every_world_size_of_the_range():
 
 
 def test_an_elastic_worker_resumes_another_world_size_but_not_another_config():
-    old = load_config(CONFIG, RUN)
+    # A learning rate scaled by the worker count refuses another one, unless elastic.
+    old = load_config(CONFIG, [*RUN, "optim.scale_lr=linear"])
     state = {"config": identity(old), "world_size": 3, "batch_in_epoch": 5}
     with pytest.raises(UserError, match="was written by 3 workers and this job has 2"):
         check_resumable(old, 2, state, "checkpoint x")
     check_resumable(old, 2, state, "checkpoint x", elastic=True)
+    state["config"] = identity(load_config(CONFIG, RUN))
     with pytest.raises(UserError, match="optim.lr: 0.1 -> 0.2"):
         check_resumable(load_config(CONFIG, [*RUN, "optim.lr=0.2"]), 2, state, "checkpoint x",
                         elastic=True)

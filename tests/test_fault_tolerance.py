@@ -268,31 +268,28 @@ def test_checkpoint_holds_the_full_state_and_loads_on_the_workers_device(uninter
     # On GPUs: tests/test_gpu_path.py resumes through the trainer and checks where it all lands.
 
 
-def test_resuming_with_another_world_size_is_refused_unless_allowed(tmp_path, uninterrupted):
-    half = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
-                   "checkpoint.every_steps=20")
+def test_resubmitted_on_another_worker_count_the_run_continues_in_its_folder(tmp_path,
+                                                                              uninterrupted):
+    # The default folder (runs/ under the current folder), as a user resubmits after a
+    # preemption: the first job ran on 2 workers and its last checkpoint is step 40.
+    half = run_cli("launch", "--cpu", CONFIG, *RUN, "checkpoint.every_steps=20", cwd=tmp_path)
     assert half.returncode == 0, half.stderr
-    store = Checkpoints(tmp_path / "checkpoints", keep=2)
+    runs = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
+    assert len(runs) == 1
+    store = Checkpoints(runs[0] / "checkpoints", keep=2)
     for path in store.candidates()[:1]:  # keep only the mid-run checkpoint (step 40)
         path.unlink()
-    refused = run_cli("launch", "--cpu", "--gpus", "1", CONFIG, *RUN, f"run.dir={tmp_path}",
-                      "checkpoint.every_steps=20")
-    assert refused.returncode == 2
-    lines = [line for line in refused.stderr.splitlines() if line]
-    assert len(lines) == 1 and "was written by 2 workers and this job has 1" in lines[0]
-    assert "launch:" not in refused.stdout  # by the launcher, once, before any worker started
-    direct = run_cli("torch.distributed.run", "--nproc-per-node=1",
-                     f"--master-port={free_port()}", "-m", "train", CONFIG, *RUN,
-                     f"run.dir={tmp_path}", "checkpoint.every_steps=20")
-    lines = [line for line in direct.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "was written by 2 workers and this job has 1" in lines[0]
-    allowed = run_cli("launch", "--cpu", "--gpus", "1", CONFIG, *RUN, f"run.dir={tmp_path}",
-                      "checkpoint.every_steps=20", "checkpoint.allow_changes=true")
-    assert allowed.returncode == 0, allowed.stderr
-    assert "resumed from" in allowed.stdout and "step 40" in allowed.stdout
+    again = run_cli("launch", "--cpu", "--gpus", "1", CONFIG, *RUN, "checkpoint.every_steps=20",
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"run folder: {Path('runs') / runs[0].name}" in again.stdout
+    assert ("world size 2 -> 1 workers (resubmitted on another worker count): "
+            "step_00000040.pt continues at step 40") in again.stdout
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([runs[0].name,
+                                                                           "latest"])
     # The same global batches, re-sharded over one worker: equal up to summation order.
     for name, value in params(uninterrupted).items():
-        torch.testing.assert_close(params(tmp_path)[name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(params(runs[0])[name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_resuming_with_another_config_names_the_difference(tmp_path):

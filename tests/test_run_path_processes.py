@@ -8,7 +8,7 @@ import os
 import subprocess
 
 from tests.helpers import PYTHON, REPO
-from tests.unit.test_run_path import DEFAULT_WITH_TWO_WORKERS
+from tests.unit.test_run_path import DEFAULT_FINGERPRINT
 from train.config import load_config
 from train.run.location import LATEST, fingerprint
 
@@ -16,13 +16,13 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 
 
 def test_the_fingerprint_is_fixed_across_processes_and_hash_seeds():
-    assert fingerprint(load_config(CONFIG), 2) == DEFAULT_WITH_TWO_WORKERS
+    assert fingerprint(load_config(CONFIG), 2) == DEFAULT_FINGERPRINT
     code = ("from common.config import load_config; from train.run.location import fingerprint; "
             f"print(fingerprint(load_config({CONFIG!r}), 2))")  # no torch: a quick start
     for seed in ("0", "12345"):
         out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
-        assert out.strip() == DEFAULT_WITH_TWO_WORKERS
+        assert out.strip() == DEFAULT_FINGERPRINT
 
 
 def test_runs_started_at_once_leave_one_valid_link(tmp_path):

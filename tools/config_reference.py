@@ -158,7 +158,10 @@ def render() -> str:
         "(`train/run/identity.py`): changing a key marked yes makes another run, with another "
         "default run folder, and its checkpoints resume only with "
         "`checkpoint.allow_changes=true`; a key marked no (RUNTIME in the schema) changes "
-        "how a run is launched or looked at, not what it computes.", WIDTH), ""]
+        "how a run is launched or looked at, not what it computes. The data is known by its "
+        "files, not by `data.root` (`train/run/data_identity.py`), and the number of workers is "
+        "no part of it unless the learning rate follows it ([run-folder.md]"
+        "(run-folder.md#where-a-run-lives)).", WIDTH), ""]
     comments = field_comments()
     every = keys(comments=comments)
     for head, cls in sections():

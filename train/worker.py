@@ -93,7 +93,8 @@ def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path |
     change = state.world_size_change(ctx.world_size)
     if change:
         how = (f"an elastic job, --nnodes {elastic_nodes()}" if elastic_nodes()
-               else "checkpoint.allow_changes=true")
+               else "checkpoint.allow_changes=true" if cfg.checkpoint.allow_changes
+               else "resubmitted on another worker count")
         log.info("world size %d -> %d workers (%s): %s continues at step %d, the data "
                  "re-sharded over %d workers, the global batch still %d", change["from"],
                  change["to"], how, resumed.name, change["step"], change["to"],

@@ -17,9 +17,11 @@ from train.run.location import LATEST, fingerprint, follow_latest, point_latest,
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 
-# configs/default.yaml's fingerprint with 2 workers, as computed when the rule was written: a
-# change of this value renames every default folder, and runs stop resuming (fix the code).
-DEFAULT_WITH_TWO_WORKERS = "0dde853e"
+# configs/default.yaml's fingerprint, as computed when the rule last changed (the worker count
+# and data.root left it; launch/related_runs.py points a resubmitted job at a folder named by
+# the old rule): a change of this value renames every default folder, and runs stop resuming
+# (fix the code).
+DEFAULT_FINGERPRINT = "7008c771"
 
 
 def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):
@@ -30,10 +32,10 @@ def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):
     reverse = {k: (dict(reversed(v.items())) if isinstance(v, dict) else v)
                for k, v in reversed(raw.items())}
     shuffled.write_text(yaml.safe_dump(reverse, sort_keys=False))
-    assert fingerprint(load_config(shuffled), 2) == DEFAULT_WITH_TWO_WORKERS
+    assert fingerprint(load_config(shuffled), 2) == DEFAULT_FINGERPRINT
     # A key written out at its schema default is the same run as one left out.
     assert fingerprint(load_config(CONFIG, ["optim.nesterov=false"]), 2) == \
-        DEFAULT_WITH_TWO_WORKERS
+        DEFAULT_FINGERPRINT
 
 
 @pytest.mark.parametrize("override", ["log.every_steps=3", "wandb.mode=disabled",
@@ -41,18 +43,23 @@ def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):
                                       "run.name=other", "log.sync_probe=false",
                                       "data.download=false", "data.on_device=false"])
 def test_runtime_keys_do_not_change_it(override):
-    assert fingerprint(load_config(CONFIG, [override]), 2) == DEFAULT_WITH_TWO_WORKERS
+    assert fingerprint(load_config(CONFIG, [override]), 2) == DEFAULT_FINGERPRINT
 
 
 @pytest.mark.parametrize("override", ["train.epochs=1", "optim.lr=0.05", "mode=scratch",
                                       "data.synthetic.train_samples=1000", "seed=1"])
 def test_what_a_run_computes_changes_it(override):
-    assert fingerprint(load_config(CONFIG, [override]), 2) != DEFAULT_WITH_TWO_WORKERS
+    assert fingerprint(load_config(CONFIG, [override]), 2) != DEFAULT_FINGERPRINT
 
 
-def test_the_worker_count_changes_it():
-    cfg = load_config(CONFIG)
-    assert len({fingerprint(cfg, n) for n in (1, 2, 3, 8)}) == 4
+def test_the_worker_count_changes_it_only_where_it_changes_the_run():
+    # The global batch is the same on any worker count: the same run, the same folder.
+    assert {fingerprint(load_config(CONFIG), n) for n in (1, 2, 3, 8, "2x1:3")} == {
+        DEFAULT_FINGERPRINT}
+    scaled = load_config(CONFIG, ["optim.scale_lr=linear"])  # lr x workers: another run
+    assert len({fingerprint(scaled, n) for n in (1, 2, 3, 8)}) == 4
+    by_batch = load_config(CONFIG, ["optim.scale_lr=linear", "optim.lr_base_batch=64"])
+    assert len({fingerprint(by_batch, n) for n in (1, 2, 3, 8)}) == 1  # timm's rule wins
 
 
 def test_a_run_is_named_after_the_model_and_data_it_trains_when_overrides_change_them():
@@ -77,12 +84,12 @@ def test_settle_names_the_default_folder_and_keeps_an_explicit_one():
     cfg = load_config(CONFIG)
     assert (cfg.run.name, cfg.run.dir) == ("default", "")
     settle_run_dir(cfg, 2)
-    assert cfg.run.dir == str(Path("runs") / f"default-{DEFAULT_WITH_TWO_WORKERS}")
+    assert cfg.run.dir == str(Path("runs") / f"default-{DEFAULT_FINGERPRINT}")
     settle_run_dir(cfg, 2)  # idempotent
-    assert cfg.run.dir == str(Path("runs") / f"default-{DEFAULT_WITH_TWO_WORKERS}")
+    assert cfg.run.dir == str(Path("runs") / f"default-{DEFAULT_FINGERPRINT}")
     named = load_config(CONFIG, ["run.name=exp"])
     settle_run_dir(named, 2)
-    assert named.run.dir == str(Path("runs") / f"exp-{DEFAULT_WITH_TWO_WORKERS}")
+    assert named.run.dir == str(Path("runs") / f"exp-{DEFAULT_FINGERPRINT}")
     explicit = load_config(CONFIG, ["run.dir=/x/try1"])
     settle_run_dir(explicit, 2)
     assert (explicit.run.dir, explicit.run.name) == ("/x/try1", "try1")
@@ -149,7 +156,7 @@ def test_a_folder_in_the_way_is_a_warning_not_a_failure(tmp_path, monkeypatch, c
 
 
 def test_the_schema_default_is_the_reference(tmp_path):
-    # An empty config is the schema's defaults: the fingerprint covers only the world size.
+    # An empty config is the schema's defaults: nothing differs from them.
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert fingerprint(load_config(empty), 1) == fingerprint(Config(), 1)

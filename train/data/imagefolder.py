@@ -21,8 +21,9 @@ import torch
 from common.errors import UserError
 from common.schema import DataConfig
 from train.data.decode import DECODE_ERRORS, open_image, render_file
+from train.run.data_identity import IMAGE_EXTENSIONS
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+EXTENSIONS = IMAGE_EXTENSIONS  # the files read are the files a run's identity lists
 
 
 class BadSample(Exception):

@@ -2,9 +2,15 @@
 checkpoints (workers).
 
 A run's identity is its flat config without the keys marked RUNTIME in the schema (how a run is
-launched or looked at). Two identities are the same run when no key differs; a key that one side
-lacks (a config written before the key existed) counts as holding its default, so that runs
-written by an older version still resume.
+launched or looked at, `data.root` among them: where the data lies), plus `data.content`, what
+the data is (train/run/data_identity.py). Two identities are the same run when no key differs; a
+key that one side lacks (a config written before the key existed) counts as holding its
+default, so that runs written by an older version still resume, and a `data.content` that one
+side lacks (recorded before data fingerprints, or a run folder's config.yaml) is not compared.
+
+The number of workers is not part of it: `train.batch_size` is the global batch, so another
+worker count computes the same steps over the same samples, re-sharded, and a run continues on
+it, unless `worker_count_matters` (a learning rate scaled by the worker count).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from common.config import flatten, runtime_keys, to_dict
 from common.errors import UserError
 from common.records import LOCK_FILE, REPLACED_DIR, REPLACING_DIR
 from common.schema import Config
+from train.run.data_identity import CONTENT_KEY, data_content
 
 _UNSET = "<unset>"
 _NOT_A_RUN = (LOCK_FILE, REPLACED_DIR, REPLACING_DIR)  # in a run folder, but no run's files
@@ -26,15 +33,30 @@ _NOT_A_RUN = (LOCK_FILE, REPLACED_DIR, REPLACING_DIR)  # in a run folder, but no
 def identity(cfg: Config) -> dict[str, Any]:
     """The flat keys that define what a run computes (what two runs must share to be one run)."""
     skip = runtime_keys()
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in skip}
+    found = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in skip}
+    content = data_content(cfg.data)
+    if content is not None:
+        found[CONTENT_KEY] = content
+    return found
+
+
+def worker_count_matters(cfg: Config) -> str | None:
+    """Why this config computes something else on another number of workers; None when it
+    does not (the global batch, and so the steps and the samples in each, stay the same)."""
+    if cfg.optim.lr_base_batch is None and cfg.optim.scale_lr != "none":
+        return f"optim.scale_lr={cfg.optim.scale_lr} scales the learning rate by the worker count"
+    return None
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The keys whose values differ, a missing key read as the schema's default."""
-    defaults = identity(Config())
-    keys = sorted(old.keys() | new.keys())
+    """The keys whose values differ, a missing key read as the schema's default. Keys RUNTIME
+    now are left out (an older identity may hold them: `data.root`), and so is `data.content`
+    where one side lacks it."""
+    defaults, skip = identity(Config()), runtime_keys()
+    keys = sorted((old.keys() | new.keys()) - skip)
     return [k for k in keys
-            if old.get(k, defaults.get(k, _UNSET)) != new.get(k, defaults.get(k, _UNSET))]
+            if (k != CONTENT_KEY or (k in old and k in new))
+            and old.get(k, defaults.get(k, _UNSET)) != new.get(k, defaults.get(k, _UNSET))]
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
@@ -90,8 +112,9 @@ _POSITION_KEYS = ("train.batch_size", "seed")
 
 def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: str,
                     elastic: bool = False) -> None:
-    """Refuse to continue a checkpoint made by another config or world size, unless allowed
-    (`elastic`: the job's nodes come and go, so its world size may change at any restart)."""
+    """Refuse to continue a checkpoint made by another config, unless allowed; another world
+    size continues (re-sharded) unless `worker_count_matters` (`elastic`: the job's nodes come
+    and go, so its world size may change at any restart, and it continues anyway)."""
     old, new = state["config"], identity(cfg)
     changed = differences(old, new)
     if cfg.checkpoint.allow_changes:
@@ -107,8 +130,9 @@ def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: 
                         f"({describe_differences(old, new)}); set "
                         f"checkpoint.allow_changes=true to continue with this one, or "
                         f"checkpoint.resume=false to start over")
-    if state["world_size"] != world_size and not elastic:
+    why = worker_count_matters(cfg)
+    if state["world_size"] != world_size and not elastic and why:
         raise UserError(f"{where} was written by {state['world_size']} workers and this job has "
-                        f"{world_size}; set checkpoint.allow_changes=true to continue with "
-                        f"{world_size} (the data is re-sharded, the global batch stays "
-                        f"{cfg.train.batch_size})")
+                        f"{world_size}, and {why}; set checkpoint.allow_changes=true to continue "
+                        f"with {world_size} (the data is re-sharded, the global batch stays "
+                        f"{cfg.train.batch_size}, the learning rate changes)")

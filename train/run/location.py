@@ -3,7 +3,9 @@ tools (`settle_run_dir`), and `runs/latest`, which names the newest run.
 
 A run's default folder is `runs/<run.name>-<fingerprint>`: the config's name (or `run.name`)
 and a short hash of what defines the run, the keys that train/run/identity.py compares to refuse
-a different run plus the number of workers, without which a checkpoint does not resume. The
+a different run (the data by its files, not its path). The number of workers is in it only
+where it changes what the run computes (`worker_count_matters`): otherwise the same command on
+another number of workers finds the same folder and continues the run there, re-sharded. The
 same command finds its own folder again and resumes; a different command gets a folder of its
 own, never a refusal. A `run.dir` given explicitly is used as it is, and a different run in
 it is refused (train/run/identity.py: check_run_dir).
@@ -18,10 +20,11 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from common.errors import UserError
 from common.schema import Config
-from train.run.identity import identity
+from train.run.identity import identity, worker_count_matters
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,9 @@ FINGERPRINT_DIGITS = 8  # hex digits: 4 billion values, for the few runs of one 
 
 
 def fingerprint(cfg: Config, world_size: int | str) -> str:
-    """8 hex digits of the SHA-256 of the run's identity and its number of workers (an
-    elastic job: "<workers per node>x<MIN>:<MAX>", the same at every size of its range).
+    """8 hex digits of the SHA-256 of the run's identity, and of its number of workers where
+    that changes the run (an elastic job: "<workers per node>x<MIN>:<MAX>", the same at every
+    size of its range).
 
     The same on every process, Python version and key order (canonical JSON, sorted keys),
     unchanged by RUNTIME keys (they are not in the identity). Keys at their schema default are
@@ -41,8 +45,10 @@ def fingerprint(cfg: Config, world_size: int | str) -> str:
     """
     defaults = identity(Config())
     changed = {k: v for k, v in identity(cfg).items() if k not in defaults or defaults[k] != v}
-    text = json.dumps({"identity": changed, "world_size": world_size}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True)
+    named: dict[str, Any] = {"identity": changed}
+    if worker_count_matters(cfg):
+        named["world_size"] = world_size
+    text = json.dumps(named, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_DIGITS]
 
 
@@ -56,7 +62,7 @@ def settle_run_dir(cfg: Config, world_size: int | str) -> None:
     it names) and `run.name` (default: the folder's name). Idempotent."""
     if not cfg.run.dir:
         if cfg.checkpoint.allow_changes:
-            # Another config or worker count has another default folder: nothing to continue.
+            # Another config has another default folder: nothing to continue.
             raise UserError("checkpoint.allow_changes=true continues a run with another config "
                             "or worker count: name its folder with run.dir=... (run.dir="
                             f"{RUNS / LATEST} is the newest run)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,3 +42,17 @@ class Faults:
             deadline = time.monotonic() + 5
             while not stop_signals().requested and time.monotonic() < deadline:
                 time.sleep(0.001)
+
+
+def full_disk_writer(folder: Path, rank: int) -> Any:
+    """DCP's file writer of rank `rank` on a disk that fills up (debug.disk_full_step in mode
+    fsdp): it writes half a file, then the write fails with ENOSPC, as a real full disk does."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class FullDisk(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            part = Path(self.path) / f"__{rank}_0.distcp"
+            part.write_bytes(bytes(4096))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part))
+
+    return FullDisk(folder, sync_files=True, thread_count=1)

@@ -233,9 +233,17 @@ def peer_failure(ctx: DistContext) -> tuple[int, int, str] | None:
     return int(rank), int(code), message
 
 
+_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def is_comm_failure(exc: BaseException) -> bool:
     """A collective that timed out or lost its peers (gloo raises; NCCL's watchdog aborts)."""
     text = str(exc)
     return isinstance(exc, dist.DistError) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed by peer",
-                            "Connection reset by peer", "Broken pipe"))
+        s in text for s in ("Timed out", "timed out", *_GONE))
+
+
+def peer_went_away(exc: BaseException) -> bool:
+    """The collective failed because a peer's connection closed (it exited or was killed), not
+    because the wait ran out."""
+    return any(s in str(exc) for s in _GONE)

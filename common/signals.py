@@ -141,6 +141,7 @@ class StopSignals:
         self.say_startup = say_startup  # prints the start-up line, when this process reports
         self.requested = 0  # the first stop signal's number once training, 0 when none
         self.training = False
+        self.leaving_with: int | None = None  # the exit code of an error already reported
         self.busy_depth = 0  # > 0 while writing a checkpoint: no stall limit then
         # Told (signal, seconds) once, half the stall limit into a stop without progress.
         self.on_overdue: Callable[[int, float], None] | None = None
@@ -164,6 +165,11 @@ class StopSignals:
         """From here on a signal is a stop request for the loop, not an immediate exit."""
         self.last_alive = time.monotonic()
         self.training = True
+
+    def leaving(self, code: int) -> None:
+        """This process has reported its error and leaves with `code`: torchrun's SIGTERM to
+        the workers still leaving once one has left must not turn that into 130."""
+        self.leaving_with = code
 
     def alive(self) -> None:
         """A sign of progress: a step done, an evaluation batch done."""
@@ -206,6 +212,8 @@ class StopSignals:
             _exit()
 
     def _on_signal(self, signum: int) -> None:
+        if self.leaving_with is not None:
+            leave(self.leaving_with, exit_functions=False)
         if not self.training:
             if self.say_startup is not None:
                 self.say_startup(signum)

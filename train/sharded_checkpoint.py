@@ -223,7 +223,7 @@ def read_whole(folder: Path, only: str | None = None,
         raise UserError(f"{folder} holds no {only}")
     with warnings.catch_warnings():  # "assuming ... a single process": just what is meant
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        with outside(f"reading the sharded checkpoint {folder}"):  # a damaged rank file
+        with outside(f"reading the sharded checkpoint {folder}", "a file in it is damaged"):
             dcp.load(tensors, storage_reader=safe_reader(folder), no_dist=True)
     return merge(tensors, values or {})
 

@@ -16,12 +16,12 @@ from common.config import to_dict
 from common.errors import UserError, WriteFailed, outside, translated
 from models.catalog import build
 from models.pretrained import load_published, weights_file
+from tests.workers import DEFAULT_CONFIG
 from train.config import load_config
 from train.data.build import build_data
 from train.dist import DistContext, agree, local_main_first
 from train.loaded import open_trained
 from train.model import build_plain_model
-from tests.workers import DEFAULT_CONFIG
 
 CPU = DistContext(0, 0, 1, 1, torch.device("cpu"), "none", 1)
 

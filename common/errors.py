@@ -84,14 +84,16 @@ def translated(exc: BaseException, what: str, hint: str = "") -> UserError:
 
 
 @contextlib.contextmanager
-def outside(what: str, hint: str = "") -> Iterator[None]:
+def outside(what: str, hint: str = "",
+            passing: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """The boundary around a call into code this project does not own (a user's callable, a
     file's contents, a user's path, DCP, wandb): what it raises becomes one line naming `what`
     and the cause (`translated`). Our own UserErrors pass unchanged; so do KeyboardInterrupt
-    and SystemExit. Used inside `train.dist.agree`, the line is agreed across ranks."""
+    and SystemExit, and the kinds in `passing` (the caller's own). Used inside
+    `train.dist.agree`, the line is agreed across ranks."""
     try:
         yield
-    except UserError:
+    except (UserError, *passing):
         raise
     except BaseException as exc:  # noqa: BLE001 - the boundary: whatever the outside raises
         inner = unwrapped(exc)

@@ -49,7 +49,8 @@ def sharded_step(path: Path) -> tuple[Path, dict[str, Any]]:
     elif path.is_file():
         step_file = path
         try:
-            state = load(path)
+            with outside(f"reading {path}", passing=(CorruptCheckpoint,)):  # no permission
+                state = load(path)
         except CorruptCheckpoint as exc:
             raise UserError(f"{path} is damaged: {exc}") from None
     else:

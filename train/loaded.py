@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from common.schema import Config
 from train.checkpoint import CorruptCheckpoint, load
 from train.config import load_config
@@ -45,7 +45,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint {path}")
     try:
-        return load(path)
+        with outside(f"reading checkpoint {path}", passing=(CorruptCheckpoint,)):
+            return load(path)
     except CorruptCheckpoint as exc:
         raise UserError(f"checkpoint {path} cannot be read: {exc}") from None
 

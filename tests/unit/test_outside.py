@@ -6,6 +6,7 @@ rank exiting with its code) run as real processes in tests/test_durability.py.""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +17,13 @@ from common.config import to_dict
 from common.errors import UserError, WriteFailed, outside, translated
 from models.catalog import build
 from models.pretrained import load_published, weights_file
+from tests.inprocess import run_main
 from tests.workers import DEFAULT_CONFIG
+from tools.convert_checkpoint import main as convert_main
 from train.config import load_config
 from train.data.build import build_data
 from train.dist import DistContext, agree, local_main_first
-from train.loaded import open_trained
+from train.loaded import open_trained, read_checkpoint
 from train.model import build_plain_model
 
 CPU = DistContext(0, 0, 1, 1, torch.device("cpu"), "none", 1)
@@ -155,3 +158,37 @@ def test_a_bug_of_ours_stays_a_traceback():
         agree(CPU, bug)
     with pytest.raises(ZeroDivisionError), local_main_first(CPU):
         bug()
+
+
+def test_a_checkpoint_given_to_eval_or_export_is_read_through_the_boundary(tmp_path,
+                                                                          monkeypatch):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError) as err:
+        read_checkpoint(damaged)
+    assert str(err.value).startswith(f"checkpoint {damaged} cannot be read: ")  # its own line
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", refused)  # root reads any file: planted
+    with pytest.raises(UserError) as err:
+        read_checkpoint(damaged)
+    assert str(err.value) == (f"reading checkpoint {damaged} failed (Permission denied: "
+                              f"{damaged})")
+    assert err.value.exit_code == 2
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: meant
+def test_convert_names_a_damaged_sharded_file_in_one_line(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step_00000002"
+    dcp.save({"model": {"w": torch.arange(64.0)}}, checkpoint_id=folder, no_dist=True)
+    (piece,) = folder.glob("*.distcp")
+    piece.write_bytes(bytes(piece.stat().st_size))  # as long as listed, but zeros
+    result = run_main(convert_main, str(folder))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: reading the sharded checkpoint {folder} failed (")
+    assert result.stderr.endswith("; a file in it is damaged\n") and "Traceback" not in \
+        result.stderr

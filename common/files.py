@@ -54,14 +54,17 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_failure(exc: OSError, what: str, run_dir: Path, last_step: int | None) -> WriteFailed:
-    """The one line for a run-folder write that failed: what, where, and what is still safe."""
+def write_failure(exc: OSError, what: str, run_dir: Path, last_step: int | None,
+                  agreed: bool = False) -> WriteFailed:
+    """The one line for a run-folder write that failed: what, where, and what is still safe.
+    `agreed`: every rank raises it (DCP's write, which fails on all ranks together)."""
     last = (f"the last valid checkpoint is step {last_step}" if last_step is not None
             else "no checkpoint was written yet")
     if exc.errno in NO_SPACE:
         return WriteFailed(f"{NO_SPACE[exc.errno]} of {run_dir} writing {what}; {last}: free "
-                           f"some space, then run the same command to resume")
-    return WriteFailed(f"could not write {what} in {run_dir} ({exc.strerror or exc}); {last}")
+                           f"some space, then run the same command to resume", agreed)
+    return WriteFailed(f"could not write {what} in {run_dir} ({exc.strerror or exc}); {last}",
+                       agreed)
 
 
 def why_not_writable(folder: Path) -> str | None:

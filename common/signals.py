@@ -68,7 +68,7 @@ def exit_during_startup(prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def held_for_children() -> Iterator[None]:
+def held_for_children(received: list[int] | None = None) -> Iterator[None]:
     """Processes that the main thread starts inside begin with the stop signals blocked.
 
     torchrun passes a stop signal on to its workers, maybe while one still starts its
@@ -80,6 +80,8 @@ def held_for_children() -> Iterator[None]:
     This process still takes them at once: a thread started before the block leaves them
     unblocked, the kernel hands them to it, and it nudges the main thread out of whatever
     sleep it is in (with NUDGE, never blocked), so that the handlers run there as before.
+    `received` gets the stop signals this process took, in order: torchrun's agent reports
+    the last one (a second signal interrupts its handling of the first), the cause is the first.
     """
     main = threading.main_thread()
     if threading.current_thread() is not main:
@@ -91,11 +93,13 @@ def held_for_children() -> Iterator[None]:
     before_nudge = signal.signal(NUDGE, _ignore)
     done = threading.Event()
 
+    got = received if received is not None else []
+
     def take() -> None:
         receive.settimeout(0.25)
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                if any(signum in STOP_SIGNALS for signum in receive.recv(64)):
+                if _note(receive.recv(64), got):
                     signal.pthread_kill(main.ident or 0, NUDGE)
 
     taker = threading.Thread(target=take, name="stop-signal-taker", daemon=True)
@@ -107,10 +111,20 @@ def held_for_children() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         done.set()
         taker.join()
+        receive.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # taken, but not yet read by the taker
+            _note(receive.recv(64), got)
         signal.set_wakeup_fd(before_fd)
         signal.signal(NUDGE, before_nudge)
         receive.close()
         send.close()
+
+
+def _note(signums: bytes, received: list[int]) -> bool:
+    """Add the stop signals among `signums` to `received`; whether there were any."""
+    stops = [signum for signum in signums if signum in STOP_SIGNALS]
+    received.extend(stops)
+    return bool(stops)
 
 
 def hold_in_child(parent: int) -> None:
@@ -127,6 +141,7 @@ class StopSignals:
         self.say_startup = say_startup  # prints the start-up line, when this process reports
         self.requested = 0  # the first stop signal's number once training, 0 when none
         self.training = False
+        self.leaving_with: int | None = None  # the exit code of an error already reported
         self.busy_depth = 0  # > 0 while writing a checkpoint: no stall limit then
         # Told (signal, seconds) once, half the stall limit into a stop without progress.
         self.on_overdue: Callable[[int, float], None] | None = None
@@ -150,6 +165,11 @@ class StopSignals:
         """From here on a signal is a stop request for the loop, not an immediate exit."""
         self.last_alive = time.monotonic()
         self.training = True
+
+    def leaving(self, code: int) -> None:
+        """This process has reported its error and leaves with `code`: torchrun's SIGTERM to
+        the workers still leaving once one has left must not turn that into 130."""
+        self.leaving_with = code
 
     def alive(self) -> None:
         """A sign of progress: a step done, an evaluation batch done."""
@@ -192,6 +212,8 @@ class StopSignals:
             _exit()
 
     def _on_signal(self, signum: int) -> None:
+        if self.leaving_with is not None:
+            leave(self.leaving_with, exit_functions=False)
         if not self.training:
             if self.say_startup is not None:
                 self.say_startup(signum)

@@ -106,8 +106,9 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
         for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
             if name.startswith("torch.distributed.elastic"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
+    received: list[int] = []  # the stop signals, in order: the first is the cause
     try:
-        with held_for_children():  # a Ctrl-C as they start waits for their handlers
+        with held_for_children(received):  # a Ctrl-C as they start waits for their handlers
             run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
         code = report_failures(exc.failures, abort_note)
@@ -116,11 +117,16 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
     except SignalException as exc:
         report_hang({}, run_dir, backend, started)
         # torchrun passed the signal on and waited for the workers to leave.
-        print(f"launch: {interrupted(exc.sigval, status.read(status_file), run_dir)}",
+        first = received[0] if received else exc.sigval
+        print(f"launch: {interrupted(first, status.read(status_file), run_dir)}",
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except RendezvousError as exc:
-        print(f"error: {rendezvous_failure(exc, torchrun_args, rendezvous_timeout_s)}",
+        # Past the launcher's own wait for node 0, so node 0 answered once: a lost connection
+        # after its workers began, or sooner than the wait could run out, is node 0 going away.
+        gone = status.read(status_file) is not None or (
+            time.time() - started + 1 < (rendezvous_timeout_s or 0))
+        print(f"error: {rendezvous_failure(exc, torchrun_args, rendezvous_timeout_s, gone)}",
               file=sys.stderr)
         return 1
     return 0
@@ -144,8 +150,10 @@ def interrupted(signum: int, reported: dict | None, run_dir: Path | None) -> str
     return f"interrupted by {name}; no checkpoint was written: the same command starts over"
 
 
-def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: float | None) -> str:
-    """One line for a rendezvous that failed: what this node waited for, and what to check."""
+def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: float | None,
+                       gone: bool = False) -> str:
+    """One line for a rendezvous that failed: what this node waited for, and what to check.
+    `gone`: node 0 had answered, and its connection was lost before any wait ran out."""
     from torch.distributed.elastic.rendezvous.api import (
         RendezvousClosedError,
         RendezvousConnectionError,
@@ -159,7 +167,11 @@ def rendezvous_failure(exc: Exception, torchrun_args: list[str], timeout_s: floa
              "--master-addr/--master-port reach node 0")
     if isinstance(exc, RendezvousTimeoutError):  # connected, but the others did not all come
         return f"not every node joined the rendezvous{within}: {check}"
-    if isinstance(exc, RendezvousConnectionError):  # node 0's store never answered, or went away
+    if isinstance(exc, RendezvousConnectionError) and gone:
+        return (f"the rendezvous host at {where} (node 0) went away: its connection closed "
+                f"(node 0's job ended or died); check node 0, then start every node again with "
+                f"the same command (it resumes from the last checkpoint)")
+    if isinstance(exc, RendezvousConnectionError):  # node 0's store never answered
         return node0_silent(where, timeout_s)
     if isinstance(exc, RendezvousClosedError):
         return (f"the rendezvous at {where} is closed: the job on node 0 already ended; start "

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from models.lenet import LeNet
 from models.pretrained import torchvision_model
 from models.resnet import resnet18
@@ -102,8 +102,10 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int,
     if name in BOOK:
         return BOOK[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if name.startswith(PYTHON):
-        model = python_builder(name)(num_classes=num_classes, in_channels=in_channels,
-                                     image_size=image_size)
+        builder = python_builder(name)
+        with outside(f"the model builder model.name={name}"):
+            model = builder(num_classes=num_classes, in_channels=in_channels,
+                            image_size=image_size)
         if not isinstance(model, nn.Module):
             raise UserError(f"model.name={name} returned a {type(model).__name__}, not an "
                             f"nn.Module")

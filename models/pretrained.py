@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, outside
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,13 @@ def fetch_published(builder: str) -> Path:
 def load_published(model: nn.Module, builder: str) -> None:
     """Published weights into `model`; a classifier of another size keeps its fresh init
     (named in the log), as when fine-tuning ImageNet weights on fewer classes."""
-    state = torch.load(fetch_published(builder), map_location="cpu", weights_only=True)
+    path = fetch_published(builder)
+    # A file half-written by a download that was cut, or damaged since: torch's own error
+    # ("failed finding central directory") would be a traceback from every rank.
+    with outside(f"model.pretrained=true: reading torchvision's weights for {builder} from "
+                 f"{path}", hint="delete the file (it is downloaded again) or put a whole "
+                                 "copy there"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
     fresh = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for key in fresh:

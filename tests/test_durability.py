@@ -123,6 +123,23 @@ def test_a_planted_full_disk_stops_every_rank_together_with_one_line(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
 
 
+def test_a_full_disk_under_fsdp_is_the_same_one_line_and_leaves_no_temp_folder(tmp_path):
+    """DCP's write fails on the last rank only (planted): every rank learns it from DCP, the
+    launcher exits 4 with the line the DDP path prints above, and no traceback anywhere."""
+    result = run_cli("launch", "--cpu", CONFIG, *SHORT, "mode=fsdp", f"run.dir={tmp_path}",
+                     "checkpoint.every_steps=2", "debug.disk_full_step=6")
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no space left on the device of {tmp_path} writing step 6; the "
+                      f"last valid checkpoint is step 4: free some space, then run the same "
+                      f"command to resume"], result.stderr
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["last.pt", "step_00000002", "step_00000002.pt", "step_00000002.pt.sha256",
+                    "step_00000004", "step_00000004.pt", "step_00000004.pt.sha256"]  # no .tmp
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 300 MiB tmpfs of our own (enough for the launcher's disk check), unmounted after."""

@@ -229,7 +229,7 @@ def factories(tmp_path, monkeypatch) -> str:
     ("nowhere.data:build", "cannot import nowhere.data (ModuleNotFoundError"),
     ("my_factories:missing", "my_factories has no missing"),
     ("my_factories:not_callable", "is not callable (a int)"),
-    ("my_factories:raises", "failed: RuntimeError: no data here"),
+    ("my_factories:raises", "failed (RuntimeError: no data here)"),
     ("my_factories:one", "must return (train, test): two map-style Datasets"),
     ("my_factories:triple", "train sample 0 is a tuple of 3"),
     ("my_factories:label", "train sample 0: the label must be an integer class index"),

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from common.errors import EXIT_USER_ERROR, UserError
+from common.errors import UserError, outside
 from common.files import atomic_write
 from train.run.checkpoint import Checkpoints, CorruptCheckpoint, load
 from train.run.sharded import SHARDED_KEY, VALUES_KEY, folder_damage, read_whole
@@ -49,7 +49,8 @@ def sharded_step(path: Path) -> tuple[Path, dict[str, Any]]:
     elif path.is_file():
         step_file = path
         try:
-            state = load(path)
+            with outside(f"reading {path}", passing=(CorruptCheckpoint,)):  # no permission
+                state = load(path)
         except CorruptCheckpoint as exc:
             raise UserError(f"{path} is damaged: {exc}") from None
     else:
@@ -66,10 +67,8 @@ def convert(source: Path, out: Path | None = None) -> Path:
     folder, values = sharded_step(source)
     whole = read_whole(folder, values=values)
     out = out or folder.with_name(folder.name + ".full.pt")
-    try:
+    with outside(f"writing {out}"):  # a full disk is exit 4, other causes 2
         atomic_write(out, lambda p: torch.save(whole, p))
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
 
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert(Path(args.source), Path(args.out) if args.out else None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     print(out)
     return 0
 

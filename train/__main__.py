@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if not exc.agreed and not getattr(exc, "quiet", False):
             dist.publish_failure(ctx, str(exc), exc.exit_code)  # before the others notice
         report(exc, ctx)
+        stop_signals().leaving(exc.exit_code)  # said: a SIGTERM from now on keeps the code
         if exc.agreed:
             # Exit after the reporting rank has printed: torchrun stops everyone at the
             # first exit, and the message would be lost.

@@ -11,6 +11,8 @@ import datetime
 import gc
 import logging
 import os
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
+from common.errors import PeerFailed, UserError
 from common.host import (
     backend_for,
     gpu_of_worker,
@@ -124,22 +126,40 @@ def agree(ctx: DistContext, fn: Callable[[], T]) -> T:
     on the main rank only; without agreeing, the healthy ranks would wait forever in their next
     collective.
     """
-    result, error = None, None
+    result, error, bug = None, None, None
     try:
         result = fn()
     except UserError as exc:
         error = (type(exc), str(exc))
+    except Exception as exc:
+        if not ctx.distributed:
+            raise
+        # A bug of ours (what comes from outside is translated where it is called): one
+        # traceback, from this rank, printed before the others learn of it and leave.
+        print(f"[rank {ctx.rank}] {traceback.format_exc()}", file=sys.stderr, end="",
+              flush=True)
+        bug, error = exc, (Reported, f"{type(exc).__name__}: {exc}")
     if ctx.distributed:
         errors: list[tuple[type[UserError], str] | None] = [None] * ctx.world_size
         dist.all_gather_object(errors, error)
         failed = [(rank, e) for rank, e in enumerate(errors) if e]
         if failed:
             rank, (kind, msg) = failed[0]
+            if kind is Reported:
+                raise Reported(rank, msg) from bug
             same = all(m == msg for _, (_, m) in failed)
             raise kind(msg if same else f"[rank {rank}] {msg}", agreed=True)
     elif error:
         raise error[0](error[1])
     return result  # type: ignore[return-value]
+
+
+class Reported(PeerFailed):
+    """A bug on some rank during an agreed step: that rank printed its traceback, every rank
+    exits with 1 and says nothing more (no traceback per rank)."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(rank, message, 1)
 
 
 def from_main(ctx: DistContext, fn: Callable[[], T]) -> T:
@@ -164,12 +184,12 @@ def local_main_first(ctx: DistContext) -> Iterator[None]:
     (Accelerate's `main_process_first`): one process per node downloads, the others then read
     what it wrote. A UserError in either turn is raised on every rank, so none waits alone."""
     first = ctx.local_rank == 0
-    failed: UserError | None = None
+    failed: Exception | None = None
     if not first:
         agree(ctx, _nothing)  # turn 1: wait for local rank 0
     try:
         yield
-    except UserError as exc:
+    except Exception as exc:  # noqa: BLE001 - agreed below: a UserError's line, or a bug's traceback
         failed = exc
     agree(ctx, lambda: _raise(failed))  # local rank 0: the end of turn 1; others: of turn 2
     if first:
@@ -180,7 +200,7 @@ def _nothing() -> None:
     return None
 
 
-def _raise(error: UserError | None) -> None:
+def _raise(error: Exception | None) -> None:
     if error is not None:
         raise error
 
@@ -213,9 +233,17 @@ def peer_failure(ctx: DistContext) -> tuple[int, int, str] | None:
     return int(rank), int(code), message
 
 
+_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def is_comm_failure(exc: BaseException) -> bool:
     """A collective that timed out or lost its peers (gloo raises; NCCL's watchdog aborts)."""
     text = str(exc)
     return isinstance(exc, dist.DistError) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed by peer",
-                            "Connection reset by peer", "Broken pipe"))
+        s in text for s in ("Timed out", "timed out", *_GONE))
+
+
+def peer_went_away(exc: BaseException) -> bool:
+    """The collective failed because a peer's connection closed (it exited or was killed), not
+    because the wait ran out."""
+    return any(s in str(exc) for s in _GONE)

@@ -116,23 +116,30 @@ def read_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
     """`path`'s weights for `model`: a checkpoint of ours (its "model"), or a state_dict file
     (wrapper prefixes removed); loaded with weights_only; keys and shapes must match."""
     state = load_state_dict_file(path)
+    problem = misfit(state, model)
+    if problem:
+        raise UserError(f"model.init_from={path} does not fit the model: keys {problem}",
+                        agreed=True)
+    return state
+
+
+def misfit(state: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
+    """How the state_dict `state` does not fit `model` (keys missing, unexpected, of another
+    shape), in a few words; None when it fits (`load_state_dict` would take it)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if shapes:
-            key = shapes[0]
-            parts.append(f"{len(shapes)} of another shape ({key}: {tuple(state[key].shape)} in "
-                         f"the file, {tuple(own[key].shape)} in the model)")
-        raise UserError(f"model.init_from={path} does not fit the model: keys "
-                        f"{'; '.join(parts)}", agreed=True)
-    return state
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if shapes:
+        key = shapes[0]
+        parts.append(f"{len(shapes)} of another shape ({key}: {tuple(state[key].shape)} in "
+                     f"the file, {tuple(own[key].shape)} in the model)")
+    return "; ".join(parts) or None
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:

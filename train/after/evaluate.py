@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from common.files import atomic_write
 from common.spawn import SpawnError, spawn
 from train import dist
@@ -45,6 +45,8 @@ def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) 
         trained = dist.agree(ctx, lambda: open_trained(cfg, ctx, Path(checkpoint), ema))
         result = evaluate(trained.model, trained.data.test.iterate(), ctx, trained.autocast,
                           num_classes=trained.data.facts.num_classes)
+    except UserError as exc:  # agreed: every rank returns it, the command prints it once
+        return {"error": str(exc), "exit_code": exc.exit_code}
     finally:
         dist.teardown(ctx)
     return {**result, "classes": trained.data.facts.classes, "step": trained.step,
@@ -112,18 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(args.run, checkpoint, overrides)
         result = spawn(evaluate_worker, args.workers, str(args.run), str(checkpoint), args.ema,
                        overrides, timeout=7 * 24 * 3600.0, launched=args.workers > 1)[0]
+        if "error" in result:  # the workers' agreed one line
+            print(f"error: {result['error']}", file=sys.stderr)
+            return result["exit_code"]
+        summary = report(result, args.run, checkpoint, args.ema)
+        with outside(f"writing eval.json and confusion.png into {args.run}"):
+            atomic_write(args.run / "eval.json",
+                         lambda p: p.write_text(json.dumps(summary, indent=1)))
+            plot_confusion(summary, args.run / "confusion.png")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except SpawnError as exc:
-        line = next((x for x in str(exc).splitlines() if "UserError: " in x), None)
-        if line is None:
-            raise
-        print(f"error: {line.split('UserError: ', 1)[1]}", file=sys.stderr)
-        return 2
-    summary = report(result, args.run, checkpoint, args.ema)
-    atomic_write(args.run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
-    plot_confusion(summary, args.run / "confusion.png")
+    except SpawnError as exc:  # a worker's own failure (a bug): its traceback is the report
+        raise SystemExit(f"error: a worker of the evaluation failed:\n{exc}") from None
     print(f"{summary['weights']} of {checkpoint} (step {summary['step']}) on "
           f"{summary['samples']:,} test samples, {summary['workers']} worker(s): loss "
           f"{summary['loss']:.4f}  top-1 {summary['top1_accuracy']:.2%}  top-5 "

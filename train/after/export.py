@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from common.files import atomic_write
 from train import dist
 from train.after.loaded import checkpoint_record, normalization, open_trained, run_config
@@ -56,17 +56,18 @@ def export(run: Path, checkpoint: Path, ema: bool, out: Path, overrides: list[st
     finally:
         dist.teardown(ctx)
     facts = trained.data.facts
-    out.mkdir(parents=True, exist_ok=True)
     state = trained.model.state_dict()
-    atomic_write(out / "model.pt", lambda p: torch.save(state, p))
     example = torch.zeros(2, facts.channels, facts.image_size, facts.image_size)
-    program = export_program(trained.model, example, out / "model.pt2")
-    meta = {"model": cfg.model.name, **checkpoint_record(run, checkpoint, trained.step),
-            "weights": "ema" if ema else "model",
-            "input": [facts.channels, facts.image_size, facts.image_size],
-            "classes": facts.classes, "normalization": normalization(trained.data),
-            "state_dict": "model.pt", "program": program}
-    atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    with outside(f"writing the export into {out}"):  # the user's folder: a file, a full disk
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "model.pt", lambda p: torch.save(state, p))
+        program = export_program(trained.model, example, out / "model.pt2")
+        meta = {"model": cfg.model.name, **checkpoint_record(run, checkpoint, trained.step),
+                "weights": "ema" if ema else "model",
+                "input": [facts.channels, facts.image_size, facts.image_size],
+                "classes": facts.classes, "normalization": normalization(trained.data),
+                "state_dict": "model.pt", "program": program}
+        atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     return meta
 
 

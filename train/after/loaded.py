@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from common.schema import Config
 from train.config import load_config
 from train.data.build import DataParts, build_data
 from train.dist import DistContext
-from train.model import build_plain_model, use_channels_last
+from train.model import build_plain_model, misfit, use_channels_last
 from train.optim import AUTOCAST_DTYPES
 from train.run.checkpoint import CorruptCheckpoint, load
 from train.run.location import follow_latest
@@ -45,7 +45,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint {path}")
     try:
-        return load(path)
+        with outside(f"reading checkpoint {path}", passing=(CorruptCheckpoint,)):
+            return load(path)
     except CorruptCheckpoint as exc:
         raise UserError(f"checkpoint {path} cannot be read: {exc}") from None
 
@@ -96,7 +97,7 @@ def open_trained(cfg: Config, ctx: DistContext, checkpoint: Path, ema: bool) -> 
                         f"now has ({len(state['classes']['names'])} vs "
                         f"{data.facts.num_classes})")
     model = build_plain_model(cfg, ctx, data.facts, nhwc)
-    model.load_state_dict(weights(state, ema, checkpoint))
+    fit_weights(model, weights(state, ema, checkpoint), checkpoint, state, cfg.model.name)
     dtype = AUTOCAST_DTYPES.get(cfg.perf.precision)
     if dtype is not None and ctx.device.type == "cpu" and dtype == torch.float16:
         dtype = None  # fp16 autocast is a GPU feature; the CPU evaluates in fp32
@@ -105,6 +106,19 @@ def open_trained(cfg: Config, ctx: DistContext, checkpoint: Path, ema: bool) -> 
         return torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None)
 
     return Trained(model.eval(), data, int(state["step"]), autocast)
+
+
+def fit_weights(model: nn.Module, found: dict[str, torch.Tensor], checkpoint: Path,
+                state: dict[str, Any], name: str) -> None:
+    """The checkpoint's weights into `model`; a checkpoint of another model (another run's,
+    given to `make eval`/`make export`) is one line naming both models."""
+    problem = misfit(found, model)
+    if problem:
+        written = state.get("config", {}).get("model.name", "an unknown model")
+        raise UserError(f"checkpoint {checkpoint} was written for model {written} and does not "
+                        f"fit model {name}, which the run's config builds: keys {problem}; give "
+                        f"a checkpoint of this run (--checkpoint) or the run folder it belongs to")
+    model.load_state_dict(found)
 
 
 def normalization(data: DataParts) -> dict[str, list[float]] | None:

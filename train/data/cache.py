@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, outside
 
 _MAGIC = b"DPTRDEC1"
 _HEADER = 64
@@ -76,10 +76,11 @@ class DecodedFile:
                             f"but {free / 2**30:.1f} GiB are free; set data.cache_dir to a "
                             f"larger disk, or data.cache=none")
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            f.write(_MAGIC + np.array([self.count, *self.shape, 0], dtype=np.int64).tobytes())
-            f.truncate(self.size)  # sparse: blocks are allocated as slots are filled
-        os.replace(tmp, self.path)  # another process of the node may have won: the same file
+        with outside(f"creating the decoded cache {self.path} (data.cache_dir)"):
+            with tmp.open("wb") as f:
+                f.write(_MAGIC + np.array([self.count, *self.shape, 0], np.int64).tobytes())
+                f.truncate(self.size)  # sparse: blocks are allocated as slots are filled
+            os.replace(tmp, self.path)  # another process of the node may have won: the same
 
     def _maps(self) -> tuple[np.memmap, np.memmap, np.memmap]:
         """The mappings of this process (a loader process forked from a worker opens its own)."""

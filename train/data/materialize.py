@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from common.files import atomic_write
 from common.host import usable_cores
 from train.data.augment import Augment
@@ -94,9 +94,14 @@ def stream_stats(samples: Any, augment: Augment, cfg_samples: int, seed: int, ca
             raise UserError(f"none of {count} training images could be decoded (first: "
                             f"{items[0][3]})")
         mean, std = channel_stats(torch.stack(good))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: p.write_text(json.dumps(
-            {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()})))
-    stats = json.loads(path.read_text())
+        # data.cache_dir is the user's path: a file there, no permission, a full disk.
+        with outside(f"writing the training set's statistics into data.cache_dir "
+                     f"{path.parent}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: p.write_text(json.dumps(
+                {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()})))
+    with outside(f"reading the training set's statistics {path}",
+                 hint="delete the file to compute them again"):
+        stats = json.loads(path.read_text())
     shape = (1, -1, 1, 1)
     return torch.tensor(stats["mean"]).view(shape), torch.tensor(stats["std"]).view(shape)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, outside
 from common.schema import DataConfig
 from train.data.decode import as_image, image_size, render_any
 from train.data.imagefolder import BadSample
@@ -44,10 +44,8 @@ def call_factory(cfg: DataConfig) -> tuple[Any, Any]:
             raise UserError(f"data.factory {spec}: {module_name} has no {attr}")
     if not callable(fn):
         raise UserError(f"data.factory {spec} is not callable (a {type(fn).__name__})")
-    try:
+    with outside(f"the dataset factory data.factory={spec}"):
         result = fn()
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"data.factory {spec} failed: {type(exc).__name__}: {exc}") from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2
             and all(_is_dataset(d) for d in result)):
         raise UserError(f"data.factory {spec} must return (train, test): two map-style "
@@ -125,6 +123,12 @@ class PythonSet:
 def open_python(cfg: DataConfig) -> tuple[PythonSet, PythonSet]:
     """The factory's (train, test), with their first samples checked."""
     train, test = call_factory(cfg)
+    # The user's __len__, __getitem__ and targets, asked before a PythonSet wraps them.
+    with outside(f"the datasets of data.factory={cfg.factory}"):
+        return _checked(cfg, train, test)
+
+
+def _checked(cfg: DataConfig, train: Any, test: Any) -> tuple[PythonSet, PythonSet]:
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"data.factory {cfg.factory}: the {'train' if len(train) == 0 else 'test'}"
                         f" set is empty")

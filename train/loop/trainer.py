@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
-from train.dist import DistContext, agree, is_comm_failure, peer_failure
+from train.dist import DistContext, agree, is_comm_failure, peer_failure, peer_went_away
 from train.loop.evaluation import evaluate
 from train.loop.failures import known_failure
 from train.loop.metrics import EpochTrain, epoch_record, summarize
@@ -291,7 +291,10 @@ def explain_failure(exc: RuntimeError, strategy: Strategy, step: int, where: str
         rank, code, message = peer
         return PeerFailed(rank, message, code)
     guards.hang.collective_failed(exc)
-    detail = str(exc).splitlines()[0].rsplit("] ", 1)[-1][:160] if str(exc) else ""
-    return CheckFailed(
-        f"a collective failed at step {step}, in {where or 'setup'}, after waiting up to "
-        f"dist.timeout_s={guards.timeout_s:g} s: another worker stalled or died ({detail})")
+    detail = str(exc).splitlines()[0].rsplit("] ", 1)[-1].split(". ")[0][:160] if str(exc) else ""
+    # A peer that exited closes its connections at once: no waiting happened to speak of.
+    why = ("another worker exited (its connection closed)" if peer_went_away(exc) else
+           f"after waiting up to dist.timeout_s={guards.timeout_s:g} s: another worker "
+           f"stalled or died")
+    return CheckFailed(f"a collective failed at step {step}, in {where or 'setup'}, {why} "
+                       f"({detail})")

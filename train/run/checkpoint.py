@@ -72,7 +72,14 @@ class Checkpointer:
         learns whether it could (a full disk stops them all together). `final`: the run's last
         checkpoint, where parts in pieces are also gathered whole into last.pt."""
         ShardedParts.consolidate(self.parts)
-        pieces = self.sharded.save(self.parts["position"].state_dict()["step"])
+        step = self.parts["position"].state_dict()["step"]
+        try:
+            pieces = self.sharded.save(step, full_disk=step == self.files.fill_disk_at)
+        except OSError as exc:  # DCP's write failed on some rank, and raised on every rank
+            if self.ctx.is_main:
+                self.sharded.clean()  # the step's unfinished folder
+            raise write_failure(exc, f"step {step}", self.files.folder.parent,
+                                self.files.newest_complete(), agreed=True) from None
         whole = self.sharded.gather_whole() if final else {}
         # On the CPU before gathering: rank 0 would unpickle every rank's CUDA tensors onto
         # that rank's GPU (a CUDA context and memory on every GPU of the node).

@@ -8,12 +8,11 @@ the step file that the main worker writes as for every other mode:
     checkpoints/step_00000024/         .metadata  __0_0.distcp  __1_0.distcp  (one file per rank)
 
 A step is valid only once complete: every rank's file is written and flushed, then the
-coordinator's `.metadata`, then the folder is renamed into place (it is written under a hidden
-temporary name), then the step file; a folder that lacks a rank file `.metadata` lists, or holds
-less than it lists, makes its step damaged (skipped for the previous one). Loading reads the
-pieces each rank's current shards need, so a job with another number of workers re-shards on
-load. The ZeRO optimizer is simpler: its pieces are gathered onto the main rank
-(`consolidate_state_dict`), which saves them whole in the step file.
+coordinator's `.metadata`, then the folder (written under a hidden temporary name, removed when
+a write fails) is renamed into place, then the step file; a folder that lacks a rank file
+`.metadata` lists, or holds less, makes its step damaged (skipped for the previous one). Loading
+reads the pieces each rank's current shards need: another number of workers re-shards on load.
+The ZeRO optimizer's pieces are gathered onto the main rank, which saves them in the step file.
 
 `load_model_state_dict` reads a model's plain state_dict from a checkpoint of any mode.
 """
@@ -33,9 +32,10 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
+from common.errors import UserError, outside, unwrapped
 from common.files import atomic_write, fsync_folder
 from train.dist import DistContext
+from train.run.planted import full_disk_writer
 
 SHARDED_KEY = "sharded"  # in a step file: the name of its DCP folder beside it
 VALUES_KEY = "sharded_values"  # in a step file: what the sharded parts hold besides tensors
@@ -66,10 +66,10 @@ class ShardedParts:
             if hasattr(part, "consolidate_state_dict"):
                 part.consolidate_state_dict(to=0)
 
-    def save(self, step: int) -> dict[str, Any] | None:
+    def save(self, step: int, full_disk: bool = False) -> dict[str, Any] | None:
         """Every rank writes its pieces into step_<step>/ (a collective). What the step file
         must hold for them (the folder's name, the parts' values that are no tensors), or None
-        when there are no parts in pieces."""
+        when there are no parts in pieces. `full_disk`: planted, the last rank's write fails."""
         if not self.parts:
             return None
         import torch.distributed.checkpoint as dcp
@@ -84,8 +84,12 @@ class ShardedParts:
         tensors, values = split({key: part.state_dict() for key, part in self.parts.items()})
         # sync_files: each rank flushes its file; `.metadata` is written last, by the
         # coordinator, once every rank has written (dcp.save returns after that on every rank).
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(pending, sync_files=True,
-                                                              thread_count=1))
+        planted = full_disk and self.ctx.rank == self.ctx.world_size - 1
+        try:  # a failed write raises DCP's CheckpointException on every rank: its cause here
+            dcp.save(tensors, storage_writer=full_disk_writer(pending, self.ctx.rank) if planted
+                     else dcp.FileSystemWriter(pending, sync_files=True, thread_count=1))
+        except BaseException as exc:  # noqa: BLE001 - CheckpointException is no Exception
+            raise (unwrapped(exc) or exc) from None
         if self.ctx.is_main:
             final = self.folder / name
             shutil.rmtree(final, ignore_errors=True)  # a damaged step's folder, saved again
@@ -185,10 +189,8 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return read_whole(path, only="model")["model"]
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
-    try:
+    with outside(f"reading {path} as a checkpoint"):  # any unreadable file: one line
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - one line for any unreadable file
-        raise UserError(f"{path} cannot be read as a checkpoint ({type(exc).__name__})") from None
     if isinstance(state, dict) and "model" in state:
         return state["model"]
     if isinstance(state, dict) and SHARDED_KEY in state:
@@ -221,7 +223,8 @@ def read_whole(folder: Path, only: str | None = None,
         raise UserError(f"{folder} holds no {only}")
     with warnings.catch_warnings():  # "assuming ... a single process": just what is meant
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=safe_reader(folder), no_dist=True)
+        with outside(f"reading the sharded checkpoint {folder}", "a file in it is damaged"):
+            dcp.load(tensors, storage_reader=safe_reader(folder), no_dist=True)
     return merge(tensors, values or {})
 
 

@@ -3,13 +3,16 @@ generated folder without val/ (pretrained weights planted in a temporary torch h
 a download would leave them), 2 gloo workers in mode fsdp (sharded checkpoints), stopped by a
 planted SIGTERM and resumed; then `make eval CHECKPOINT=best`. One run for all of: the
 validation split recorded and used again, the best epoch's checkpoint kept beside the last,
-TensorBoard's scalars equal to metrics.jsonl. The parts' logic: tests/unit/test_folder_finetune.py."""
+TensorBoard's scalars equal to metrics.jsonl. The parts' logic:
+tests/unit/test_folder_finetune.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+from collections import Counter
 
 import pytest
 import torch
@@ -87,6 +90,23 @@ def test_the_best_epoch_is_kept_beside_the_last_and_make_eval_takes_it(finished)
     # The same weights on the same held-out files: what training measured at that epoch.
     assert result["top1_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-9)
     assert result["loss"] == pytest.approx(best["test_loss"], rel=1e-4)
+
+
+def test_evaluation_on_a_grown_copy_holds_out_the_recorded_files(finished):
+    """A node-local copy that has gained images since: the recorded split still decides what
+    is held out (computed anew it would hold out one more image per class)."""
+    run, split, env = finished
+    copy = shutil.copytree(run.parent / "mine", run.parent / "copy")
+    for folder in (copy / "train").iterdir():
+        for i, image in enumerate(sorted(folder.iterdir())[:4]):
+            shutil.copy(image, folder / f"new_{i}.jpg")
+    done = run_cli("train.evaluate", str(run), "--checkpoint", "last", f"data.root={copy}",
+                   env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((run / "eval.json").read_text())
+    per_class = Counter(name.split("/")[0] for name in split["val"])
+    assert [sum(row) for row in result["confusion"]] == [
+        per_class[name] for name in result["per_class_accuracy"]]
 
 
 def test_tensorboard_holds_the_scalars_of_metrics_jsonl(finished):

@@ -35,7 +35,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ema", action="store_true", help="the weights' moving average")
     parser.add_argument("--cpu", action="store_true", help="evaluate on CPU workers")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
-    return parser.parse_args(argv)
+    # intermixed: `make eval` puts ARGS' overrides after the options it adds
+    return parser.parse_intermixed_args(argv)
 
 
 def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) -> dict:

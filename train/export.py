@@ -37,7 +37,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ema", action="store_true", help="the weights' moving average")
     parser.add_argument("--out", type=Path, help="default: RUN/export")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
-    return parser.parse_args(argv)
+    # intermixed: `make export` puts ARGS' overrides after the options it adds
+    return parser.parse_intermixed_args(argv)
 
 
 def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:

@@ -132,7 +132,10 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     """Data, model, optimization, guards, monitor and checkpointer of this worker (the same
     on every path), assembled into a Trainer."""
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
-    data = load_data(cfg, ctx, nhwc)
+    # A run that continues reads its validation split back (data.val_fraction); one that
+    # replaces another or starts over splits the folder as it is now.
+    recorded = cfg.checkpoint.resume and not run.replace
+    data = load_data(cfg, ctx, nhwc, Path(cfg.run.dir) / VAL_SPLIT_FILE if recorded else None)
     run.held_out = data.held_out  # recorded by run.start
     schedule = make_schedule(cfg, len(data.train))
     agree(ctx, lambda: validate_with_data(cfg, data.facts.num_classes, schedule.total_steps))
@@ -214,11 +217,11 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
                   faults=Faults(cfg.debug, ctx), timeout_s=cfg.dist.timeout_s, hang=hang)
 
 
-def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
+def load_data(cfg: Config, ctx: DistContext, channels_last: bool,
+              recorded_split: Path | None = None) -> DataParts:
     """Both splits' batches on the memory or the stream path (train/data/build.py)."""
     return build_data(cfg.data, cfg.seed, ctx, cfg.train.batch_size, cfg.train.eval_batch_size,
-                      channels_last, pad_eval=cfg.debug.pad_eval,
-                      recorded_split=Path(cfg.run.dir) / VAL_SPLIT_FILE)
+                      channels_last, pad_eval=cfg.debug.pad_eval, recorded_split=recorded_split)
 
 
 def recipe_knobs(cfg: Config) -> list[str]:

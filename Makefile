@@ -85,12 +85,12 @@ plot: venv
 convert: venv
 	$(PY) -m tools.convert_checkpoint $(RUN) $(if $(OUT),--out $(OUT))
 
-# make eval RUN=runs/x [CHECKPOINT=file] [WORKERS=2] [ARGS="--ema data.root=..."]: eval.json and
+# make eval RUN=runs/x [CHECKPOINT=last|best|file] [WORKERS=2] [ARGS="--ema data.root=..."]: eval.json and
 # confusion.png in the run folder.
 eval: venv
 	$(PY) -m train.after.evaluate $(RUN) --workers $(WORKERS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
-# make export RUN=runs/x [CHECKPOINT=file] [OUT=folder] [ARGS=--ema]: model.pt, model.pt2, meta.json.
+# make export RUN=runs/x [CHECKPOINT=last|best|file] [OUT=folder] [ARGS=--ema]: model.pt, model.pt2, meta.json.
 export: venv
 	$(PY) -m train.after.export $(RUN) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(OUT),--out $(OUT)) $(ARGS)
 

@@ -16,3 +16,9 @@ REPLACING_DIR = "replaced.partial"
 HANG_DIR = "hang"  # rank_<r>.json + rank_<r>.txt: where each rank was when a job hung
 PROFILE_DIR = "profile"  # rank_<r>.trace.json (torch.profiler) + top_ops.txt
 CLASSES_FILE = "classes.json"  # class index -> name, as the model's outputs are numbered
+VAL_SPLIT_FILE = "val_split.json"  # data.val_fraction: the validation files held out of train/
+BEST_FILE = "best.pt"  # checkpoint.keep_best: in checkpoints/, the best epoch's step file
+BEST_RECORD = "best.json"  # in checkpoints/ beside it: metric, value, epoch, step, file
+# The epoch record's keys checkpoint.best_metric may name, and which way is better.
+BEST_METRICS = {"test_accuracy": "max", "test_loss": "min", "train_accuracy": "max",
+                "train_loss": "min", "test_accuracy_ema": "max", "test_loss_ema": "min"}

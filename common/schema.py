@@ -44,7 +44,6 @@ StepRange = Check(lambda v: v == "" or parse_step_range(v) is not None,
                   "leave it empty for no profile")
 
 
-
 @dataclass
 class ModelConfig:
     # lenet | resnet18 (the book's) | torchvision.<builder> | timm.<name> (timm installed) |
@@ -184,6 +183,10 @@ class CheckpointConfig:
     keep: Annotated[int, Positive, RUNTIME] = 2  # how many recent checkpoints stay on disk
     resume: Annotated[bool, RUNTIME] = True  # continue from the latest valid one in run.dir
     allow_changes: Annotated[bool, RUNTIME] = False  # resume with another config or world size
+    keep_best: Annotated[bool, RUNTIME] = False  # also keep the best epoch's: checkpoints/best.pt
+    # the epoch record's key that ranks epochs: test_accuracy, test_loss, train_* (+ _ema)
+    best_metric: Annotated[str, RUNTIME] = "test_accuracy"
+    best_mode: Annotated[Literal["auto", "max", "min"], RUNTIME] = "auto"  # auto: min for losses
 
 
 @dataclass
@@ -199,6 +202,8 @@ class LogConfig:
     # auto: a bar on a terminal, plain lines elsewhere
     progress: Annotated[Literal["auto", "bar", "lines", "off"], RUNTIME] = "auto"
     every_steps: Annotated[int, Positive, RUNTIME] = 20  # per-step metrics every N steps
+    # TensorBoard event files of the same scalars as wandb, in run.dir/tensorboard (main worker)
+    tensorboard: Annotated[bool, RUNTIME] = False
     # estimate DDP's sync hidden in backward: a forward+backward with and one without sync (two
     # extra passes) at epoch ends, as often as that costs at most 3% of an epoch, else once per
     # run; never in runs shorter than an epoch. false: records say n/a (train/loop/trainer.py)

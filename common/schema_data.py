@@ -103,4 +103,8 @@ class DataConfig:
     # skip (and count, per epoch) image files that cannot be decoded instead of stopping
     skip_bad_files: Annotated[bool, RUNTIME] = False
     imagefolder: ImageFolderConfig = field(default_factory=ImageFolderConfig)
+    # imagefolder without a val/ folder: this share of each class's train/ images is held out
+    # for evaluation (seeded by `seed`, recorded in run.dir/val_split.json); 0: val/ is needed
+    val_fraction: Annotated[float, Check(lambda v: 0 <= v < 1, "must be in [0, 1)",
+                                         "0 evaluates on data.root/val")] = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

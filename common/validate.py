@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.records import BEST_METRICS
 from common.schema import Config, OptimConfig, PerfConfig, parse_step_range
 from models import check_name
 from train.data import DATASETS
@@ -71,7 +72,36 @@ def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("model.init_from and model.pretrained=true both set the initial "
                         "weights; set one")
+    check_run_options(cfg)
     return []
+
+
+def check_run_options(cfg: Config) -> None:
+    """data.val_fraction splits image folders only; checkpoint.best_metric names an epoch
+    figure that the run records; log.tensorboard needs its package."""
+    if cfg.log.tensorboard and not tensorboard_installed():
+        raise UserError("log.tensorboard=true but the tensorboard package is not installed: "
+                        "pip install tensorboard (requirements.txt pins it), or set "
+                        "log.tensorboard=false")
+    if cfg.data.val_fraction and cfg.data.name != "imagefolder":
+        raise UserError(f"data.val_fraction={cfg.data.val_fraction:g} splits an image folder's "
+                        f"train/; data.name={cfg.data.name} has its own test set: set "
+                        f"data.val_fraction=0")
+    metric = cfg.checkpoint.best_metric
+    if cfg.checkpoint.keep_best and metric not in BEST_METRICS:
+        raise UserError(f"checkpoint.best_metric={metric!r} is not an epoch figure; choose one "
+                        f"of {', '.join(BEST_METRICS)}")
+    if cfg.checkpoint.keep_best and metric.endswith("_ema") and cfg.train.ema_decay is None:
+        raise UserError(f"checkpoint.best_metric={metric} needs train.ema_decay (the moving "
+                        f"average is evaluated only with it)")
+
+
+def tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401 - only whether it imports (torch's writer needs it)
+    except ImportError:
+        return False
+    return True
 
 
 def check_names(cfg: Config) -> None:

@@ -5,7 +5,7 @@ JPEG files of random sizes, for trying `data.name=imagefolder` offline, the test
     python -m tools.make_images data/demo [--train 2000] [--val 400] [--classes 10]
         [--min-size 64] [--max-size 160] [--quality 90] [--format jpg|png]
 
-writes data/demo/train/class_00/000000.jpg ... and data/demo/val/... .
+writes data/demo/train/class_00/000000.jpg ... and data/demo/val/... (none with --val 0).
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ BASE_SIZE = 48  # pixels the generator draws at; each file is this image resized
 def write_image_folder(root: Path, train: int, val: int, classes: int = 10,
                        min_size: int = 64, max_size: int = 160, quality: int = 90,
                        fmt: str = "jpg", seed: int = 0) -> Path:
-    """Write `train` and `val` images into root/train and root/val; returns `root`."""
-    cfg = SyntheticConfig(train_samples=train, test_samples=val, channels=3,
+    """Write `train` and `val` images into root/train and root/val (no val/ when `val` is 0:
+    a folder for data.val_fraction); returns `root`."""
+    cfg = SyntheticConfig(train_samples=train, test_samples=max(val, 1), channels=3,
                           image_size=BASE_SIZE, num_classes=classes)
     splits = dict(zip(("train", "val"), make_synthetic(cfg, seed), strict=True))
+    if not val:
+        del splits["val"]
     rng = random.Random(seed)
     for split, data in splits.items():
         for name in range(classes):  # every class folder exists, even when a split is tiny

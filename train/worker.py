@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from common import status
+from common.records import VAL_SPLIT_FILE
 from common.schema import Config
 from common.validate import World, validate, validate_with_data
 from train.after.inference import InputSpec
@@ -30,8 +31,10 @@ from train.observe.console import Console
 from train.observe.describe import describe as describe_strategy
 from train.observe.monitor import Monitor
 from train.observe.profile import make_profiler
+from train.observe.tensorboard_sink import TensorBoardSink
 from train.observe.wandb_sink import NoWandb, WandbSink, check_usable, resolve_mode
 from train.optim import build_optimization
+from train.run.best import BestKeeper
 from train.run.checkpoint import Checkpointer, Checkpoints
 from train.run.folder import RunFolder, open_run
 from train.run.hang import HangRecorder, NoHangRecord, enable_fatal_dump
@@ -131,7 +134,11 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     """Data, model, optimization, guards, monitor and checkpointer of this worker (the same
     on every path), assembled into a Trainer."""
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
-    data = load_data(cfg, ctx, nhwc)
+    # A run that continues reads its validation split back (data.val_fraction); one that
+    # replaces another or starts over splits the folder as it is now.
+    recorded = cfg.checkpoint.resume and not run.replace
+    data = load_data(cfg, ctx, nhwc, Path(cfg.run.dir) / VAL_SPLIT_FILE if recorded else None)
+    run.held_out = data.held_out  # recorded by run.start
     schedule = make_schedule(cfg, len(data.train))
     agree(ctx, lambda: validate_with_data(cfg, data.facts.num_classes, schedule.total_steps))
     plain = agree(ctx, lambda: build_plain_model(cfg, ctx, data.facts, nhwc))
@@ -142,24 +149,23 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
                                schedule.global_batch, schedule.total_steps,
                                schedule.steps_per_epoch, ctx.device.type, strategy)
-    sinks: list = ([Console(cfg.log, schedule.epochs_in_run, schedule.total_steps)]
-                   if ctx.is_main else [])
-    tracking: WandbSink | NoWandb = NoWandb()
-    if ctx.is_main and resolve_mode(cfg.wandb)[0] != "disabled":
-        tracking = WandbSink(cfg, ctx, strategy.name, run.folder)
-        sinks.append(tracking)
+    best = BestKeeper(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode,
+                      run.checkpoint_dir) if cfg.checkpoint.keep_best else None
+    sinks, tracking = make_sinks(cfg, ctx, strategy, run, schedule, best)
     state, totals = TrainState(), EpochTotals(ctx)
     whole, sharded = strategy.checkpoint_parts(plain, optim.optimizer)
     ema = None if cfg.train.ema_decay is None else ModelEma(plain, cfg.train.ema_decay,
                                                              cfg.train.ema_warmup)
+    files = Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step,
+                        (cfg.debug.slow_save_step, cfg.debug.slow_save_seconds))
+    files.best = best
     checkpointer = Checkpointer(
-        Checkpoints(run.checkpoint_dir, cfg.checkpoint.keep, cfg.debug.disk_full_step,
-                    (cfg.debug.slow_save_step, cfg.debug.slow_save_seconds)), ctx,
+        files, ctx,
         # The class names first: a resume with other classes is refused before the model,
         # whose last layer would not fit, is loaded.
         parts={"classes": data.classes, **whole, **optim.parts(), "position": state,
                "tracking": tracking, "inputs": InputSpec.of(data.facts),
-               **({"ema": ema} if ema else {})},
+               **({"ema": ema} if ema else {}), **({"best": best} if best else {})},
         rank_parts={"rng": ProcessRng(), "totals": totals, "sync": strategy,
                     "data": data.counters},
         identity=identity(cfg), sharded=sharded)
@@ -172,6 +178,23 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
         ema=ema, profiler=make_profiler(cfg.perf.profile_steps, run.folder, ctx.rank,
                                         ctx.is_main, ctx.device),
         labels={"model": cfg.model.name, "dataset": cfg.data.name}))
+
+
+def make_sinks(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFolder,
+               schedule: Schedule, best: BestKeeper | None) -> tuple[list, WandbSink | NoWandb]:
+    """The main worker's monitor sinks (console, wandb, TensorBoard, the best epoch's keeper:
+    it ranks each epoch's record before the epoch's checkpoint is written); none elsewhere.
+    The wandb part is checkpointed on every rank (its run id)."""
+    tracking: WandbSink | NoWandb = NoWandb()
+    if not ctx.is_main:
+        return [], tracking
+    sinks: list = [Console(cfg.log, schedule.epochs_in_run, schedule.total_steps)]
+    if resolve_mode(cfg.wandb)[0] != "disabled":
+        tracking = WandbSink(cfg, ctx, strategy.name, run.folder)
+        sinks.append(tracking)
+    if cfg.log.tensorboard:
+        sinks.append(TensorBoardSink(run.folder))
+    return sinks + ([best] if best is not None else []), tracking
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -196,10 +219,11 @@ def make_guards(cfg: Config, ctx: DistContext, run: RunFolder) -> Guards:
                   faults=Faults(cfg.debug, ctx), timeout_s=cfg.dist.timeout_s, hang=hang)
 
 
-def load_data(cfg: Config, ctx: DistContext, channels_last: bool) -> DataParts:
+def load_data(cfg: Config, ctx: DistContext, channels_last: bool,
+              recorded_split: Path | None = None) -> DataParts:
     """Both splits' batches on the memory or the stream path (train/data/build.py)."""
     return build_data(cfg.data, cfg.seed, ctx, cfg.train.batch_size, cfg.train.eval_batch_size,
-                      channels_last, pad_eval=cfg.debug.pad_eval)
+                      channels_last, pad_eval=cfg.debug.pad_eval, recorded_split=recorded_split)
 
 
 def recipe_knobs(cfg: Config) -> list[str]:

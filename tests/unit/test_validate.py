@@ -3,6 +3,8 @@ this process; and the launcher, the doctor and the worker refusing through it al
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -70,6 +72,13 @@ REFUSED = [
      "batch must divide each of [2, 4, 6])", False),
     ([], ["perf.profile_steps=7-9"],
      "perf.profile_steps=7-9 is outside the run: it has 2 optimizer steps (1-2)", True),
+    ([], ["data.val_fraction=0.2"], "data.val_fraction=0.2 splits an image folder's train/; "
+     "data.name=synthetic has its own test set", True),
+    ([], ["checkpoint.keep_best=true", "checkpoint.best_metric=accuracy"],
+     "checkpoint.best_metric='accuracy' is not an epoch figure; choose one of test_accuracy",
+     True),
+    ([], ["checkpoint.keep_best=true", "checkpoint.best_metric=test_accuracy_ema"],
+     "checkpoint.best_metric=test_accuracy_ema needs train.ema_decay", True),
 ]
 
 
@@ -164,3 +173,14 @@ def test_checks_that_wait_for_the_data():
     validate(profiled, CPU2)  # the steps are not known before the data
     assert "it has 7 optimizer steps (1-7)" in refused_by(validate_with_data, profiled, 10, 7)
     validate_with_data(profiled, 10, 8)
+
+
+def test_log_tensorboard_without_the_package_is_refused_alike(tmp_path, monkeypatch):
+    # None in sys.modules makes `import tensorboard` fail as on a machine without it.
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    test_launcher_doctor_and_worker_refuse_through_validate(
+        tmp_path, [], ["log.tensorboard=true"], "log.tensorboard=true but the tensorboard "
+        "package is not installed: pip install tensorboard", True)
+    with pytest.raises(UserError) as info:
+        validate(load_config(CONFIG, ["log.tensorboard=true"]), CPU2)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)

@@ -20,7 +20,7 @@ from common.errors import UserError, outside
 from common.files import atomic_write
 from common.spawn import SpawnError, spawn
 from train import dist
-from train.after.loaded import check_inputs, open_trained, run_config
+from train.after.loaded import check_inputs, checkpoint_path, open_trained, run_config
 from train.loop.evaluation import evaluate
 
 log = logging.getLogger("train.after.evaluate")
@@ -29,12 +29,14 @@ log = logging.getLogger("train.after.evaluate")
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.after.evaluate", description=__doc__)
     parser.add_argument("run", type=Path, help="the run folder (holds config.yaml)")
-    parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
+    parser.add_argument("--checkpoint", help="last (RUN/checkpoints/last.pt, the default), "
+                        "best (checkpoint.keep_best's best.pt) or a checkpoint file")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--ema", action="store_true", help="the weights' moving average")
     parser.add_argument("--cpu", action="store_true", help="evaluate on CPU workers")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
-    return parser.parse_args(argv)
+    # intermixed: `make eval` puts ARGS' overrides after the options it adds
+    return parser.parse_intermixed_args(argv)
 
 
 def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) -> dict:
@@ -42,7 +44,8 @@ def evaluate_worker(run: str, checkpoint: str, ema: bool, overrides: list[str]) 
     cfg = run_config(Path(run), overrides)
     ctx = dist.setup(cfg.dist)
     try:
-        trained = dist.agree(ctx, lambda: open_trained(cfg, ctx, Path(checkpoint), ema))
+        trained = dist.agree(ctx, lambda: open_trained(cfg, ctx, Path(checkpoint), ema,
+                                                       Path(run)))
         result = evaluate(trained.model, trained.data.test.iterate(), ctx, trained.autocast,
                           num_classes=trained.data.facts.num_classes)
     except UserError as exc:  # agreed: every rank returns it, the command prints it once
@@ -106,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     overrides = [*args.overrides, *(["dist.device=cpu"] if args.cpu else []),
                  "wandb.mode=disabled"]
-    checkpoint = args.checkpoint or args.run / "checkpoints" / "last.pt"
     try:
+        checkpoint = checkpoint_path(args.run, args.checkpoint)
         if args.workers < 1:
             raise UserError(f"--workers must be at least 1; got {args.workers}")
 

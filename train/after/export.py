@@ -20,17 +20,25 @@ import torch
 from common.errors import UserError, outside
 from common.files import atomic_write
 from train import dist
-from train.after.loaded import checkpoint_record, normalization, open_trained, run_config
+from train.after.loaded import (
+    checkpoint_path,
+    checkpoint_record,
+    normalization,
+    open_trained,
+    run_config,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.after.export", description=__doc__)
     parser.add_argument("run", type=Path, help="the run folder (holds config.yaml)")
-    parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
+    parser.add_argument("--checkpoint", help="last (RUN/checkpoints/last.pt, the default), "
+                        "best (checkpoint.keep_best's best.pt) or a checkpoint file")
     parser.add_argument("--ema", action="store_true", help="the weights' moving average")
     parser.add_argument("--out", type=Path, help="default: RUN/export")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
-    return parser.parse_args(argv)
+    # intermixed: `make export` puts ARGS' overrides after the options it adds
+    return parser.parse_intermixed_args(argv)
 
 
 def export_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
@@ -52,7 +60,7 @@ def export(run: Path, checkpoint: Path, ema: bool, out: Path, overrides: list[st
                            "perf.channels_last=false"])
     ctx = dist.setup(cfg.dist)
     try:
-        trained = open_trained(cfg, ctx, checkpoint, ema)
+        trained = open_trained(cfg, ctx, checkpoint, ema, run)
     finally:
         dist.teardown(ctx)
     facts = trained.data.facts
@@ -75,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = args.out or args.run / "export"
     try:
-        meta = export(args.run, args.checkpoint or args.run / "checkpoints" / "last.pt",
-                      args.ema, out, args.overrides)
+        meta = export(args.run, checkpoint_path(args.run, args.checkpoint), args.ema, out,
+                      args.overrides)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

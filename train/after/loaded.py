@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError, outside
+from common.records import CHECKPOINT_DIR, VAL_SPLIT_FILE
 from common.schema import Config
 from train.config import load_config
 from train.data.build import DataParts, build_data
@@ -41,6 +42,18 @@ def run_config(run: Path, overrides: list[str]) -> Config:
     return load_config(path, overrides)
 
 
+def checkpoint_path(run: Path, given: str | None) -> Path:
+    """`--checkpoint`: `last` (the default), `best` (checkpoint.keep_best's), or a file."""
+    if given in (None, "", "last", "best"):
+        name = "best" if given == "best" else "last"
+        path = run / CHECKPOINT_DIR / f"{name}.pt"
+        if name == "best" and not path.is_file():
+            raise UserError(f"{run} has no best checkpoint ({path}): it is kept by runs with "
+                            f"checkpoint.keep_best set, from their first evaluation on")
+        return path
+    return Path(given)
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint {path}")
@@ -66,7 +79,7 @@ def checkpoint_record(run: Path, checkpoint: Path, step: int) -> dict[str, Any]:
             digest.update(block)
     path = checkpoint.resolve()
     named = path.with_name(f"step_{step:08d}.pt")  # last.pt is a hard link to the step's file
-    if path.name == "last.pt" and named.is_file() and named.samefile(path):
+    if path.name in ("last.pt", "best.pt") and named.is_file() and named.samefile(path):
         path = named
     return {"run": str(follow_latest(run).resolve()), "checkpoint": str(path), "step": step,
             "checkpoint_sha256": digest.hexdigest()}
@@ -84,14 +97,17 @@ def weights(state: dict[str, Any], ema: bool, path: Path) -> dict[str, torch.Ten
     return state["ema"]["module"]
 
 
-def open_trained(cfg: Config, ctx: DistContext, checkpoint: Path, ema: bool) -> Trained:
-    """The run's data (test batches as training had them) and model with the checkpoint's
-    weights; the run's own initial weights are not needed (no init_from, no download)."""
+def open_trained(cfg: Config, ctx: DistContext, checkpoint: Path, ema: bool,
+                 run: Path | None = None) -> Trained:
+    """The run's data (test batches as training had them: the run folder's val_split.json,
+    with data.val_fraction) and model with the checkpoint's weights; the run's own initial
+    weights are not needed (no init_from, no download)."""
     cfg = replace(cfg, model=replace(cfg.model, init_from="", pretrained=False))
     state = read_checkpoint(checkpoint)
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
+    split = follow_latest(run) / VAL_SPLIT_FILE if run is not None else None
     data = build_data(cfg.data, cfg.seed, ctx, cfg.train.batch_size, cfg.train.eval_batch_size,
-                      nhwc)
+                      nhwc, recorded_split=split)
     if list(state["classes"]["names"]) != data.facts.classes:
         raise UserError(f"checkpoint {checkpoint} was trained on other classes than the data "
                         f"now has ({len(state['classes']['names'])} vs "

@@ -10,11 +10,12 @@ starts: files present (or downloaded), folders laid out right, the factory impor
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
 from common.schema import DataConfig
-from train.data import imagefolder, official, pysource
+from train.data import official, pysource, val_split
 from train.data.synthetic import make_synthetic
 from train.data.tensors import TensorData, channel_stats
 
@@ -30,7 +31,7 @@ def _official(cfg: DataConfig, seed: int, download: bool) -> tuple[TensorData, T
 
 
 def _imagefolder(cfg: DataConfig, seed: int, download: bool) -> tuple[Any, Any]:
-    return imagefolder.scan(cfg)
+    return val_split.scan_folder(cfg, seed)
 
 
 def _python(cfg: DataConfig, seed: int, download: bool) -> tuple[Any, Any]:
@@ -50,9 +51,13 @@ DATASETS: dict[str, Opener] = {
 DOWNLOADABLE = ("fashion_mnist", "mnist", "cifar10")  # torchvision fetches them when missing
 
 
-def open_datasets(cfg: DataConfig, seed: int, download: bool = False) -> tuple[Any, Any]:
+def open_datasets(cfg: DataConfig, seed: int, download: bool = False,
+                  recorded_split: Path | None = None) -> tuple[Any, Any]:
     """(train, test) as the dataset comes: TensorData, or sample sets; `download` lets
-    torchvision fetch missing files."""
+    torchvision fetch missing files. `recorded_split`: the run's val_split.json, the
+    validation files a run with `data.val_fraction` holds out (used when it exists)."""
+    if cfg.name == "imagefolder" and recorded_split is not None:
+        return val_split.scan_folder(cfg, seed, recorded_split)
     return DATASETS[cfg.name](cfg, seed, download and cfg.download)
 
 
@@ -86,9 +91,10 @@ def ensure_available(cfg: DataConfig, global_batch: int | None = None) -> str:
         samples = official.ensure_files(cfg)
         found = f"{cfg.name}: files present in {official.dataset_folder(cfg)}"
     elif cfg.name == "imagefolder":
-        train, val = imagefolder.scan(cfg)
+        train, val = val_split.scan_folder(cfg, seed=0)  # the counts do not depend on the seed
         samples = len(train)
-        found = (f"imagefolder: {len(train):,} train / {len(val):,} val images in "
+        held = f" (data.val_fraction={cfg.val_fraction:g} of train/)" if cfg.val_fraction else ""
+        found = (f"imagefolder: {len(train):,} train / {len(val):,} val{held} images in "
                  f"{len(train.classes)} classes, in {cfg.root}")
     elif cfg.name == "python":
         train, test = pysource.open_python(cfg)

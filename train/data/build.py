@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,15 +80,19 @@ class DataParts:
     facts: DataFacts
     counters: DataCounters  # a rank part: skipped files of the epoch
     classes: ClassNames  # a part: the class names
+    held_out: FileSet | None = None  # the validation files data.val_fraction split off
 
 
 def build_data(cfg: DataConfig, seed: int, ctx: DistContext, global_batch: int,
-               eval_batch: int, channels_last: bool, pad_eval: bool = False) -> DataParts:
+               eval_batch: int, channels_last: bool, pad_eval: bool = False,
+               recorded_split: Path | None = None) -> DataParts:
     """Both splits' batches for this rank. One process per node downloads and decodes first
-    (the others then find its files); errors are agreed, so one line reports them."""
+    (the others then find its files); errors are agreed, so one line reports them.
+    `recorded_split`: the run's val_split.json (data.val_fraction), used when it exists."""
     first = ctx.local_rank == 0
     with local_main_first(ctx):
-        train, test = open_datasets(cfg, seed, download=first)
+        train, test = open_datasets(cfg, seed, download=first, recorded_split=recorded_split)
+        held_out = test if isinstance(test, FileSet) and test.subset else None
         native = train.image_size if isinstance(train, TensorData) else DEFAULT_FILE_IMAGE_SIZE
         augment = Augment(cfg, cfg.image_size or native, seed)
         loader, why = choose_loader(cfg, train, test, augment)
@@ -118,7 +123,7 @@ def build_data(cfg: DataConfig, seed: int, ctx: DistContext, global_batch: int,
     facts = DataFacts(train_data.data.channels, augment.size, len(classes), classes,
                       len(train_data.data), len(test_data.data), loader, note,
                       None if stats is None else (stats[0].cpu(), stats[1].cpu()))
-    return DataParts(train_data, test_data, facts, counters, ClassNames(classes))
+    return DataParts(train_data, test_data, facts, counters, ClassNames(classes), held_out)
 
 
 def choose_loader(cfg: DataConfig, train: Any, test: Any, augment: Augment) -> tuple[str, str]:

@@ -60,6 +60,7 @@ class FileSet:
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
     channels: int = 3  # every image is converted to RGB, as torchvision's loader does
+    subset: str = ""  # a part of the folder (data.val_fraction): a digest of its files
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,7 +82,8 @@ class FileSet:
         """What the decoded cache's name depends on: the files and their class folders' times
         (adding, removing or renaming a file changes its folder's modification time)."""
         times = [os.stat(self.folder / c).st_mtime_ns for c in self.classes]
-        return [str(self.folder), self.classes, times, len(self.paths)]
+        return [str(self.folder), self.classes, times, len(self.paths)] + (
+            [self.subset] if self.subset else [])
 
 
 def _reason(exc: BaseException) -> str:

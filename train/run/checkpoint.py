@@ -150,6 +150,7 @@ class Checkpoints:
         self.keep = keep
         self.fill_disk_at = fill_disk_at  # debug.disk_full_step: a planted full disk
         self.slow_from = slow_from  # debug.slow_save_step/seconds: a planted slow disk
+        self.best: Any = None  # checkpoint.keep_best's keeper (train/run/best.py): kept, linked
 
     def save(self, state: dict[str, Any]) -> Path:
         """Write `state` as step_<step>.pt (+ .sha256), point last.pt at it, drop old ones.
@@ -176,6 +177,12 @@ class Checkpoints:
             path.unlink(missing_ok=True)
             raise write_failure(exc, f"step {state['step']}", self.folder.parent,
                                 self.newest_complete()) from None
+        if self.best is not None:
+            try:
+                self.best.after_save(_link_or_copy)
+            except OSError as exc:
+                raise write_failure(exc, "best.pt", self.folder.parent,
+                                    self.newest_complete()) from None
         self._rotate()
         return path
 
@@ -241,7 +248,10 @@ class Checkpoints:
                          f"away")
 
     def _rotate(self) -> None:
+        kept = self.best.protected() if self.best is not None else None
         for old in self.candidates()[self.keep:]:
+            if old.name == kept:  # the best epoch's (its fsdp folder stays with it)
+                continue
             # The sidecar first: a crash in between leaves a step file that is read and
             # checked by unpickling, and removed by the next rotation; never a lone sidecar.
             _digest_path(old).unlink(missing_ok=True)

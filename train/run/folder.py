@@ -29,8 +29,11 @@ from common.records import (
     REPLACED_DIR,
     REPLACING_DIR,
     SUMMARY_FILE,
+    VAL_SPLIT_FILE,
 )
 from common.schema import Config
+from train.data.imagefolder import FileSet
+from train.data.val_split import write_split
 from train.dist import DistContext, from_main
 from train.run.checkpoint import Checkpoints
 from train.run.identity import check_run_dir
@@ -51,6 +54,7 @@ class RunFolder:
         self.metrics_path = folder / METRICS_FILE
         self.checkpoint_dir = folder / CHECKPOINT_DIR
         self.records: list[dict[str, Any]] = []  # every epoch of the run, resumed ones too
+        self.held_out: FileSet | None = None  # data.val_fraction's split, recorded at start
 
     def start(self, cfg: Config, resumed_epochs: int | None = None) -> None:
         """Write the resolved config. A resumed run keeps the metrics of the epochs it does not
@@ -65,6 +69,10 @@ class RunFolder:
         with self._writing(CONFIG_FILE):
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(self.folder / CONFIG_FILE, lambda p: p.write_text(to_yaml(cfg)))
+        if self.held_out is not None:  # resume and `make eval` read it (train/data/val_split.py)
+            with self._writing(VAL_SPLIT_FILE):
+                write_split(self.folder / VAL_SPLIT_FILE, self.held_out, cfg.data.val_fraction,
+                            cfg.seed)
         self.records = [r for r in self._read_records() if r["epoch"] <= (resumed_epochs or 0)]
         with self._writing(METRICS_FILE):
             atomic_write(self.metrics_path, lambda p: p.write_text(

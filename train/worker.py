@@ -137,9 +137,9 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     model = strategy.wrap(plain)
     if compiled:
         model = strategy.compile(model, cfg.perf.compile_mode, cfg.perf.compile_backend)
-    optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
-                               schedule.global_batch, schedule.total_steps,
-                               schedule.steps_per_epoch, ctx.device.type, strategy)
+    optim = build_optimization(cfg.optim, cfg.perf.precision, plain, schedule.global_batch,
+                               schedule.total_steps, schedule.steps_per_epoch, ctx.device.type,
+                               strategy)
     sinks: list = ([Console(cfg.log, schedule.epochs_in_run, schedule.total_steps)]
                    if ctx.is_main else [])
     tracking: WandbSink | NoWandb = NoWandb()

@@ -27,6 +27,7 @@ DEV_DIR_ENV = "DPTRAIN_DEV_DIR"
 PROC_ENV = "DPTRAIN_NVIDIA_PROC"
 PROC_VERSION = "/proc/driver/nvidia/version"
 WHEEL_INDEX = "https://download.pytorch.org/whl/"
+HOW_TO = "docs/gpu.md#installing-torch-for-your-driver"
 SMI_TIMEOUT_S = 30  # nvidia-smi takes seconds on a machine with many GPUs in persistence off
 # The oldest Linux driver of each CUDA release (CUDA's release notes): what a driver runs when
 # no nvidia-smi says it. Newest first.
@@ -135,8 +136,8 @@ def mismatch_line(driver: Driver, torch_version: str, torch_cuda: str | None,
     wanted = f"CUDA {driver_cuda} or older" if driver_cuda else "the driver's CUDA (nvidia-smi)"
     return (f"this machine has GPUs ({driver}) but torch {torch_version} cannot use them: "
             f"{build}. Install a torch built for {wanted}: `pip install {pair} --index-url "
-            f"{index}` (or `make venv TORCH_INDEX={index}`; docs/gpu.md#installing-torch-for-"
-            f"your-driver), or pass --cpu to train on CPU workers")
+            f"{index}` (or `make venv TORCH_INDEX={index}`; {HOW_TO}), or pass --cpu to train "
+            f"on CPU workers")
 
 
 def unusable_gpus(env: Mapping[str, str] = os.environ) -> str | None:

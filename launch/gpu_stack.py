@@ -156,3 +156,25 @@ def unusable_gpus(env: Mapping[str, str] = os.environ) -> str | None:
     except metadata.PackageNotFoundError:
         torchvision = None
     return mismatch_line(driver, str(torch.__version__), torch.version.cuda, torchvision, visible)
+
+
+def behind_line(driver: Driver, torch_cuda: str | None) -> str | None:
+    """torch sees the GPUs, but its CUDA is newer than the driver's: it runs under CUDA's
+    minor version compatibility (same major version), where code that needs the PTX compiled
+    at run time (a GPU newer than the build's kernels, some compiled extensions) fails."""
+    if not (driver.cuda and torch_cuda) or version_tuple(driver.cuda) >= version_tuple(torch_cuda):
+        return None
+    return (f"the driver runs CUDA {driver.cuda}, older than this torch's CUDA {torch_cuda}: "
+            f"it runs under CUDA's minor version compatibility, without kernels compiled at run "
+            f"time from PTX; a torch for CUDA {driver.cuda} ({wheel_index(driver.cuda)}) or a "
+            f"newer driver avoids that")
+
+
+def driver_behind(env: Mapping[str, str] = os.environ) -> str | None:
+    """The line above for this machine (the doctor asks, when torch sees GPUs)."""
+    driver = probe_driver(env)
+    if driver is None:
+        return None
+    import torch
+
+    return behind_line(driver, torch.version.cuda)

@@ -19,6 +19,7 @@ from launch.gpu_stack import (
     DEV_DIR_ENV,
     PROC_ENV,
     Driver,
+    behind_line,
     cuda_of_driver,
     device_nodes,
     mismatch_line,
@@ -82,6 +83,17 @@ def test_a_build_the_driver_runs_that_still_sees_nothing_points_elsewhere():
                          visible="7")
     assert "torch 2.14.1 (CUDA 12.8) sees none of them, though the driver runs its CUDA" in line
     assert "CUDA_VISIBLE_DEVICES ('7')" in line and "--index-url" not in line
+
+
+def test_a_driver_behind_a_build_that_still_runs_is_a_warning_line():
+    """torch sees the GPUs (CUDA minor version compatibility): the doctor warns, nothing stops.
+    Only the line is checked here: the doctor's row needs a GPU that torch sees."""
+    line = behind_line(Driver("nvidia-smi", "550.54.15", "12.4"), "12.8")
+    assert line.startswith("the driver runs CUDA 12.4, older than this torch's CUDA 12.8")
+    assert "https://download.pytorch.org/whl/cu124" in line
+    assert behind_line(Driver("nvidia-smi", "570.86.10", "12.8"), "12.8") is None
+    assert behind_line(Driver("nvidia-smi", "580.65.06", "13.0"), "12.8") is None
+    assert behind_line(Driver("/dev/nvidia0", None, None), "12.8") is None
 
 
 @pytest.fixture

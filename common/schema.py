@@ -104,8 +104,10 @@ class OptimConfig:
         default_factory=lambda: [30, 60, 80])
     # schedule=step: the lr's factor at each milestone
     gamma: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.1
-    scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x workers, or x sqrt(workers)
-    # timm's rule: lr = optim.lr x global batch / lr_base_batch (null: lr as given)
+    # lr x global batch / lr_base_batch (linear, timm's rule) or x its square root (sqrt);
+    # never by the worker count: a config trains the same on 2 and 8 GPUs
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"
+    # the global batch optim.lr was tuned for (null: 256); set alone, it scales linearly
     lr_base_batch: PositiveInt | None = None
     # clip gradients to this global L2 norm (all ranks, all micro-batches); null: no clipping
     clip_grad_norm: Annotated[float | None, Positive] = None

@@ -18,8 +18,10 @@ from typing import NoReturn
 from common.errors import EXIT_USER_ERROR
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-# A requirement such as "torch>=2.11,<2.15" (the quotes keep "torchvision>=" from matching).
-_TORCH_MINIMUM = re.compile(r"""^["']?torch\s*>=\s*([0-9][0-9.]*)""")
+# torch's requirement: "torch>=2.11,<2.15" in pyproject.toml, "torch<2.15,>=2.11" in an
+# installed package's metadata (its specifiers sorted); not torchvision's.
+_TORCH_REQUIREMENT = re.compile(r"""^["']?torch(?![\w.-])([^;"'#]*)""")
+_AT_LEAST = re.compile(r">=\s*([0-9][0-9.]*)")
 REPORT_GRACE_S = 3.0  # other local ranks wait this long for local rank 0 to say why
 
 
@@ -42,7 +44,8 @@ def _requirements() -> list[str]:
 def minimum_torch() -> str:
     """The oldest torch the project supports, e.g. "2.11"."""
     for line in _requirements():
-        found = _TORCH_MINIMUM.match(line)
+        requirement = _TORCH_REQUIREMENT.match(line)
+        found = requirement and _AT_LEAST.search(requirement.group(1))
         if found:
             return found.group(1).rstrip(".")
     raise RuntimeError(f"no torch>=... requirement in {PYPROJECT} (nor in dptrain's metadata)")

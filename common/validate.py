@@ -118,9 +118,6 @@ def check_lr_options(cfg: OptimConfig) -> None:
     if cfg.warmup_steps and cfg.warmup_epochs:
         raise UserError(f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_epochs="
                         f"{cfg.warmup_epochs:g} both set the warmup; set one")
-    if cfg.lr_base_batch is not None and cfg.scale_lr != "none":
-        raise UserError(f"optim.lr_base_batch and optim.scale_lr={cfg.scale_lr} both scale the "
-                        f"learning rate; set one")
 
 
 def check_device_options(cfg: Config, device_kind: str) -> list[str]:

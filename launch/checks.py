@@ -19,6 +19,7 @@ from common.errors import UserError
 from common.host import backend_for, visible_gpus
 from common.validate import SECTIONS, profile_range, validate
 from launch.folder_checks import check_disk, check_run_folder
+from launch.gpu_stack import driver_behind
 from launch.job import Job
 from launch.net import try_connect
 from launch.resource_checks import check_cores, check_pretrained
@@ -51,6 +52,9 @@ def check_gpus(job: Job) -> Verdict:
         import torch
 
         names = sorted({torch.cuda.get_device_name(i) for i in range(visible_gpus())})
+        behind = driver_behind() if job.dry else None  # the doctor: nvidia-smi asked
+        if behind:
+            return WARN, f"{job.note}: {', '.join(names)}; {behind}"
         return OK, f"{job.note}: {', '.join(names)}"
     return OK, job.note
 

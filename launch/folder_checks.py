@@ -55,7 +55,7 @@ def check_run_folder(job: Job) -> Verdict:
         if latest is None:
             raise files.none_valid()
         path, state = latest
-        check_resumable(cfg, job.world_size, state, f"checkpoint {path}")
+        check_resumable(cfg, state, f"checkpoint {path}")
         epochs, steps = int(state["epoch"]), int(state["step"])
         if is_complete(cfg.train, epochs, steps):
             return OK, (f"{folder}: complete ({path.name}: {epochs} epoch(s), {steps} steps); "

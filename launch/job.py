@@ -17,6 +17,7 @@ from common.host import (
 )
 from common.schema import Config
 from common.validate import World
+from launch.gpu_stack import unusable_gpus
 from train.run.location import settle_run_dir
 
 DEFAULT_CPU_WORKERS = 2
@@ -123,7 +124,13 @@ def _decide_workers(args: argparse.Namespace, cfg: Config, dry: bool) -> Job:
     try:
         kind = resolve_device_kind(cfg.dist.device)
     except UserError as exc:
-        return Job(args, cfg, "cuda", asked, str(exc), "", dry)
+        return Job(args, cfg, "cuda", asked, unusable_gpus() or str(exc), "", dry)
+    if kind == "cpu" and cfg.dist.device != "cpu":
+        # torch sees no GPU and CPU workers were not asked for (--cpu, dist.device=cpu): GPUs
+        # the driver shows are a torch that does not fit it, not a CPU machine.
+        problem = unusable_gpus()
+        if problem:
+            return Job(args, cfg, "cuda", asked, problem, "", dry)
     try:
         # For mode dp --gpus counts the GPUs of its one process: never more than visible.
         nproc, note = count_workers(args.gpus, kind,

@@ -4,8 +4,7 @@ continues it (the launcher prints it as a `launch:` line, the doctor in its run 
 
 Such a run: a default folder `runs/<run.name>-<8 hex digits>` beside this one, with a
 checkpoint whose identity differs from this job's in the data's files only (`data.content`:
-a copy with a file more or less), or in the number of workers where that changes the run
-(train/run/identity.py: worker_count_matters), or in nothing at all (a folder named by an earlier
+a copy with a file more or less), or in nothing at all (a folder named by an earlier
 version's rule, which had the worker count and `data.root` in the name).
 """
 
@@ -29,7 +28,6 @@ from train.run.identity import (
     describe_differences,
     differences,
     identity,
-    worker_count_matters,
 )
 from train.run.resume import is_complete
 
@@ -73,21 +71,18 @@ def related_notice(cfg: Config, world_size: int, argv: list[str]) -> str | None:
     state = related.state
     what = [describe_differences(state["config"], identity(cfg))] if related.changed else []
     if state["world_size"] != world_size:
-        why = worker_count_matters(cfg)
-        what.append(f"{state['world_size']} workers -> {world_size}" + (f", and {why}" if why
-                                                                         else ""))
+        what.append(f"{state['world_size']} workers -> {world_size}")
     differs = "; ".join(what) or "the same run, in a folder named by an earlier version"
     if is_complete(cfg.train, int(state["epoch"]), int(state["step"])):  # nothing to continue
         return (f"{cfg.run.dir} is a new run folder; {related.folder} holds a complete run of "
                 f"this config ({differs})")
     head = (f"{cfg.run.dir} is a new run folder, but {related.folder} holds a run of this "
             f"config at step {state['step']} ({differs})")
-    allow = bool(related.changed) or (state["world_size"] != world_size
-                                      and worker_count_matters(cfg) is not None)
+    allow = bool(related.changed)
     adopted = copy.deepcopy(cfg)
     adopted.run.dir, adopted.checkpoint.allow_changes = str(related.folder), allow
     try:
-        check_resumable(adopted, world_size, state, f"checkpoint {related.checkpoint}")
+        check_resumable(adopted, state, f"checkpoint {related.checkpoint}")
     except UserError as exc:
         return f"{head}; it cannot continue with this config: {exc}"
     extra = [f"run.dir={related.folder}", *(["checkpoint.allow_changes=true"] if allow else [])]

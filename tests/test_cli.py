@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import re
 
 import pytest
@@ -123,6 +124,31 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_gpus_this_torch_cannot_use_stop_the_launcher_in_one_line(tmp_path):
+    """The machine's GPUs as nvidia-smi shows them: a stand-in script on PATH (driver
+    550.54.15, CUDA 12.4); the torch is this venv's own, which sees no GPU here, the honest
+    stand-in for a CPU-only build or one built for a newer CUDA than the driver's. Each line's
+    wording, --cpu and the doctor's row are checked in process (tests/unit/test_gpu_stack.py);
+    here the real command and the real nvidia-smi call."""
+    if gpu_count() > 0:
+        pytest.skip("this torch sees a GPU: it cannot stand in for one that cannot")
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho '| NVIDIA-SMI 550.54.15    Driver Version: 550.54.15    "
+                   "CUDA Version: 12.4     |'\n")
+    smi.chmod(0o755)
+    env = {"PATH": f"{smi.parent}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None}
+    result = run_cli("launch", CONFIG, f"run.dir={tmp_path / 'run'}", env=env)
+    assert result.returncode == 2, result.stdout
+    lines = error_lines(result.stderr)
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: this machine has GPUs (driver 550.54.15, CUDA 12.4; "
+                               f"seen by nvidia-smi) but torch {torch.__version__} cannot use")
+    assert build in lines[0] and "--index-url https://download.pytorch.org/whl/cu124" in lines[0]
+    assert not (tmp_path / "run").exists()  # --cpu trains instead: tests/unit/test_gpu_stack.py
 
 
 @pytest.mark.gpu

@@ -106,10 +106,14 @@ def test_the_minimum_is_pyprojects_and_the_tier_runs_exactly_it():
     assert torch_problem() is None  # this venv's own torch (2.14 or the tier's 2.11)
 
 
-def test_the_minimum_comes_from_the_installed_metadata_without_a_checkout(monkeypatch, tmp_path):
+@pytest.mark.parametrize("requirement", ["torch>=2.9,<3", "torch<3,>=2.9"])
+def test_the_minimum_comes_from_the_installed_metadata_without_a_checkout(monkeypatch, tmp_path,
+                                                                          requirement):
+    """`pip install .` writes the specifiers sorted ("torch<2.15,>=2.11"): both orders."""
     monkeypatch.setattr(torch_support, "PYPROJECT", tmp_path / "pyproject.toml")
     monkeypatch.setattr(torch_support.metadata, "requires",
-                        lambda name: ["numpy>=2", "torchvision>=0.24", "torch>=2.9,<3"])
+                        lambda name: ["numpy>=2", "torchvision<1,>=0.24", requirement,
+                                      'torchaudio>=2.1; extra == "audio"'])
     assert minimum_torch() == "2.9"
 
 

@@ -247,7 +247,7 @@ def test_run_folder_holding_another_run_fails(tmp_path):
 
 
 @pytest.mark.parametrize("scaled", [[], ["optim.scale_lr=linear"]])
-def test_run_folder_with_checkpoints_resumes_on_another_world_size_unless_the_lr_follows_it(
+def test_run_folder_with_checkpoints_resumes_on_another_world_size(
         tmp_path, scaled):
     cfg = load_config(CONFIG, [f"run.dir={tmp_path}", *scaled])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
@@ -258,12 +258,9 @@ def test_run_folder_with_checkpoints_resumes_on_another_world_size_unless_the_lr
     (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"")  # damaged: skipped
     resumes = (OK, f"{tmp_path}: will resume from step_00000006.pt (epoch 2, step 6)")
     assert check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}", *scaled)) == resumes
-    verdict, detail = run_check(check_run_folder,
-                                job_for("--gpus", "3", CONFIG, f"run.dir={tmp_path}", *scaled))
-    if scaled:  # lr x workers: another world size is another run
-        assert verdict == FAIL and "was written by 2 workers and this job has 3" in detail
-    else:  # the same global batch: re-sharded
-        assert (verdict, detail) == resumes
+    # The same global batch, and the learning rate follows it (scaled or not): re-sharded.
+    assert run_check(check_run_folder, job_for("--gpus", "3", CONFIG, f"run.dir={tmp_path}",
+                                               *scaled)) == resumes
     verdict, detail = check_run_folder(job_for(CONFIG, f"run.dir={tmp_path}", *scaled,
                                                "checkpoint.resume=false"))
     assert verdict == OK and "starts over" in detail

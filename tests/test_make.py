@@ -56,3 +56,31 @@ def test_make_train_stopped_by_sigint(tmp_path, whom):
         assert code == -signal.SIGINT  # ended by SIGINT: a shell's $? is 128 + 2 = 130
     else:
         assert code == 2  # make's own code: it has no other to give
+
+
+def make_dry_run(*args: str) -> list[str]:
+    """The commands `make -n` would run, in a venv folder that does not exist."""
+    result = subprocess.run(["make", "-n", *args, "VENV=/nonexistent/venv"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_your_own_python_runs_the_targets_without_a_venv():
+    """`make train PY=python3`: an environment the user made (their torch) runs the target;
+    no venv is built. Without PY the venv comes first; TORCH_INDEX takes torch and torchvision
+    from PyTorch's wheel index at requirements.txt's versions, before the rest."""
+    for target in ("train", "doctor", "eval", "test-fast"):
+        commands = make_dry_run(target, "PY=python3", "RUN=runs/x")
+        assert commands and all(c.startswith("python3 -m ") for c in commands), commands
+    commands = make_dry_run("train")
+    assert "-m venv /nonexistent/venv" in commands[0]
+    assert commands[-1].startswith("/nonexistent/venv/bin/python -m launch")
+    index = "https://download.pytorch.org/whl/cu126"
+    commands = make_dry_run("venv", f"TORCH_INDEX={index}")
+    [first] = [c for c in commands if "--index-url" in c]
+    assert first.startswith(f"/nonexistent/venv/bin/pip install --quiet --quiet --index-url "
+                            f"{index} $(grep -E '^torch(vision)?==' requirements.txt)")
+    assert commands.index(first) < commands.index(
+        "/nonexistent/venv/bin/pip install --quiet --quiet -r requirements.txt")
+    assert not any("--index-url" in c for c in make_dry_run("venv"))

@@ -84,3 +84,23 @@ def test_interrupted_launchers_requeue_the_job(tmp_path, launcher_exit, requeued
     assert sorted(line.split("--node-rank ")[1][0] for line in launchers) == ["0", "1"]
     # The default run folder has no job id: a job submitted again by hand resumes too.
     assert all("run.dir=runs/dptrain train.epochs=90" in line for line in launchers), launchers
+
+
+def test_your_own_python_runs_the_launchers_and_no_venv_is_built(tmp_path):
+    """PY=...: the launchers run with that Python and `make venv` is not run in the job."""
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    shim(tmp_path, "own-python", LAUNCHER)
+    env = {**slurm_env(tmp_path, submit), "LAUNCHER_LOG": str(tmp_path / "launcher.log"),
+           "LAUNCHER_EXIT": "0", "PY": str(tmp_path / "own-python")}
+    shim(tmp_path / "bin", "make", f"#!/bin/bash\necho \"$*\" >> {tmp_path / 'make.log'}\n")
+    done = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    launchers = (tmp_path / "launcher.log").read_text().splitlines()
+    assert len(launchers) == 2, launchers
+    assert all(line.startswith("-m launch --nnodes 2") for line in launchers), launchers
+    assert not (tmp_path / "make.log").exists()
+    del env["PY"]  # without PY: make venv, then .venv/bin/python (the test above)
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert (tmp_path / "make.log").read_text().split() == ["venv"]

@@ -8,14 +8,23 @@ from dataclasses import dataclass
 
 from common.schema import OptimConfig
 
+# The global batch `optim.lr` was tuned for when optim.lr_base_batch is not given (timm's
+# lr_base_size).
+LR_BASE_BATCH = 256
 
-def peak_lr(cfg: OptimConfig, world_size: int, global_batch: int) -> float:
-    """`optim.lr` times the world size (linear rule, Goyal et al.) or its square root (sqrt
-    rule), or times global batch / `lr_base_batch` (timm's rule); as given otherwise."""
-    if cfg.lr_base_batch is not None:
-        return cfg.lr * global_batch / cfg.lr_base_batch
-    factor = {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[cfg.scale_lr]
-    return cfg.lr * factor
+
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """`optim.lr` scaled by the global batch over the batch it was tuned for (`lr_base_batch`,
+    default 256): linearly (Goyal et al.; `lr_base_batch` alone asks for this too) or by the
+    square root; as given with neither set. `train.batch_size` is the global batch, so the
+    rate does not depend on the worker count: a config trains the same on 2 and 8 GPUs."""
+    rule = cfg.scale_lr
+    if rule == "none":
+        if cfg.lr_base_batch is None:
+            return cfg.lr
+        rule = "linear"
+    ratio = global_batch / (cfg.lr_base_batch or LR_BASE_BATCH)
+    return cfg.lr * (ratio if rule == "linear" else math.sqrt(ratio))
 
 
 @dataclass(frozen=True)

@@ -194,14 +194,14 @@ class PlainHooks:
         return torch.amp.GradScaler(device_type, enabled=enabled)
 
 
-def build_optimization(cfg: OptimConfig, precision: str, model: nn.Module, world_size: int,
-                       global_batch: int, total_steps: int, steps_per_epoch: int,
-                       device_type: str, hooks: OptimizerHooks | None = None) -> Optimization:
+def build_optimization(cfg: OptimConfig, precision: str, model: nn.Module, global_batch: int,
+                       total_steps: int, steps_per_epoch: int, device_type: str,
+                       hooks: OptimizerHooks | None = None) -> Optimization:
     """The optimizer over `model`'s parameters (after the strategy wrapped it: FSDP's are
     shards), built through the strategy's `hooks` (ZeRO wraps it), its schedule and, for
     fp16, a loss scaler."""
     hooks = hooks or PlainHooks()
-    peak = peak_lr(cfg, world_size, global_batch)
+    peak = peak_lr(cfg, global_batch)
     optimizer = make_optimizer(cfg, model, peak, device_type, hooks)
     # A partial, not the plan itself: LambdaLR saves a callable object's fields and would put
     # an old plan back on resume (with train.epochs changed, under checkpoint.allow_changes).

@@ -146,9 +146,9 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     model = strategy.wrap(plain)
     if compiled:
         model = strategy.compile(model, cfg.perf.compile_mode, cfg.perf.compile_backend)
-    optim = build_optimization(cfg.optim, cfg.perf.precision, plain, ctx.world_size,
-                               schedule.global_batch, schedule.total_steps,
-                               schedule.steps_per_epoch, ctx.device.type, strategy)
+    optim = build_optimization(cfg.optim, cfg.perf.precision, plain, schedule.global_batch,
+                               schedule.total_steps, schedule.steps_per_epoch, ctx.device.type,
+                               strategy)
     best = BestKeeper(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode,
                       run.checkpoint_dir) if cfg.checkpoint.keep_best else None
     sinks, tracking = make_sinks(cfg, ctx, strategy, run, schedule, best)

@@ -1,5 +1,6 @@
 """The speed knobs' pure rules, in one process: when perf.compile=auto compiles, how
-optim.scale_lr scales the rate. (The knobs in real runs: tests/test_knobs.py.)"""
+optim.scale_lr scales the rate by the global batch. (The knobs in real runs:
+tests/test_knobs.py.)"""
 
 import pytest
 
@@ -22,10 +23,16 @@ def test_compile_auto_follows_the_run_length():
     assert not should_compile(cfg, 10**6)  # DataParallel's replicate breaks compiled modules
 
 
-def test_lr_scaling_rules():
-    cfg = OptimConfig(lr=0.1)
-    assert peak_lr(cfg, 4, 256) == pytest.approx(0.1)
-    cfg.scale_lr = "linear"
-    assert peak_lr(cfg, 4, 256) == pytest.approx(0.4)
-    cfg.scale_lr = "sqrt"
-    assert peak_lr(cfg, 4, 256) == pytest.approx(0.2)
+@pytest.mark.parametrize("scale_lr, base, batch, expected", [
+    ("none", None, 1024, 0.1),  # as given
+    ("linear", None, 1024, 0.4),  # x 1024 / 256 (the default base batch, timm's)
+    ("linear", None, 128, 0.05),
+    ("sqrt", None, 1024, 0.2),  # x sqrt(1024 / 256)
+    ("linear", 512, 1024, 0.2),  # x 1024 / 512
+    ("sqrt", 64, 1024, 0.4),  # x sqrt(1024 / 64)
+    ("none", 512, 1024, 0.2),  # lr_base_batch alone: the linear rule
+])
+def test_lr_scaling_follows_the_global_batch(scale_lr, base, batch, expected):
+    cfg = OptimConfig(lr=0.1, scale_lr=scale_lr, lr_base_batch=base)
+    assert peak_lr(cfg, batch) == pytest.approx(expected)
+

@@ -53,8 +53,8 @@ def test_warmup_in_epochs_then_step_decay_at_milestones():
 
 def test_the_scheduler_follows_the_plan_and_lr_base_batch_scales_the_peak():
     cfg = OptimConfig(lr=0.5, lr_base_batch=256, schedule="constant", warmup_steps=2)
-    assert peak_lr(cfg, world_size=4, global_batch=1024) == pytest.approx(2.0)
-    optim = build_optimization(cfg, "fp32", nn.Linear(2, 2), 4, 1024, 10, 5, "cpu")
+    assert peak_lr(cfg, global_batch=1024) == pytest.approx(2.0)
+    optim = build_optimization(cfg, "fp32", nn.Linear(2, 2), 1024, 10, 5, "cpu")
     lrs = []
     for _ in range(3):
         lrs.append(optim.lr)
@@ -67,7 +67,6 @@ def test_the_scheduler_follows_the_plan_and_lr_base_batch_scales_the_peak():
 
 @pytest.mark.parametrize("cfg, message", [
     (OptimConfig(warmup_steps=5, warmup_epochs=1), "both set the warmup"),
-    (OptimConfig(lr_base_batch=256, scale_lr="linear"), "both scale the learning rate"),
 ])
 def test_contradicting_lr_options_are_one_line(cfg, message):
     with pytest.raises(UserError, match=message):
@@ -78,7 +77,7 @@ def test_clipping_returns_the_norm_before_clipping_and_clips_to_the_threshold():
     net = nn.Linear(3, 1, bias=False)
     optim = build_optimization(OptimConfig(lr=1.0, momentum=0, weight_decay=0,
                                            clip_grad_norm=0.5, schedule="constant"),
-                               "fp32", net, 1, 1, 10, 10, "cpu")
+                               "fp32", net, 1, 10, 10, "cpu")
     net.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
     before = net.weight.detach().clone()
     norm = optim.step()
@@ -90,7 +89,7 @@ def test_under_fp16_the_norm_is_taken_after_unscaling():
     net = nn.Linear(3, 1, bias=False)
     optim = build_optimization(OptimConfig(lr=1.0, momentum=0, weight_decay=0,
                                            clip_grad_norm=100.0, schedule="constant"),
-                               "fp16", net, 1, 1, 10, 10, "cpu")
+                               "fp16", net, 1, 10, 10, "cpu")
     assert optim.scaler.is_enabled() and optim.scaler.get_scale() > 1000
     x = torch.tensor([[3.0, 4.0, 0.0]])
     optim.backward(net(x).sum())  # scaled by 65536

@@ -56,10 +56,9 @@ def test_the_worker_count_changes_it_only_where_it_changes_the_run():
     # The global batch is the same on any worker count: the same run, the same folder.
     assert {fingerprint(load_config(CONFIG), n) for n in (1, 2, 3, 8, "2x1:3")} == {
         DEFAULT_FINGERPRINT}
-    scaled = load_config(CONFIG, ["optim.scale_lr=linear"])  # lr x workers: another run
-    assert len({fingerprint(scaled, n) for n in (1, 2, 3, 8)}) == 4
-    by_batch = load_config(CONFIG, ["optim.scale_lr=linear", "optim.lr_base_batch=64"])
-    assert len({fingerprint(by_batch, n) for n in (1, 2, 3, 8)}) == 1  # timm's rule wins
+    scaled = load_config(CONFIG, ["optim.scale_lr=linear"])  # lr x global batch / 256
+    assert len({fingerprint(scaled, n) for n in (1, 2, 3, 8)}) == 1
+    assert fingerprint(scaled, 2) != DEFAULT_FINGERPRINT  # another learning rate: another run
 
 
 def test_a_run_is_named_after_the_model_and_data_it_trains_when_overrides_change_them():

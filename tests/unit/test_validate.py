@@ -37,8 +37,6 @@ REFUSED = [
     ([], ["optim.name=adam"], "optim.name='adam' is not an optimizer: sgd or adamw", True),
     ([], ["data.name=imagenet"], "data.name 'imagenet' is unknown; choose one of", True),
     ([], ["optim.warmup_steps=5", "optim.warmup_epochs=1"], "both set the warmup; set one", True),
-    ([], ["optim.lr_base_batch=256", "optim.scale_lr=linear"],
-     "optim.lr_base_batch and optim.scale_lr=linear both scale the learning rate", True),
     ([], ["model.init_from=weights.pt", "model.pretrained=true"],
      "model.init_from and model.pretrained=true both set the initial weights", True),
     (["--mode", "fsdp"], ["train.ema_decay=0.9"], "train.ema_decay does not work with mode fsdp",

@@ -64,8 +64,8 @@ def footprint(overrides: list[str]) -> dict[str, int]:
         torch.manual_seed(cfg.seed)
         plain = build_model(cfg.model.name, 1, 10, 28, init=cfg.model.init)
         model = strategy.wrap(plain)
-        optim = build_optimization(cfg.optim, "fp32", plain, ctx.world_size,
-                                   cfg.train.batch_size, 10, 10, "cpu", strategy)
+        optim = build_optimization(cfg.optim, "fp32", plain, cfg.train.batch_size, 10, 10,
+                                   "cpu", strategy)
         images, labels = torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))
         F.cross_entropy(model(images), labels).backward()
         strategy.sync_gradients(model)

@@ -10,7 +10,7 @@ side lacks (recorded before data fingerprints, or a run folder's config.yaml) is
 
 The number of workers is not part of it: `train.batch_size` is the global batch, so another
 worker count computes the same steps over the same samples, re-sharded, and a run continues on
-it, unless `worker_count_matters` (a learning rate scaled by the worker count).
+it (`optim.scale_lr` follows the global batch, not the worker count).
 """
 
 from __future__ import annotations
@@ -38,14 +38,6 @@ def identity(cfg: Config) -> dict[str, Any]:
     if content is not None:
         found[CONTENT_KEY] = content
     return found
-
-
-def worker_count_matters(cfg: Config) -> str | None:
-    """Why this config computes something else on another number of workers; None when it
-    does not (the global batch, and so the steps and the samples in each, stay the same)."""
-    if cfg.optim.lr_base_batch is None and cfg.optim.scale_lr != "none":
-        return f"optim.scale_lr={cfg.optim.scale_lr} scales the learning rate by the worker count"
-    return None
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -110,11 +102,10 @@ def check_run_dir(cfg: Config) -> bool:
 _POSITION_KEYS = ("train.batch_size", "seed")
 
 
-def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: str,
-                    elastic: bool = False) -> None:
-    """Refuse to continue a checkpoint made by another config, unless allowed; another world
-    size continues (re-sharded) unless `worker_count_matters` (`elastic`: the job's nodes come
-    and go, so its world size may change at any restart, and it continues anyway)."""
+def check_resumable(cfg: Config, state: dict[str, Any], where: str) -> None:
+    """Refuse to continue a checkpoint made by another config, unless allowed. Another world
+    size continues, re-sharded: the global batch, and with it the learning rate, the steps and
+    the samples in each, does not depend on the worker count."""
     old, new = state["config"], identity(cfg)
     changed = differences(old, new)
     if cfg.checkpoint.allow_changes:
@@ -130,9 +121,3 @@ def check_resumable(cfg: Config, world_size: int, state: dict[str, Any], where: 
                         f"({describe_differences(old, new)}); set "
                         f"checkpoint.allow_changes=true to continue with this one, or "
                         f"checkpoint.resume=false to start over")
-    why = worker_count_matters(cfg)
-    if state["world_size"] != world_size and not elastic and why:
-        raise UserError(f"{where} was written by {state['world_size']} workers and this job has "
-                        f"{world_size}, and {why}; set checkpoint.allow_changes=true to continue "
-                        f"with {world_size} (the data is re-sharded, the global batch stays "
-                        f"{cfg.train.batch_size}, the learning rate changes)")

@@ -3,8 +3,8 @@ tools (`settle_run_dir`), and `runs/latest`, which names the newest run.
 
 A run's default folder is `runs/<run.name>-<fingerprint>`: the config's name (or `run.name`)
 and a short hash of what defines the run, the keys that train/run/identity.py compares to refuse
-a different run (the data by its files, not its path). The number of workers is in it only
-where it changes what the run computes (`worker_count_matters`): otherwise the same command on
+a different run (the data by its files, not its path). The number of workers is not in it: the
+global batch, and with it what the run computes, does not depend on it, so the same command on
 another number of workers finds the same folder and continues the run there, re-sharded. The
 same command finds its own folder again and resumes; a different command gets a folder of its
 own, never a refusal. A `run.dir` given explicitly is used as it is, and a different run in
@@ -24,7 +24,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.schema import Config
-from train.run.identity import identity, worker_count_matters
+from train.run.identity import identity
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ def fingerprint(cfg: Config, world_size: int | str) -> str:
     defaults = identity(Config())
     changed = {k: v for k, v in identity(cfg).items() if k not in defaults or defaults[k] != v}
     named: dict[str, Any] = {"identity": changed}
-    if worker_count_matters(cfg):
-        named["world_size"] = world_size
     text = json.dumps(named, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_DIGITS]
 

@@ -29,8 +29,7 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     if found is None:
         return None
     path, state = found
-    check_resumable(cfg, ctx.world_size, state, f"checkpoint {path}",
-                    elastic=elastic_nodes() is not None)
+    check_resumable(cfg, state, f"checkpoint {path}")
     checkpointer.restore(state)
     return path
 

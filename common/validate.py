@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.choices import check_chosen_keys
 from common.errors import UserError
+from common.run_length import check_run_length
 from common.schema import Config, OptimConfig, PerfConfig, parse_step_range
 from models import check_name
 from train.data import DATASETS
@@ -52,12 +54,15 @@ def validate(cfg: Config, world: World, only: Iterable[str] | None = None) -> li
     return warnings
 
 
-def validate_with_data(cfg: Config, num_classes: int, total_steps: int) -> None:
-    """The checks that wait for the data: its classes, and the run's steps counted from it."""
+def validate_with_data(cfg: Config, num_classes: int, total_steps: int,
+                       steps_per_epoch: int | None = None) -> list[str]:
+    """The checks that wait for the data: its classes, and the run's steps counted from it
+    (the schedule's warmup and milestones against it when `steps_per_epoch` is given)."""
     if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and num_classes < 2:
         raise UserError(f"train.mixup_alpha/cutmix_alpha mix the labels of classes; the data "
                         f"has {num_classes} class")
     check_profile_steps(cfg.perf, total_steps)
+    return check_run_length(cfg, steps_per_epoch) if steps_per_epoch else []
 
 
 # --- the sections ------------------------------------------------------------------------------
@@ -68,6 +73,7 @@ def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
     check_names(cfg)
     check_implementation(cfg.optim, cfg.mode)
     check_lr_options(cfg.optim)
+    check_chosen_keys(cfg)
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("model.init_from and model.pretrained=true both set the initial "
                         "weights; set one")
@@ -199,6 +205,19 @@ def check_mixing(cfg: Config, world_size: int) -> None:
                         f"{world_size} worker(s) gives {local}")
 
 
+def _schedule_section(cfg: Config, world: World) -> list[str]:
+    """The lr schedule's warmup and milestones inside the run, as far as its steps can be
+    counted without the data (the worker checks again with the data: `validate_with_data`)."""
+    return check_run_length(cfg, known_steps_per_epoch(cfg))
+
+
+def known_steps_per_epoch(cfg: Config) -> int | None:
+    """Optimizer steps per epoch when known without the data (synthetic data), else None."""
+    if cfg.data.name != "synthetic":
+        return None
+    return cfg.data.synthetic.train_samples // cfg.train.batch_size or None
+
+
 def _profile_section(cfg: Config, world: World) -> list[str]:
     """perf.profile_steps inside the run, as far as its steps can be counted without the data
     (the worker checks again with the data's count: `validate_with_data`)."""
@@ -240,5 +259,6 @@ SECTIONS: dict[str, Callable[[Config, World], list[str]]] = {
     "recipe": check_recipe,
     "device options": _device_section,
     "batch": _batch_section,
+    "schedule": _schedule_section,
     "profile": _profile_section,
 }

@@ -127,6 +127,15 @@ def _profiled_steps(job: Job) -> Verdict:
                 f"{job.cfg.run.dir}/profile/")
 
 
+def _schedule(job: Job) -> Verdict:
+    optim = job.cfg.optim
+    warmup = (f"{optim.warmup_steps} warmup steps" if optim.warmup_steps else
+              f"{optim.warmup_epochs:g} warmup epochs" if optim.warmup_epochs else "no warmup")
+    then = {"step": f"step at epochs {optim.milestones}"}.get(optim.schedule, optim.schedule)
+    return OK, (f"{warmup}, then {then}, inside train.epochs={job.cfg.train.epochs} (checked "
+                f"again with the data's steps)")
+
+
 def _recipe(job: Job) -> Verdict:
     cfg = job.cfg
     return OK, f"model {cfg.model.name}, optimizer {cfg.optim.name}, data {cfg.data.name}"
@@ -137,6 +146,7 @@ SUMMARIES: dict[str, Callable[[Job], Verdict]] = {
     "recipe": _recipe,
     "device options": lambda job: (OK, f"precision {job.cfg.perf.precision}"),
     "batch": _batch_split,
+    "schedule": _schedule,
     "profile": _profiled_steps,
 }
 

@@ -131,7 +131,10 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     nhwc = use_channels_last(cfg.perf, ctx.device.type)
     data = load_data(cfg, ctx, nhwc)
     schedule = make_schedule(cfg, len(data.train))
-    agree(ctx, lambda: validate_with_data(cfg, data.facts.num_classes, schedule.total_steps))
+    for warning in agree(ctx, lambda: validate_with_data(
+            cfg, data.facts.num_classes, schedule.total_steps, schedule.steps_per_epoch)):
+        if ctx.is_main:
+            log.warning("%s", warning)
     plain = agree(ctx, lambda: build_plain_model(cfg, ctx, data.facts, nhwc))
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)

@@ -1,0 +1,80 @@
+"""The learning-rate schedule against the run's length: a warmup that never ends, or a step
+milestone that never comes, is a schedule that does not do what the config says.
+
+The run's length is `train.epochs` x steps per epoch. Steps per epoch need the data (the
+worker checks once it has built it: `common/validate.py: validate_with_data`); what is in
+epochs (`optim.warmup_epochs`, `optim.milestones`) is checked before, against `train.epochs`.
+`train.max_steps` cuts a run short on purpose (a smoke run): a warmup or milestone past it is a
+warning, not an error.
+"""
+
+from __future__ import annotations
+
+from common.errors import UserError
+from common.schema import Config, OptimConfig
+
+
+def warmup_in_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    """The warmup's optimizer steps: `warmup_steps`, or `warmup_epochs` of the data's steps."""
+    return cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+
+
+def check_run_length(cfg: Config, steps_per_epoch: int | None) -> list[str]:
+    """UserError when the warmup or a milestone lies at or beyond the run's end; warnings when
+    `train.max_steps` ends the run before them. `steps_per_epoch`: None when not known yet."""
+    optim, epochs = cfg.optim, cfg.train.epochs
+    _check_milestones(optim, epochs, steps_per_epoch)
+    if steps_per_epoch is None:
+        if optim.warmup_epochs >= epochs:
+            raise UserError(f"optim.warmup_epochs={optim.warmup_epochs:g} does not end before "
+                            f"the run does (train.epochs={epochs}): the learning rate would "
+                            f"never leave the warmup; choose fewer than {epochs} epochs")
+        return []
+    total, warmup = epochs * steps_per_epoch, warmup_in_steps(optim, steps_per_epoch)
+    length = (f"the run has {total} optimizer steps ({epochs} epoch(s) of {steps_per_epoch} "
+              f"steps)")
+    if warmup >= total:
+        raise UserError(f"{_warmup_key(optim, warmup)} does not end before the run does: "
+                        f"{length}; the learning rate would never leave the warmup; choose a "
+                        f"warmup shorter than {total} steps")
+    return _cut_short(cfg, steps_per_epoch, warmup)
+
+
+def _check_milestones(optim: OptimConfig, epochs: int, steps_per_epoch: int | None) -> None:
+    """A milestone m lowers the lr once m epochs are done: it must be below train.epochs."""
+    if optim.schedule != "step":
+        return
+    late = [m for m in optim.milestones if m >= epochs]
+    if late:
+        steps = f" ({epochs * steps_per_epoch} optimizer steps)" if steps_per_epoch else ""
+        raise UserError(f"optim.milestones={_listed(optim.milestones)}: "
+                        f"{', '.join(map(str, late))} lie at or beyond the run's end (a "
+                        f"milestone m lowers the lr after m epochs; the run has {epochs} "
+                        f"epoch(s){steps}); choose milestones below {epochs}")
+
+
+def _cut_short(cfg: Config, steps_per_epoch: int, warmup: int) -> list[str]:
+    """Warnings: train.max_steps ends the run inside the warmup or before a milestone."""
+    cut = cfg.train.max_steps
+    if cut is None or cut >= cfg.train.epochs * steps_per_epoch:
+        return []
+    warnings = []
+    if warmup >= cut:
+        warnings.append(f"train.max_steps={cut} ends the run inside the warmup ({warmup} "
+                        f"steps): the learning rate never reaches optim.lr")
+    if cfg.optim.schedule == "step":
+        late = [m for m in cfg.optim.milestones if m * steps_per_epoch >= cut]
+        if late:
+            warnings.append(f"train.max_steps={cut} ends the run before optim.milestones "
+                            f"{', '.join(map(str, late))} (epochs of {steps_per_epoch} steps)")
+    return warnings
+
+
+def _warmup_key(optim: OptimConfig, steps: int) -> str:
+    if optim.warmup_steps:
+        return f"optim.warmup_steps={optim.warmup_steps}"
+    return f"optim.warmup_epochs={optim.warmup_epochs:g} ({steps} steps)"
+
+
+def _listed(values: list[int]) -> str:
+    return "[" + ",".join(map(str, values)) + "]"

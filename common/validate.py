@@ -207,8 +207,10 @@ def check_mixing(cfg: Config, world_size: int) -> None:
 
 def _schedule_section(cfg: Config, world: World) -> list[str]:
     """The lr schedule's warmup and milestones inside the run, as far as its steps can be
-    counted without the data (the worker checks again with the data: `validate_with_data`)."""
-    return check_run_length(cfg, known_steps_per_epoch(cfg))
+    counted without the data (the worker checks again with the data: `validate_with_data`,
+    which also logs the warnings of a run that train.max_steps cuts short, once)."""
+    check_run_length(cfg, known_steps_per_epoch(cfg))
+    return []
 
 
 def known_steps_per_epoch(cfg: Config) -> int | None:

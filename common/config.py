@@ -30,6 +30,7 @@ import yaml
 from common.errors import UserError
 from common.schema import RUNTIME, Check, Config
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 __all__ = ["Config", "apply_override", "flatten", "load_config", "runtime_keys", "to_dict",
            "to_yaml"]
 
@@ -236,6 +237,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
 
 
 def _scalar(value: Any, tp: Any, key: str, source: str) -> Any:
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; it means the number
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))

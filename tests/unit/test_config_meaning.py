@@ -36,7 +36,8 @@ def refused_by(fn, *args) -> str:
     ("train:\n  epochs: 3\n  batch_size: 64\n  epochs: 5\n",
      "key 'epochs' is given twice in one section (lines 2 and 4); keep one"),
     ("data:\n  synthetic:\n    channels: 3\n    channels: 1\n", "(lines 3 and 4)"),
-    ("mode: ddp\nseed: 1\nmode: fsdp\n", "key 'mode' is given twice in one section (lines 1 and 3)"),
+    ("mode: ddp\nseed: 1\nmode: fsdp\n",
+     "key 'mode' is given twice in one section (lines 1 and 3)"),
 ])
 def test_a_key_given_twice_in_a_yaml_section_is_refused_naming_both_lines(tmp_path, text,
                                                                           message):

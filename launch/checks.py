@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from common.errors import UserError
 from common.host import backend_for, visible_gpus
-from common.validate import SECTIONS, profile_range, validate
+from common.validate import SECTIONS, known_steps_per_epoch, profile_range, validate
 from launch.folder_checks import check_disk, check_run_folder
 from launch.job import Job
 from launch.net import try_connect
@@ -132,8 +132,10 @@ def _schedule(job: Job) -> Verdict:
     warmup = (f"{optim.warmup_steps} warmup steps" if optim.warmup_steps else
               f"{optim.warmup_epochs:g} warmup epochs" if optim.warmup_epochs else "no warmup")
     then = {"step": f"step at epochs {optim.milestones}"}.get(optim.schedule, optim.schedule)
-    return OK, (f"{warmup}, then {then}, inside train.epochs={job.cfg.train.epochs} (checked "
-                f"again with the data's steps)")
+    per_epoch = known_steps_per_epoch(job.cfg)
+    inside = (f"{job.cfg.train.epochs} epoch(s) of {per_epoch} steps" if per_epoch else
+              f"train.epochs={job.cfg.train.epochs} (checked again with the data's steps)")
+    return OK, f"{warmup}, then {then}, inside the run's {inside}"
 
 
 def _recipe(job: Job) -> Verdict:

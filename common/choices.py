@@ -95,10 +95,11 @@ def check_chosen_keys(cfg: Config) -> None:
             continue
         for key in rule.keys:
             value = _get(cfg, key)
-            if value != _get(_defaults(), key):
+            default = _get(_defaults(), key)
+            if value != default:
                 raise UserError(f"{key}={_shown(value)} applies only to {rule.choice}; this "
                                 f"config has {rule.current(cfg)}, which does not read it: "
-                                f"remove it or change that choice")
+                                f"remove it (default {_shown(default)}) or change that choice")
 
 
 @functools.cache

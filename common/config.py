@@ -1,5 +1,9 @@
-"""Reading a config: YAML (`yaml.safe_load`) into the schema (common/schema.py), then `a.b=value`
-overrides, each value type-checked and constrained where it is read.
+"""Reading a config: YAML (safe_load's loader, refusing a key given twice in a section) into
+the schema (common/schema.py), then `a.b=value` overrides, each value type-checked and
+constrained where it is read.
+
+Overrides apply in order: a key given twice on the command line takes the later value, as
+command lines do (`train.epochs=3 train.epochs=5` trains 5 epochs).
 
 Unknown keys (with a close match suggested), wrong types, values outside a key's choices and
 values that break a key's constraint are `UserError`s naming the key, one line each.
@@ -26,6 +30,7 @@ import yaml
 from common.errors import UserError
 from common.schema import RUNTIME, Check, Config
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 __all__ = ["Config", "apply_override", "flatten", "load_config", "runtime_keys", "to_dict",
            "to_yaml"]
 
@@ -36,7 +41,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -52,6 +59,26 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     # run.dir stays empty unless given: its default may need the number of workers
     # (train/run/location.py: settle_run_dir, called by the launcher, the doctor and the workers).
     return cfg
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error naming both lines
+    (YAML's spec forbids it; PyYAML silently keeps the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice in one section (lines "
+                                    f"{seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def run_name(stem: str, cfg: Config, given: tuple[str, str]) -> str:
@@ -210,6 +237,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
 
 
 def _scalar(value: Any, tp: Any, key: str, source: str) -> Any:
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; it means the number
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))

@@ -42,3 +42,17 @@ def ratio_range(v: list[float]) -> bool:
 
 
 PositiveFloat = Annotated[float, Positive]
+
+
+def parse_step_range(text: str) -> tuple[int, int] | None:
+    """"A-B" (1-based optimizer steps, A <= B; "A" alone is A-A) -> (A, B); None if malformed."""
+    low, _, high = text.strip().partition("-")
+    if not (low.isdigit() and (high.isdigit() or not high)):
+        return None
+    first, last = int(low), int(high or low)
+    return (first, last) if 1 <= first <= last else None
+
+
+StepRange = Check(lambda v: v == "" or parse_step_range(v) is not None,
+                  "must be A-B, optimizer steps counted from 1 with A <= B (e.g. 10-12)",
+                  "leave it empty for no profile")

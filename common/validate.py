@@ -12,13 +12,21 @@ warnings. Values of one key alone are checked by the schema, beside the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.choices import check_chosen_keys
 from common.errors import UserError
 from common.records import BEST_METRICS
-from common.schema import Config, OptimConfig, PerfConfig, parse_step_range
+from common.run_length import (
+    check_profile_steps,
+    check_run_length,
+    known_steps_per_epoch,
+    known_total_steps,
+)
+from common.schema import Config, OptimConfig
 from models import check_name
 from train.data import DATASETS
 from train.optim import check_implementation, check_optimizer_name
@@ -53,12 +61,15 @@ def validate(cfg: Config, world: World, only: Iterable[str] | None = None) -> li
     return warnings
 
 
-def validate_with_data(cfg: Config, num_classes: int, total_steps: int) -> None:
-    """The checks that wait for the data: its classes, and the run's steps counted from it."""
+def validate_with_data(cfg: Config, num_classes: int, total_steps: int,
+                       steps_per_epoch: int | None = None) -> list[str]:
+    """The checks that wait for the data: its classes, and the run's steps counted from it
+    (the schedule's warmup and milestones against it when `steps_per_epoch` is given)."""
     if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and num_classes < 2:
         raise UserError(f"train.mixup_alpha/cutmix_alpha mix the labels of classes; the data "
                         f"has {num_classes} class")
     check_profile_steps(cfg.perf, total_steps)
+    return check_run_length(cfg, steps_per_epoch) if steps_per_epoch else []
 
 
 # --- the sections ------------------------------------------------------------------------------
@@ -69,6 +80,8 @@ def check_recipe(cfg: Config, world: World | None = None) -> list[str]:
     check_names(cfg)
     check_implementation(cfg.optim, cfg.mode)
     check_lr_options(cfg.optim)
+    check_chosen_keys(cfg)
+    check_cosine_floor(cfg, world.size if world else 1)
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("model.init_from and model.pretrained=true both set the initial "
                         "weights; set one")
@@ -120,6 +133,22 @@ def check_lr_options(cfg: OptimConfig) -> None:
                         f"{cfg.warmup_epochs:g} both set the warmup; set one")
 
 
+def check_cosine_floor(cfg: Config, world_size: int) -> None:
+    """The cosine ends at optim.min_lr: at or above the peak it would rise, or stay flat."""
+    optim = cfg.optim
+    if optim.schedule != "cosine" or not optim.min_lr:
+        return
+    if optim.lr_base_batch is not None:  # the peak as train/lr.py: peak_lr computes it
+        peak = optim.lr * cfg.train.batch_size / optim.lr_base_batch
+    else:
+        peak = optim.lr * {"none": 1.0, "linear": world_size,
+                           "sqrt": math.sqrt(world_size)}[optim.scale_lr]
+    if optim.min_lr >= peak:
+        raise UserError(f"optim.min_lr={optim.min_lr:g} is not below the peak learning rate "
+                        f"{peak:g} (optim.lr={optim.lr:g}, scaled): the cosine would rise "
+                        f"instead of decay; lower optim.min_lr")
+
+
 def check_device_options(cfg: Config, device_kind: str) -> list[str]:
     """Options that the device cannot run are errors; those it runs slowly are warnings."""
     cpu = device_kind == "cpu"
@@ -156,6 +185,10 @@ def check_mode_keys(cfg: Config) -> None:
     """Keys of one mode's section set under another mode would silently do nothing."""
     if cfg.mode != "fsdp" and (changed := _changed(cfg, "fsdp")):
         raise UserError(f"{changed[0]} applies to mode fsdp only (mode is {cfg.mode})")
+    for section in ("ddp", "scratch"):  # dp reads neither; ddp and scratch not each other's
+        if cfg.mode in ("ddp", "dp", "scratch") and cfg.mode != section and \
+                (changed := _changed(cfg, section)):
+            raise UserError(f"{changed[0]} applies to mode {section} only (mode is {cfg.mode})")
     if cfg.mode == "fsdp" and (changed := _changed(cfg, "ddp") or _changed(cfg, "scratch")):
         mode = changed[0].split(".")[0]
         raise UserError(f"{changed[0]} is a key of mode {mode}, which mode fsdp does not read "
@@ -226,6 +259,14 @@ def check_mixing(cfg: Config, world_size: int) -> None:
                         f"{world_size} worker(s) gives {local}")
 
 
+def _schedule_section(cfg: Config, world: World) -> list[str]:
+    """The lr schedule's warmup and milestones inside the run, as far as its steps can be
+    counted without the data (the worker checks again with the data: `validate_with_data`,
+    which also logs the warnings of a run that train.max_steps cuts short, once)."""
+    check_run_length(cfg, known_steps_per_epoch(cfg))
+    return []
+
+
 def _profile_section(cfg: Config, world: World) -> list[str]:
     """perf.profile_steps inside the run, as far as its steps can be counted without the data
     (the worker checks again with the data's count: `validate_with_data`)."""
@@ -233,39 +274,11 @@ def _profile_section(cfg: Config, world: World) -> list[str]:
     return []
 
 
-def profile_range(text: str) -> tuple[int, int]:
-    """perf.profile_steps as (first, last) step; the schema already checked its form."""
-    found = parse_step_range(text)
-    if found is None:
-        raise UserError(f"perf.profile_steps must be A-B with 1 <= A <= B; got {text!r}")
-    return found
-
-
-def known_total_steps(cfg: Config) -> int | None:
-    """The run's optimizer steps when they can be counted without the data (synthetic data,
-    or train.max_steps); None otherwise. Steps per epoch do not depend on the world size."""
-    total = cfg.train.max_steps
-    if cfg.data.name == "synthetic":
-        steps = cfg.data.synthetic.train_samples // cfg.train.batch_size * cfg.train.epochs
-        total = min(steps, total) if total else steps
-    return total
-
-
-def check_profile_steps(perf: PerfConfig, total_steps: int | None) -> None:
-    """The profiled steps must lie inside the run (`total_steps`: None when unknown yet)."""
-    if not perf.profile_steps or total_steps is None:
-        return
-    first, last = profile_range(perf.profile_steps)
-    if last > total_steps:
-        raise UserError(f"perf.profile_steps={perf.profile_steps} is outside the run: it has "
-                        f"{total_steps} optimizer steps (1-{total_steps}); choose steps in "
-                        f"that range")
-
-
 # The sections in the order they run; the launcher and the doctor show one row each.
 SECTIONS: dict[str, Callable[[Config, World], list[str]]] = {
     "recipe": check_recipe,
     "device options": _device_section,
     "batch": _batch_section,
+    "schedule": _schedule_section,
     "profile": _profile_section,
 }

@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 
 from common.errors import UserError
 from common.host import backend_for, visible_gpus
-from common.validate import SECTIONS, profile_range, validate
+from common.run_length import known_steps_per_epoch, profile_range
+from common.validate import SECTIONS, validate
 from launch.folder_checks import check_disk, check_run_folder
 from launch.gpu_stack import driver_behind
 from launch.job import Job
@@ -131,6 +132,17 @@ def _profiled_steps(job: Job) -> Verdict:
                 f"{job.cfg.run.dir}/profile/")
 
 
+def _schedule(job: Job) -> Verdict:
+    optim = job.cfg.optim
+    warmup = (f"{optim.warmup_steps} warmup steps" if optim.warmup_steps else
+              f"{optim.warmup_epochs:g} warmup epochs" if optim.warmup_epochs else "no warmup")
+    then = {"step": f"step at epochs {optim.milestones}"}.get(optim.schedule, optim.schedule)
+    per_epoch = known_steps_per_epoch(job.cfg)
+    inside = (f"{job.cfg.train.epochs} epoch(s) of {per_epoch} steps" if per_epoch else
+              f"train.epochs={job.cfg.train.epochs} (checked again with the data's steps)")
+    return OK, f"{warmup}, then {then}, inside the run's {inside}"
+
+
 def _recipe(job: Job) -> Verdict:
     cfg = job.cfg
     return OK, f"model {cfg.model.name}, optimizer {cfg.optim.name}, data {cfg.data.name}"
@@ -141,6 +153,7 @@ SUMMARIES: dict[str, Callable[[Job], Verdict]] = {
     "recipe": _recipe,
     "device options": lambda job: (OK, f"precision {job.cfg.perf.precision}"),
     "batch": _batch_split,
+    "schedule": _schedule,
     "profile": _profiled_steps,
 }
 

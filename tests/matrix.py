@@ -47,9 +47,9 @@ OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
 # it); 21 test samples in batches of 5 (ranks hold different numbers of evaluation batches).
 COMMON = ("data.synthetic.train_samples=48", "data.synthetic.test_samples=21",
           "train.batch_size=12", "train.eval_batch_size=5", "train.epochs=1",
-          "optim.warmup_steps=0", "checkpoint.every_steps=3", "checkpoint.keep=10",
-          "data.num_workers=0", "log.every_steps=1", "log.progress=off", "wandb.mode=disabled",
-          "dist.timeout_s=120")
+          "optim.warmup_steps=0", "optim.warmup_epochs=0", "checkpoint.every_steps=3",
+          "checkpoint.keep=10", "data.num_workers=0", "log.every_steps=1", "log.progress=off",
+          "wandb.mode=disabled", "dist.timeout_s=120")
 
 Combo = dict[str, str]
 

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 import re
+import socket
+import time
 
 import pytest
 import torch
@@ -212,6 +214,26 @@ def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides
     report = result.stderr.index("ChildFailedError")
     assert result.stderr.index(reported[0]) < report
     assert "exitcode  : 2" in result.stderr[report:]
+
+
+def test_an_online_wandb_run_whose_server_does_not_answer_ends_in_seconds(tmp_path):
+    """wandb's own init would wait about 90 s; the launcher asks the server first."""
+    with socket.socket() as s:  # bound and closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    result = run_cli("launch", "--cpu", CONFIG, f"run.dir={tmp_path / 'run'}",
+                     "wandb.mode=online", env={"WANDB_API_KEY": "0" * 40,
+                                               "WANDB_BASE_URL": url})
+    assert time.monotonic() - started < 15
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "Connection refused" in line, result.stderr
+    assert line.startswith(f"error: wandb.mode=online but the wandb server {url} cannot be "
+                           f"reached (")
+    assert line.endswith("run with wandb.mode=offline (logs into run.dir/wandb for a later "
+                         "`wandb sync`) or wandb.mode=disabled")
+    assert not (tmp_path / "run").exists()
 
 
 def test_launcher_exit_code_is_non_zero_when_a_worker_fails(monkeypatch):

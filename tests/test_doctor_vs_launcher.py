@@ -28,6 +28,7 @@ CASES = [
     ("restarts", ["--cpu", "--max-restarts", "-1"], [], {}, "must not be negative"),
     ("initial weights", ["--cpu"], ["model.init_from={tmp}/missing.pt"], {}, "missing.pt"),
     ("batch", ["--cpu"], ["train.batch_size=255"], {}, "not divisible by 2 workers"),
+    ("schedule", ["--cpu"], ["optim.schedule=step"], {}, "lie at or beyond the run's end"),
     ("profile", ["--cpu"], ["perf.profile_steps=1000-1001"], {}, "profile_steps"),
     ("run folder", ["--cpu"], ["run.dir={tmp}/other"], {}, "already holds a different run"),
     ("wandb", ["--cpu"], ["wandb.mode=online"], {}, "no credentials"),  # run_cli hides them

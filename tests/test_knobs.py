@@ -184,7 +184,7 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(tmp_path, plain_ddp):
 def test_lr_scaling_applies_to_the_run(tmp_path):
     result = run_cli("launch", "--cpu", CONFIG, *small_run(
         tmp_path, "train.max_steps=3", "optim.schedule=constant", "optim.warmup_steps=0",
-        "optim.scale_lr=linear", "train.batch_size=128"))
+        "optim.warmup_epochs=0", "optim.scale_lr=linear", "train.batch_size=128"))
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     # 0.1 x global batch 128 / base batch 256, whatever the worker count (not x 2 workers)

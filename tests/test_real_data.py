@@ -168,6 +168,8 @@ def _layout(tmp_path: Path, case: str) -> Path:
     ("no classes", "image folder {root}/val has no class folders"),
     ("empty class", "class folder {root}/train/dog holds no images"),
     ("different classes", "hold different classes (only in train: none; only in val: dog)"),
+    ("one class", "image folder {root}/train has one class folder (cat): a classifier of one "
+                  "class is always right"),  # _layout's base: train/cat and val/cat
 ])
 def test_a_bad_image_folder_is_one_line(tmp_path, case, message):
     root = _layout(tmp_path, case)
@@ -194,6 +196,10 @@ class Pairs(Dataset):
             return image, "cat"
         if self.bad == "float":
             return image.float(), i % 3
+        if self.bad == "nan" or (self.bad == "nan5" and i == 5):
+            image = image.float() / 255
+            image[1, 2, 3] = float("nan")
+            return image, i % 3
         return image, i % 3
 
 def good():
@@ -213,6 +219,20 @@ def label():
 
 def floats():
     return Pairs(4, "float"), Pairs(2)
+
+def nans():
+    return Pairs(4, "nan"), Pairs(2)
+
+def nan_later():
+    return Pairs(30, "nan5"), Pairs(7)
+
+class OneClass(Pairs):
+    classes = ["only"]
+    def __getitem__(self, i):
+        return super().__getitem__(i)[0], 0
+
+def single():
+    return OneClass(4), OneClass(2)
 
 not_callable = 3
 '''
@@ -234,12 +254,27 @@ def factories(tmp_path, monkeypatch) -> str:
     ("my_factories:triple", "train sample 0 is a tuple of 3"),
     ("my_factories:label", "train sample 0: the label must be an integer class index"),
     ("my_factories:floats", "float images must be in [0, 1]"),
+    ("my_factories:nans", "train sample 0: float images must be finite; this one holds 1 NaN"),
+    ("my_factories:single", "data.factory my_factories:single: the train set has one class"),
     ("my_factories", "needs data.factory=module:callable"),
 ])
 def test_a_bad_data_factory_is_one_line(factories, spec, message):
     with pytest.raises(UserError) as info:
         ensure_available(data_cfg("data.name=python", f"data.factory={spec}"))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_nan_past_the_first_sample_is_one_line_before_training(factories, tmp_path, loader):
+    """Every float image is checked as it is read: the memory path reads them all at the
+    start, the stream path's normalization statistics read this one (30 < stats_samples)."""
+    cfg = data_cfg("data.name=python", "data.factory=my_factories:nan_later",
+                   "data.image_size=16", f"data.cache_dir={tmp_path}", "data.num_workers=0",
+                   f"data.loader={loader}")
+    with pytest.raises(UserError) as info:
+        build_data(cfg, 0, CPU, 10, 4, False)
+    assert "train sample 5: float images must be finite" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.compat

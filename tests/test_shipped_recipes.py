@@ -11,7 +11,7 @@ RECIPES = ["resnet50_imagenet.yaml", "resnet50_imagenet_fast.yaml", "resnet18_ci
 TINY = ["data.name=synthetic", "data.synthetic.channels=3", "data.synthetic.image_size=32",
         "data.image_size=32", "data.synthetic.train_samples=64",
         "data.synthetic.test_samples=40", "data.loader=auto", "train.batch_size=16",
-        "train.eval_batch_size=20", "train.epochs=1", "train.max_steps=2",
+        "train.eval_batch_size=20", "train.epochs=2", "train.max_steps=2",
         "checkpoint.every_steps=0", "wandb.mode=disabled"]
 
 

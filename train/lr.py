@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.run_length import warmup_in_steps
 from common.schema import OptimConfig
 
 # The global batch `optim.lr` was tuned for when optim.lr_base_batch is not given (timm's
@@ -41,7 +42,7 @@ class LrPlan:
 
     @classmethod
     def of(cls, cfg: OptimConfig, peak: float, total: int, steps_per_epoch: int) -> LrPlan:
-        warmup = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+        warmup = warmup_in_steps(cfg, steps_per_epoch)
         return cls(cfg.schedule, warmup, total, steps_per_epoch, cfg.min_lr / peak,
                    tuple(cfg.milestones), cfg.gamma)
 

@@ -140,7 +140,10 @@ def build_trainer(cfg: Config, ctx: DistContext, strategy: Strategy, run: RunFol
     data = load_data(cfg, ctx, nhwc, Path(cfg.run.dir) / VAL_SPLIT_FILE if recorded else None)
     run.held_out = data.held_out  # recorded by run.start
     schedule = make_schedule(cfg, len(data.train))
-    agree(ctx, lambda: validate_with_data(cfg, data.facts.num_classes, schedule.total_steps))
+    for warning in agree(ctx, lambda: validate_with_data(
+            cfg, data.facts.num_classes, schedule.total_steps, schedule.steps_per_epoch)):
+        if ctx.is_main:
+            log.warning("%s", warning)
     plain = agree(ctx, lambda: build_plain_model(cfg, ctx, data.facts, nhwc))
     compiled = should_compile(cfg, schedule.total_steps)
     model = strategy.wrap(plain)

@@ -6,12 +6,16 @@ test_doctor.py, test_plot.py), and the workers' own checks under torchrun stay r
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from launch.doctor import main as doctor_main
 from tests.helpers import REPO, small_run
 from tests.inprocess import launcher_main, run_main
 from tools.plot import main as plot_main
+from train.observe.wandb_sink import unreachable
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 
@@ -55,12 +59,47 @@ def one_error_line(result) -> str:
     (["--cpu", CONFIG, "model.sync_bn=true"], "model.sync_bn needs mode ddp on GPUs"),
     (["--cpu", CONFIG, "ddp.static_graph=true", "train.grad_accum_steps=2"],
      "pytorch/pytorch#143580"),
+    # a config that would mean something else (test_config_meaning.py)
+    (["--cpu", CONFIG, "optim.name=adamw", "optim.nesterov=true"],
+     "optim.nesterov=true applies only to optim.name=sgd"),
+    (["--cpu", CONFIG, "optim.schedule=step"], "30, 60, 80 lie at or beyond the run's end"),
+    (["--cpu", CONFIG, "data.synthetic.train_samples=512", "optim.warmup_epochs=0",
+      "optim.warmup_steps=20"], "optim.warmup_steps=20 does not end before the run does: the "
+                                "run has 12 optimizer steps (6 epoch(s) of 2 steps)"),
 ])
 def test_the_launcher_refuses_bad_input_in_one_line(tmp_path, monkeypatch, args, message):
     result = run_main(launcher_main(monkeypatch), *args, f"run.dir={tmp_path / 'run'}")
     line = one_error_line(result)
     assert message in line and result.stdout == ""
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_the_launcher_refuses_a_key_given_twice_in_a_yaml_section(tmp_path, monkeypatch):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 3\n  batch_size: 64\n  epochs: 5\n")
+    result = run_main(launcher_main(monkeypatch), "--cpu", str(twice),
+                      f"run.dir={tmp_path / 'run'}")
+    assert one_error_line(result) == (f"error: {twice}: key 'epochs' is given twice in one "
+                                      f"section (lines 2 and 4); keep one")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_refuses_an_online_wandb_run_whose_server_is_down_in_seconds(
+        tmp_path, monkeypatch):
+    with socket.socket() as s:  # bound and closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    unreachable.cache_clear()
+    started = time.monotonic()
+    result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, "wandb.mode=online",
+                      f"run.dir={tmp_path / 'run'}")
+    unreachable.cache_clear()
+    assert time.monotonic() - started < 15
+    assert f"wandb server {url} cannot be reached" in one_error_line(result)
+    assert "run with wandb.mode=offline" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # 1536 samples / 256 = 6 steps per epoch (test_profile.py).

@@ -21,7 +21,7 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 # and data.root left it; launch/related_runs.py points a resubmitted job at a folder named by
 # the old rule): a change of this value renames every default folder, and runs stop resuming
 # (fix the code).
-DEFAULT_FINGERPRINT = "7008c771"
+DEFAULT_FINGERPRINT = "0cfaa6f2"
 
 
 def test_key_order_and_explicit_defaults_do_not_change_it(tmp_path):

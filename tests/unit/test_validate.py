@@ -68,6 +68,10 @@ REFUSED = [
     (["--gpus", "2", "--nnodes", "1:3", "--master-addr", "127.0.0.1"], ["train.batch_size=18"],
      "not divisible by 4 workers; choose a multiple of 4 (--nnodes 1:3 runs 2 to 6 workers; the "
      "batch must divide each of [2, 4, 6])", False),
+    ([], ["optim.name=adamw", "optim.nesterov=true"],
+     "optim.nesterov=true applies only to optim.name=sgd; this config has optim.name=adamw", True),
+    ([], ["optim.schedule=step"],
+     "optim.milestones=[30,60,80]: 30, 60, 80 lie at or beyond the run's end", True),
     ([], ["perf.profile_steps=7-9"],
      "perf.profile_steps=7-9 is outside the run: it has 2 optimizer steps (1-2)", True),
     ([], ["data.val_fraction=0.2"], "data.val_fraction=0.2 splits an image folder's train/; "

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from common.host import keep_freed_memory
+from common.run_length import warmup_in_steps
 from common.schema import SyntheticConfig
 from models import build_model
 from train.config import load_config
@@ -76,7 +77,7 @@ class MinimalLoop:
         self.local = batch_size // world
         self.steps = len(self.sampler) // self.local
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: lr_at(step, self.steps * epochs, o.warmup_steps))
+            self.opt, lambda step: lr_at(step, self.steps * epochs, warmup_in_steps(o, self.steps)))
 
     def epoch(self, epoch: int) -> float:
         """One epoch's steps; its seconds, timed from a barrier as `make train` times them."""

@@ -100,6 +100,10 @@ def as_image(image: Any) -> Image.Image | torch.Tensor:
         return image[:3]
     if not image.is_floating_point():
         raise ValueError(f"image tensors must be uint8, or float in [0, 1]; got {image.dtype}")
+    if not torch.isfinite(image).all():  # NaN passes the range check below (comparisons fail)
+        bad = int((~torch.isfinite(image)).sum())
+        raise ValueError(f"float images must be finite; this one holds {bad} NaN or infinite "
+                         f"value(s)")
     low, high = image.min().item(), image.max().item()
     if low < 0 or high > 1:
         raise ValueError(f"float images must be in [0, 1] (this tool normalizes them itself); "

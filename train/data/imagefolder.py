@@ -129,6 +129,10 @@ def scan(cfg: DataConfig) -> tuple[FileSet, FileSet]:
         raise UserError(f"{train.folder} and {val.folder} hold different classes (only in "
                         f"train: {_few(only_train)}; only in val: {_few(only_val)}); both need "
                         f"the same class folders")
+    if len(train.classes) == 1:
+        raise UserError(f"image folder {train.folder} has one class folder "
+                        f"({train.classes[0]}): a classifier of one class is always right and "
+                        f"learns nothing; put each class's images in a sub-folder of its own")
     return train, val
 
 

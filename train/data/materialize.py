@@ -89,6 +89,9 @@ def stream_stats(samples: Any, augment: Augment, cfg_samples: int, seed: int, ca
         pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
         items = decode_all(SampleReader(samples, augment, "stored"),
                            sorted(pick[:count].tolist()), workers)
+        fatal = next((it[3] for it in items if it[4]), None)
+        if fatal:  # a malformed sample of the user's dataset stops the run, here as in training
+            raise UserError(fatal)
         good = [it[1] for it in items if it[1] is not None]
         if not good:
             raise UserError(f"none of {count} training images could be decoded (first: "

@@ -144,6 +144,9 @@ def _checked(cfg: DataConfig, train: Any, test: Any) -> tuple[PythonSet, PythonS
     channels = 1 if (image.shape[0] == 1 if isinstance(image, torch.Tensor)
                      else image.mode in ("L", "1", "I", "F")) else 3
     classes = _classes(train)
+    if len(classes) < 2:
+        raise UserError(f"data.factory {cfg.factory}: the train set has one class: a classifier "
+                        f"of one class is always right and learns nothing")
     sets = (PythonSet(train, "train", classes, channels, cfg.factory),
             PythonSet(test, "test", classes, channels, cfg.factory))
     for s in sets:  # every split's first sample in full: the same checks as in training

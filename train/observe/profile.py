@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common.records import PROFILE_DIR
-from common.validate import profile_range
+from common.run_length import profile_range
 
 log = logging.getLogger(__name__)
 TOP_OPS = 10  # operators printed on the console

@@ -8,13 +8,18 @@ otherwise; an offline run is written under `run.dir/wandb` and uploaded later wi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import netrc
 import os
 import platform
 import re
+import ssl
 import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +33,10 @@ from train.dist import DistContext
 
 log = logging.getLogger(__name__)
 SECRET = re.compile(r"key|token|secret|password", re.IGNORECASE)
+# How long the wandb server may take to answer before an online run is refused (auto: falls
+# back to offline); wandb's own init waits about 90 s before it fails.
+CONNECT_TIMEOUT_S = 5.0
+INIT_TIMEOUT_S = 15  # wandb.init's own limit, for a server that answers but opens no run
 
 
 def credentials() -> str | None:
@@ -44,6 +53,35 @@ def credentials() -> str | None:
     return None
 
 
+def server_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+@functools.cache
+def unreachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why `url` gives no HTTP answer within `timeout` seconds (through the proxy the
+    environment names, as wandb would), or None when it answers: any status, or a TLS
+    certificate this python does not trust (wandb may, with its own CA bundle). Name
+    resolution included: the request runs in a thread, getaddrinfo takes no timeout."""
+    found: list[str | None] = [f"no answer within {timeout:g} s"]
+
+    def ask() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                   timeout=timeout).close()
+            found[0] = None
+        except urllib.error.HTTPError:  # a status: the server is there
+            found[0] = None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            found[0] = None if isinstance(reason, ssl.SSLError) else str(reason)[:120]
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return found[0] if not thread.is_alive() else f"no answer within {timeout:g} s"
+
+
 def resolve_mode(cfg: WandbConfig) -> tuple[str, str]:
     """(online | offline | disabled, why). `auto` without the wandb package logs nothing to
     wandb (machines with only torch's stack installed, e.g. the GPU check's)."""
@@ -52,9 +90,13 @@ def resolve_mode(cfg: WandbConfig) -> tuple[str, str]:
     if importlib.util.find_spec("wandb") is None:
         return "disabled", "wandb.mode=auto and the wandb package is not installed"
     found = credentials()
-    if found:
-        return "online", found
-    return "offline", "no credentials (WANDB_API_KEY or `wandb login`): logging offline"
+    if not found:
+        return "offline", "no credentials (WANDB_API_KEY or `wandb login`): logging offline"
+    why_not = unreachable(server_url())
+    if why_not:
+        return "offline", f"the wandb server {server_url()} cannot be reached ({why_not}): " \
+                          f"logging offline"
+    return "online", found
 
 
 def check_usable(cfg: WandbConfig) -> None:
@@ -69,6 +111,11 @@ def check_usable(cfg: WandbConfig) -> None:
     if mode == "online" and not credentials():
         raise UserError("wandb.mode=online but no credentials: set WANDB_API_KEY or run `wandb "
                         "login`, or use wandb.mode=offline and `wandb sync` later")
+    why_not = unreachable(server_url()) if mode == "online" else None
+    if why_not:
+        raise UserError(f"wandb.mode=online but the wandb server {server_url()} cannot be "
+                        f"reached ({why_not}); run with wandb.mode=offline (logs into "
+                        f"run.dir/wandb for a later `wandb sync`) or wandb.mode=disabled")
 
 
 def system_facts(ctx: DistContext, mode: str) -> dict[str, Any]:
@@ -119,7 +166,8 @@ class WandbSink:
                 group=cfg.wandb.group, tags=cfg.wandb.tags, id=self.id,
                 resume="allow" if self.id else None,
                 config={**public_config(cfg), "system": system_facts(self.ctx, self.path)},
-                settings=wandb.Settings(silent=True, console="off"),
+                settings=wandb.Settings(silent=True, console="off",
+                                        init_timeout=INIT_TIMEOUT_S),
             )
         except Exception as exc:  # noqa: BLE001 - wandb raises many kinds; one line for all
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

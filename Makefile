@@ -22,6 +22,7 @@ NODE_RANK ?= 0
 MASTER_ADDR ?=
 MASTER_PORT ?=
 PYTEST_ARGS ?=
+TEST_JOBS ?= 2
 RUN ?=
 RUN2 ?=
 RUN3 ?=
@@ -52,7 +53,7 @@ train: $(VENV_DEP)
 # make test: both tiers (tests/unit, then the real multi-process runs); make test-fast: the
 # unit tier alone (pure logic in one process, under 2 minutes).
 test: $(VENV_DEP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m tests.suite --jobs $(TEST_JOBS) $(PYTEST_ARGS)
 
 test-fast: $(VENV_DEP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

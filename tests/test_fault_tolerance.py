@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from train.run.checkpoint import Checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 CONFIG = str(REPO / "configs" / "default.yaml")
 # 12 steps per epoch, 4 epochs; stop requests are agreed every 5 steps, so a stop always
 # lands inside an epoch (48 steps, no multiple of 5 is a multiple of 12).

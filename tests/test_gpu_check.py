@@ -14,6 +14,8 @@ from tests.helpers import PYTHON, REPO
 from tools.gpu_check import FAIL, PASS, SKIP, Context, Part, run_parts, write_report
 from tools.gpu_check.group import run_group
 
+pytestmark = pytest.mark.serial  # run alone (tests/suite.py): signals, stalls and their timeouts
+
 HERE = "tests.gpu_check_parts"
 
 

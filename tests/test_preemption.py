@@ -17,7 +17,7 @@ from tests.helpers import run_cli
 from tests.jobs import CONFIG, RUN, gone_within, running
 from train.run.checkpoint import Checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 SHORT = [*RUN, "train.epochs=2"]  # 12 steps per epoch, 24 in all
 
 

@@ -20,7 +20,7 @@ from tests.helpers import PYTHON, REPO
 from tests.jobs import CONFIG, RUN, gone_within, running
 from train.run.checkpoint import Checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 STARTUP_LINE = "interrupted by {} during start-up: nothing was trained yet"
 
 

@@ -20,7 +20,7 @@ import pytest
 from tests.helpers import REPO, free_port
 from tests.slurm_cluster import ENDED, SlurmCluster, start_cluster, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
 # 8 steps per epoch (global batch 256): a few seconds of training in all.
 SMALL = ["wandb.mode=disabled", "data.synthetic.train_samples=2048",

@@ -1,0 +1,47 @@
+"""`make test`: the suite in two passes on this machine's cores.
+
+The first pass runs every test not marked `serial` in `--jobs` pytest-xdist processes, a test
+file per process at a time (`--dist loadfile`: a module's shared runs stay one); most tests
+wait on child processes for part of their time, so two files side by side fill two cores. The
+second pass runs the `serial` tests one at a time: those that bound a time (a stall limit, a
+signal's grace period), or start a service of which one runs per machine (SLURM, Ray).
+
+`python -m tests.suite [--jobs N] [pytest arguments]`; a `-m EXPR` among the arguments narrows
+both passes. Exit: the first failing pass's pytest code; a pass that selects nothing is fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+NOTHING_SELECTED = 5  # pytest's exit code when no test matched
+
+
+def passes(args: list[str], jobs: int) -> list[list[str]]:
+    """The two pytest command lines (without the interpreter), a user's `-m` folded into each."""
+    rest, user_mark = list(args), None
+    if "-m" in rest:
+        at = rest.index("-m")
+        user_mark = rest[at + 1]
+        del rest[at:at + 2]
+    def mark(expr: str) -> list[str]:
+        return ["-m", f"({user_mark}) and {expr}" if user_mark else expr]
+    parallel = ["-n", str(jobs), "--dist", "loadfile"] if jobs > 1 else []
+    return [[*parallel, *mark("not serial"), *rest], [*mark("serial"), *rest]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="pytest processes in the first pass")
+    known, args = parser.parse_known_args(argv)
+    for command in passes(args, known.jobs):
+        code = subprocess.call([sys.executable, "-m", "pytest", *command])
+        if code not in (0, NOTHING_SELECTED):
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""`make test`'s two passes (tests/suite.py): what each pytest command line selects."""
+
+from tests.suite import passes
+
+
+def test_the_parallel_pass_leaves_the_serial_tests_to_the_second():
+    first, second = passes(["tests/test_cli.py", "-k", "overwrite"], jobs=2)
+    assert first == ["-n", "2", "--dist", "loadfile", "-m", "not serial", "tests/test_cli.py",
+                     "-k", "overwrite"]
+    assert second == ["-m", "serial", "tests/test_cli.py", "-k", "overwrite"]
+
+
+def test_a_users_marker_narrows_both_passes_and_one_job_runs_without_xdist():
+    first, second = passes(["-m", "gpu or compat", "-x"], jobs=1)
+    assert first == ["-m", "(gpu or compat) and not serial", "-x"]
+    assert second == ["-m", "(gpu or compat) and serial", "-x"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from train.data import jpeg
 from train.data.augment import View
 
 # What a file that cannot be decoded raises in PIL: OSError (truncated, broken data),
@@ -28,6 +29,23 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 def open_image(path: str) -> Image.Image:
     """The file's header, not yet decoded (its size is known)."""
     return Image.open(path)
+
+
+def render_path(path: str, view_of: Any, decoder: str = "pil") -> torch.Tensor:
+    """The file at `path` rendered for `view_of(width, height)`: JPEGs through simplejpeg
+    (`decoder` "simplejpeg": train/data/jpeg.py), the rest, and every file for "pil", through
+    PIL. Both give the same view of the same pixels."""
+    if decoder == "simplejpeg":
+        with open(path, "rb") as f:
+            data = f.read()
+        fast = jpeg.decode(data, view_of)
+        if fast is not None:
+            pixels, sx, sy, view = fast
+            return render_pil(Image.fromarray(pixels), View(
+                view.left * sx, view.top * sy, view.width * sx, view.height * sy, view.size,
+                view.flip))
+    with open_image(path) as image:
+        return render_file(image, view_of)
 
 
 def render_file(image: Image.Image, view_of: Any) -> torch.Tensor:

@@ -52,9 +52,10 @@ def stream_stages(root: Path, size: int, count: int = 200) -> dict[str, float]:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         view = augment.train_view(width, height, 0, i)
         marks.append(time.perf_counter())
-        pixels = jpeg.decode(data, lambda w, h, v=view: v)[0]
+        pixels = jpeg.decode(data, lambda w, h, v=view: v, "RGBX")[0]
         marks.append(time.perf_counter())
-        image = Image.fromarray(pixels)
+        image = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw",
+                                 "RGBX", 0, 1)
         marks.append(time.perf_counter())
         sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
         box = (view.left * sx, view.top * sy, (view.left + view.width) * sx,

@@ -38,12 +38,15 @@ def render_path(path: str, view_of: Any, decoder: str = "pil") -> torch.Tensor:
     if decoder == "simplejpeg":
         with open(path, "rb") as f:
             data = f.read()
-        fast = jpeg.decode(data, view_of)
+        fast = jpeg.decode(data, view_of, "RGBX")
         if fast is not None:
             pixels, sx, sy, view = fast
-            return render_pil(Image.fromarray(pixels), View(
-                view.left * sx, view.top * sy, view.width * sx, view.height * sy, view.size,
-                view.flip))
+            # RGBX is how PIL holds RGB: it wraps the decoder's buffer without converting it,
+            # resamples the same values, and the fourth byte is dropped at the end.
+            image = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw",
+                                     "RGBX", 0, 1)
+            return render_pil(image, View(view.left * sx, view.top * sy, view.width * sx,
+                                          view.height * sy, view.size, view.flip))
     with open_image(path) as image:
         return render_file(image, view_of)
 
@@ -65,7 +68,7 @@ def render_file(image: Image.Image, view_of: Any) -> torch.Tensor:
 
 def render_pil(image: Image.Image, view: View) -> torch.Tensor:
     """Crop and resize in one PIL call (bilinear, antialiased); uint8 [C, S, S]."""
-    if image.mode not in ("RGB", "L"):
+    if image.mode not in ("RGB", "L", "RGBX"):
         image = image.convert("RGB")
     if not view.is_identity(*image.size):
         box = (view.left, view.top, view.left + view.width, view.top + view.height)
@@ -79,6 +82,8 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """torchvision's `pil_to_tensor` for RGB and L images (uint8 [C, H, W], a view of a copy),
     without importing torchvision (seconds) into every worker and loader process."""
     pixels = torch.from_numpy(np.array(image, copy=True))
+    if image.mode == "RGBX":
+        pixels = pixels[..., :3]
     return (pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels).permute(2, 0, 1)
 
 

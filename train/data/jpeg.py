@@ -53,9 +53,11 @@ def draft_factor(width: int, height: int, want_width: int, want_height: int) -> 
     return next((s for s in (8, 4, 2, 1) if scale >= s), 1)
 
 
-def decode(data: bytes, view_of: Any) -> tuple[np.ndarray, float, float, Any] | None:
-    """(RGB uint8 pixels [h, w, 3] at the view's DCT scale, x scale, y scale, the view), or
-    None for a file this path does not take (PIL decodes it)."""
+def decode(data: bytes, view_of: Any,
+           mode: str = "RGB") -> tuple[np.ndarray, float, float, Any] | None:
+    """(uint8 pixels [h, w, 3] at the view's DCT scale, x scale, y scale, the view), or None
+    for a file this path does not take (PIL decodes it). `mode` "RGBX": [h, w, 4], PIL's own
+    layout of RGB, which it then reads without a copy."""
     if simplejpeg is None or data[:2] != SOI:
         return None
     try:
@@ -70,7 +72,7 @@ def decode(data: bytes, view_of: Any) -> tuple[np.ndarray, float, float, Any] | 
     want_h = max(1, math.ceil(height * view.size / view.height))
     s = draft_factor(width, height, want_w, want_h)
     try:
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // s),
+        pixels = simplejpeg.decode_jpeg(data, mode, min_width=-(-width // s),
                                         min_height=-(-height // s))
     except ValueError:
         return None  # broken data: PIL decodes what it can or names the problem

@@ -4,6 +4,7 @@ and PIL takes what simplejpeg does not (PNG, CMYK, a missing simplejpeg)."""
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from common.errors import UserError
 from tests.workers import DEFAULT_CONFIG
-from tools.bench.photos import photo_set
+from tools.bench.photos import imagenet_size, photo_set
 from train.config import load_config
 from train.data import jpeg
 from train.data.augment import Augment
@@ -96,3 +97,18 @@ def test_auto_is_simplejpeg_when_installed(photos):
     assert files.decoder == val.decoder == "simplejpeg"
     forced, _ = scan(_cfg("data.name=imagefolder", f"data.root={photos}", "data.decoder=pil"))
     assert forced.decoder == "pil"
+
+
+def test_the_photo_set_has_imagenets_sizes_and_is_written_once(photos):
+    rng = random.Random(0)
+    sizes = [imagenet_size(rng) for _ in range(5000)]
+    width, height = (sum(s[i] for s in sizes) / len(sizes) for i in (0, 1))
+    assert 380 < width < 430 and 330 < height < 375  # ImageNet's mean: about 400 x 350
+    assert sum(w < h for w, h in sizes) > 1000  # portraits too
+    files = sorted(photos.rglob("*.jpg"))
+    assert len(files) == 34
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert photo_set(24, 10, root=photos.parent) == photos  # found, not written again
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    with Image.open(files[0]) as first:
+        assert first.format == "JPEG" and first.mode == "RGB"

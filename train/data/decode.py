@@ -1,9 +1,11 @@
 """Rendering a view (train/data/augment.py) of one image into a uint8 tensor [C, S, S].
 
-Files are decoded with PIL, chosen by measurement (`make bench`'s data part;
-docs/performance.md#decoders): a JPEG is decoded at a reduced size when the view's target is
-at most half the file's size (PIL's `draft`: the decoder skips DCT coefficients, 1/2 to 1/8 of
-the work), then cropped and resized in one `resize(box=...)`, all in uint8. torchvision.io's
+JPEGs are decoded by simplejpeg where it is installed (train/data/jpeg.py), other files and
+every file without it by PIL, chosen by measurement (`make bench`'s data part;
+docs/performance.md#decoders); both the same way: a JPEG is decoded at a reduced size when the
+view's target is at most half the file's size (PIL's `draft`: the decoder skips DCT
+coefficients, 1/2 to 1/8 of the work), then cropped and resized in one PIL `resize(box=...)`,
+all in uint8, the same bits from either decoder. torchvision.io's
 decoder plus a uint8 tensor resize took 0.9-3.9x as long per sample here, and cannot decode
 at reduced size (torchcodec was not installed to measure). Samples of Python datasets (PIL images or
 tensors) are rendered with torchvision.transforms.v2's functional ops.

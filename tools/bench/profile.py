@@ -1,9 +1,8 @@
 """What bounds the loaders of tools/bench/loaders.py, measured rather than guessed:
 
 - `stream_stages`: our stream path's work per sample split into its stages (read, header and
-  view, decode, into PIL, crop and resize, flip, into a tensor), one process, the same files
-  and views; what a loader process spends beyond their sum is the loader's own (DataLoader,
-  collate, the batch's trip to the training process).
+  view, decode, crop and resize and flip), on the same files and views; what the loader spends
+  beyond their sum is the rest (DataLoader, collate, normalization).
 - `cache_storage`: the decoded cache at this size: its stored square (FFCV's max_resolution),
   bytes per image raw and re-encoded as JPEG (quality 90), so size on disk per million images,
   the rate of its CPU part (gathering random batches from the memory-mapped file) and what
@@ -19,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from train.config import load_config
 from train.data import jpeg
-from train.data.augment import Augment
-from train.data.decode import pil_to_tensor, render_path
+from train.data.augment import Augment, View
+from train.data.decode import render_path, render_pixels
 from train.data.imagefolder import scan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +41,8 @@ def stream_stages(root: Path, size: int, count: int = 200) -> dict[str, float]:
     import simplejpeg
 
     paths, cfg = _files(root, count)
-    augment, spent = Augment(cfg, size, 0), dict.fromkeys(
-        ("read", "header, view", "decode", "into PIL", "crop, resize", "flip", "into tensor"), 0.0)
+    augment = Augment(cfg, size, 0)
+    spent = dict.fromkeys(("read", "header, view", "decode", "crop, resize, flip"), 0.0)
     for i, path in enumerate(paths):
         marks = [time.perf_counter()]
         data = Path(path).read_bytes()
@@ -52,20 +50,10 @@ def stream_stages(root: Path, size: int, count: int = 200) -> dict[str, float]:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         view = augment.train_view(width, height, 0, i)
         marks.append(time.perf_counter())
-        pixels = jpeg.decode(data, lambda w, h, v=view: v, "RGBX")[0]
+        pixels, sx, sy, _ = jpeg.decode(data, lambda w, h, v=view: v, "RGBX")
         marks.append(time.perf_counter())
-        image = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw",
-                                 "RGBX", 0, 1)
-        marks.append(time.perf_counter())
-        sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
-        box = (view.left * sx, view.top * sy, (view.left + view.width) * sx,
-               (view.top + view.height) * sy)
-        image = image.resize((size, size), Image.BILINEAR, box=box)
-        marks.append(time.perf_counter())
-        if view.flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        marks.append(time.perf_counter())
-        pil_to_tensor(image)
+        render_pixels(pixels, View(view.left * sx, view.top * sy, view.width * sx,
+                                   view.height * sy, view.size, view.flip))
         marks.append(time.perf_counter())
         for key, start, end in zip(spent, marks, marks[1:], strict=False):
             spent[key] += end - start

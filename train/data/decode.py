@@ -4,11 +4,10 @@ JPEGs are decoded by simplejpeg where it is installed (train/data/jpeg.py), othe
 every file without it by PIL, chosen by measurement (`make bench`'s data part;
 docs/performance.md#decoders); both the same way: a JPEG is decoded at a reduced size when the
 view's target is at most half the file's size (PIL's `draft`: the decoder skips DCT
-coefficients, 1/2 to 1/8 of the work), then cropped and resized in one PIL `resize(box=...)`,
-all in uint8, the same bits from either decoder. torchvision.io's
-decoder plus a uint8 tensor resize took 0.9-3.9x as long per sample here, and cannot decode
-at reduced size (torchcodec was not installed to measure). Samples of Python datasets (PIL images or
-tensors) are rendered with torchvision.transforms.v2's functional ops.
+coefficients, 1/2 to 1/8 of the work), then cropped and resized in uint8: by PIL's
+`resize(box=...)`, or for simplejpeg's whole-pixel boxes by torch's kernel
+(`render_pixels`). torchvision.io's decoder cannot decode at reduced size. Samples of Python
+datasets (PIL images or tensors) are rendered with torchvision.transforms.v2's functional ops.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from train.data import jpeg
@@ -43,14 +43,36 @@ def render_path(path: str, view_of: Any, decoder: str = "pil") -> torch.Tensor:
         fast = jpeg.decode(data, view_of, "RGBX")
         if fast is not None:
             pixels, sx, sy, view = fast
-            # RGBX is how PIL holds RGB: it wraps the decoder's buffer without converting it,
-            # resamples the same values, and the fourth byte is dropped at the end.
-            image = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw",
-                                     "RGBX", 0, 1)
-            return render_pil(image, View(view.left * sx, view.top * sy, view.width * sx,
-                                          view.height * sy, view.size, view.flip))
+            return render_pixels(pixels, View(view.left * sx, view.top * sy, view.width * sx,
+                                              view.height * sy, view.size, view.flip))
     with open_image(path) as image:
         return render_file(image, view_of)
+
+
+def render_pixels(pixels: np.ndarray, view: View) -> torch.Tensor:
+    """A view of decoded pixels [H, W, 4] (RGBX: PIL's own layout of RGB, and the 4-byte
+    pixels torch's uint8 resampling kernels read fastest).
+
+    A box in whole pixels (every training view decoded at full scale) is cropped, then resized
+    by torch's antialiased bilinear kernel, as torchvision's tensor ops render
+    RandomResizedCrop: twice as fast as PIL's resize here; PIL also reads a few pixels past the
+    box, so edge pixels differ by a few grey levels. A box with fractions (a view decoded at a
+    reduced DCT scale) goes to PIL's resize, which samples fractional boxes exactly: rounding
+    it would move the crop by up to half a reduced pixel."""
+    box = (view.left, view.top, view.width, view.height)
+    if any(v != round(v) for v in box):
+        image = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw",
+                                 "RGBX", 0, 1)  # wraps the buffer: no conversion
+        return render_pil(image, view)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)  # channels-last strides, no copy
+    top, left = round(view.top), round(view.left)
+    height, width = max(1, round(view.height)), max(1, round(view.width))
+    image = image[:, top:top + height, left:left + width]
+    if (height, width) != (view.size, view.size):
+        image = F.interpolate(image[None], size=(view.size, view.size), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+    image = image[:3]
+    return image.flip(-1) if view.flip else image
 
 
 def render_file(image: Image.Image, view_of: Any) -> torch.Tensor:

@@ -5,8 +5,9 @@ that ships the library inside its wheel (no system package), chosen by measureme
 A file is read once as bytes; its header gives the size, the view is drawn for it, and the
 file is decoded at the coarsest power-of-two DCT scale (1/8, 1/4, 1/2, 1) that keeps the view's
 resolution: the same scale PIL's `draft` picks, so both paths decode the same pixels (the same
-libjpeg-turbo, islow DCT, fancy upsampling) and render them with the same PIL resize. libjpeg-
-turbo's other scales (3/8, 5/8, ...) have no SIMD code and decoded slower than full size here.
+libjpeg-turbo, islow DCT, fancy upsampling); train/data/decode.py's `render_pixels` renders
+the view. libjpeg-turbo's other scales (3/8, 5/8, ...) have no SIMD code and decoded slower
+than full size here.
 
 What this path does not take goes to PIL (train/data/decode.py): files that are not JPEG
 (PNG, ...), CMYK and YCCK JPEGs, headers simplejpeg cannot read; and every file when

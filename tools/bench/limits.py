@@ -26,7 +26,7 @@ from train.data.imagefolder import scan
 
 REPO = Path(__file__).resolve().parents[2]
 
-def _best_rate(fn: Callable[[], int], rounds: int = 3) -> float:
+def _best_rate(fn: Callable[[], int], rounds: int = 1) -> float:
     best = 0.0
     for _ in range(rounds):
         start = time.perf_counter()
@@ -94,6 +94,4 @@ def decoder_limits(root: Path, size: int, count: int = 300) -> dict[str, Any]:
     if out["roi_per_s"] and out["full_per_s"]:
         found.append(out["full_per_s"] * out["roi_per_s"] / out["dali_full_per_s"])
     out["limit_per_s"] = max(found) if found else None
-    print(f"bench: decoder limits at {size} px: " + ", ".join(
-        f"{k} {v:,.0f}" for k, v in out.items() if k != "files" and v), flush=True)
     return out

@@ -1,8 +1,8 @@
 """What bounds the loaders of tools/bench/loaders.py, measured rather than guessed:
 
 - `stream_stages`: our stream path's work per sample split into its stages (read, header and
-  view, decode, crop and resize and flip), on the same files and views; what the loader spends
-  beyond their sum is the rest (DataLoader, collate, normalization).
+  view, decode, crop and resize and flip, collate, normalize), on the same files and views;
+  what the loader spends beyond their sum is the rest (DataLoader, Python per sample).
 - `cache_storage`: the decoded cache at this size: its stored square (FFCV's max_resolution),
   bytes per image raw and re-encoded as JPEG (quality 90), so size on disk per million images,
   the rate of its CPU part (gathering random batches from the memory-mapped file) and what
@@ -27,6 +27,9 @@ from train.data.imagefolder import scan
 
 REPO = Path(__file__).resolve().parents[2]
 MILLION = 1_000_000
+BATCH = 64
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None] * 255
+STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None] * 255
 
 
 def _files(root: Path, count: int) -> tuple[list[str], Any]:
@@ -43,6 +46,8 @@ def stream_stages(root: Path, size: int, count: int = 200) -> dict[str, float]:
     paths, cfg = _files(root, count)
     augment = Augment(cfg, size, 0)
     spent = dict.fromkeys(("read", "header, view", "decode", "crop, resize, flip"), 0.0)
+    spent.update({"collate (per batch of 64)": 0.0, "normalize (per batch of 64)": 0.0})
+    rendered: list[torch.Tensor] = []
     for i, path in enumerate(paths):
         marks = [time.perf_counter()]
         data = Path(path).read_bytes()
@@ -52,12 +57,20 @@ def stream_stages(root: Path, size: int, count: int = 200) -> dict[str, float]:
         marks.append(time.perf_counter())
         pixels, sx, sy, _ = jpeg.decode(data, lambda w, h, v=view: v, "RGBX")
         marks.append(time.perf_counter())
-        render_pixels(pixels, View(view.left * sx, view.top * sy, view.width * sx,
-                                   view.height * sy, view.size, view.flip))
+        rendered.append(render_pixels(pixels, View(view.left * sx, view.top * sy,
+                                                   view.width * sx, view.height * sy,
+                                                   view.size, view.flip)))
         marks.append(time.perf_counter())
+        if len(rendered) == BATCH:
+            batch = torch.stack(rendered)  # as stream.collate
+            marks.append(time.perf_counter())
+            batch.float().sub_(MEAN).div_(STD).contiguous(memory_format=torch.channels_last)
+            marks.append(time.perf_counter())  # as build.DeviceFinish, on the CPU
+            rendered = []
         for key, start, end in zip(spent, marks, marks[1:], strict=False):
             spent[key] += end - start
-    out = {k: 1000 * v / len(paths) for k, v in spent.items()}
+    batched = len(paths) // BATCH * BATCH or 1  # the samples the batch stages ran for
+    out = {k: 1000 * v / (batched if "batch" in k else len(paths)) for k, v in spent.items()}
     out["total"] = sum(out.values())
     return out
 
@@ -102,6 +115,6 @@ def describe(stages: dict[str, float], stream_rate: float) -> list[str]:
     per_sample = 1000 / stream_rate
     rest = max(0.0, per_sample - stages["total"])
     parts = [(k, v) for k, v in stages.items() if k != "total"] + \
-        [("the rest: DataLoader, collate, normalize", rest)]
+        [("the rest: DataLoader, Python per sample, the machine's noise", rest)]
     return [f"| {k} | {v:.3f} | {v / per_sample:.0%} |" for k, v in parts]
 

@@ -81,7 +81,8 @@ class FileSet:
         """What the decoded cache's name depends on: the files and their class folders' times
         (adding, removing or renaming a file changes its folder's modification time)."""
         times = [os.stat(self.folder / c).st_mtime_ns for c in self.classes]
-        return [str(self.folder), self.classes, times, len(self.paths)]
+        # The decoder as run: data.decoder=auto renders with PIL until simplejpeg is installed.
+        return [str(self.folder), self.classes, times, len(self.paths), self.decoder]
 
 
 def _reason(exc: BaseException) -> str:

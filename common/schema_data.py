@@ -92,9 +92,10 @@ class DataConfig:
     # where decoded files live (a fast local disk; one file per node and split); "": the
     # system's temp folder
     cache_dir: Annotated[str, RUNTIME] = ""
-    # JPEG decoder: pil (decodes at reduced size when the target is smaller; measured fastest:
+    # JPEG decoder: simplejpeg (libjpeg-turbo; other files via PIL), pil, auto (simplejpeg if
+    # installed, else pil; both at reduced size when the target is smaller, the same pixels:
     # docs/performance.md); nvjpeg: batches decoded on the GPU (torchvision.io, GPUs only)
-    decoder: Literal["pil", "nvjpeg"] = "pil"
+    decoder: Literal["auto", "simplejpeg", "pil", "nvjpeg"] = "auto"
     # stream loader processes per worker; null: usable cores per worker - 1 (at least 1)
     num_workers: Annotated[int | None, NonNegative, RUNTIME] = None
     pin_memory: Annotated[bool | None, RUNTIME] = None  # page-locked batches; null: with GPUs

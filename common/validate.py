@@ -160,7 +160,7 @@ def check_device_options(cfg: Config, device_kind: str) -> list[str]:
         raise UserError("model.sync_bn needs mode ddp on GPUs: torch's SyncBatchNorm runs on "
                         "CUDA only")
     if cpu and cfg.data.decoder == "nvjpeg":
-        raise UserError("data.decoder=nvjpeg decodes on the GPU; on the CPU use data.decoder=pil")
+        raise UserError("data.decoder=nvjpeg decodes on the GPU; on the CPU use data.decoder=auto")
     if cfg.data.decoder == "nvjpeg" and (cfg.data.name != "imagefolder"
                                          or cfg.data.loader != "stream"
                                          or cfg.data.cache != "none"):

@@ -318,10 +318,13 @@ def test_decoded_file_trusts_slots_filled_before_the_epoch_and_on_disk(tmp_path)
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("recipe", ["imagenet", "cifar"])
+@pytest.mark.parametrize("recipe,decoder", [("imagenet", "pil"), ("imagenet", "simplejpeg"),
+                                            ("cifar", "auto")])
 def test_stream_batches_depend_on_neither_loader_processes_nor_the_resume_point(
-        folder, tmp_path, recipe):
-    cfg = [f"data.augment={recipe}", "data.loader=stream"]
+        folder, tmp_path, recipe, decoder):
+    if decoder == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    cfg = [f"data.augment={recipe}", "data.loader=stream", f"data.decoder={decoder}"]
     one = build_data(folder_cfg(folder, tmp_path, *cfg, "data.num_workers=0"), 0, CPU, 8, 5,
                      False)
     two = build_data(folder_cfg(folder, tmp_path, *cfg, "data.num_workers=2"), 0, CPU, 8, 5,

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench import comm, data, overhead
+from tools.bench import comm, data, loaders, overhead
 from tools.bench.report import figure, markdown
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,6 +133,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         two = report["scaling"]["ddp"].get(2, {}).get("speedup")
         add("LeNet, 2 workers vs 1 (one thread each)", two, ">= 1.8",
             None if two is None else two >= 1.8)
+    if "data_photos" in report:
+        rows += loaders.targets(report["data_photos"])
     if "data" in report:
         rows += data.targets(report["data"])
     return rows
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         report["ddp"] = comm.spawn(comm.ddp_buckets_and_overlap, 2)
         print("bench: DDP bucket sweep and overlap done", flush=True)
     if "data" in parts:
+        report["data_photos"] = loaders.measure()
         report["data"] = data.measure()
     if "overhead" in parts:
         report["overhead"] = overhead.measure(args.rounds, epochs=3, workers=2, samples=24_000)

@@ -100,7 +100,7 @@ def _overhead(report: dict[str, Any]) -> list[str]:
 def _data(report: dict[str, Any]) -> list[str]:
     d = report["data"]
     t, rate = d["throughput"], d["throughput"]["images_per_s"]
-    lines = ["", f"## Data: {d['train_images']} JPEGs of 64-160 px, imagenet recipe at "
+    lines = ["", f"## Data, synthetic: {d['train_images']} JPEGs of 64-160 px, imagenet recipe at "
              f"{d['size']} px, {d['workers']} loader processes, batch {d['batch']}", "",
              "Loader throughput, no model (normalized float batches ready for the model; "
              "medians of the epochs after the first):", "",
@@ -121,6 +121,12 @@ def _data(report: dict[str, Any]) -> list[str]:
     for name, w in d["wait"].items():
         lines.append(f"| {name} | {w['step_s']:.2f} | {w['wait_share']:.1%} |")
     return lines
+
+
+def _photos(report: dict[str, Any]) -> list[str]:
+    from tools.bench.photo_report import table  # imports torch, PIL when asked
+
+    return table(report["data_photos"])
 
 
 def _peers(report: dict[str, Any]) -> list[str]:
@@ -161,7 +167,8 @@ def memory_lines(report: dict[str, Any]) -> list[str]:
 
 
 SECTIONS = [("targets", _targets), ("scaling", _scaling), ("allreduce", _allreduce),
-             ("resnet_sync", _resnet_sync), ("ddp", _ddp), ("data", _data),
+             ("resnet_sync", _resnet_sync), ("ddp", _ddp), ("data_photos", _photos),
+             ("data", _data),
              ("overhead", _overhead), ("memory", memory_lines), ("peers", _peers)]
 
 

@@ -1,12 +1,13 @@
 """Rendering a view (train/data/augment.py) of one image into a uint8 tensor [C, S, S].
 
-Files are decoded with PIL, chosen by measurement (`make bench`'s data part;
-docs/performance.md#decoders): a JPEG is decoded at a reduced size when the view's target is
-at most half the file's size (PIL's `draft`: the decoder skips DCT coefficients, 1/2 to 1/8 of
-the work), then cropped and resized in one `resize(box=...)`, all in uint8. torchvision.io's
-decoder plus a uint8 tensor resize took 0.9-3.9x as long per sample here, and cannot decode
-at reduced size (torchcodec was not installed to measure). Samples of Python datasets (PIL images or
-tensors) are rendered with torchvision.transforms.v2's functional ops.
+JPEGs are decoded by simplejpeg where it is installed (train/data/jpeg.py), other files and
+every file without it by PIL, chosen by measurement (`make bench`'s data part;
+docs/performance.md#decoders); both the same way: a JPEG is decoded at a reduced size when the
+view's target is at most half the file's size (PIL's `draft`: the decoder skips DCT
+coefficients, 1/2 to 1/8 of the work), then cropped and resized in uint8: by PIL's
+`resize(box=...)`, or for simplejpeg's whole-pixel boxes by torch's kernel
+(`render_pixels`). torchvision.io's decoder cannot decode at reduced size. Samples of Python
+datasets (PIL images or tensors) are rendered with torchvision.transforms.v2's functional ops.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from train.data import jpeg
 from train.data.augment import View
 
 # What a file that cannot be decoded raises in PIL: OSError (truncated, broken data),
@@ -28,6 +31,48 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 def open_image(path: str) -> Image.Image:
     """The file's header, not yet decoded (its size is known)."""
     return Image.open(path)
+
+
+def render_path(path: str, view_of: Any, decoder: str = "pil") -> torch.Tensor:
+    """The file at `path` rendered for `view_of(width, height)`: JPEGs through simplejpeg
+    (`decoder` "simplejpeg": train/data/jpeg.py), the rest, and every file for "pil", through
+    PIL. Both give the same view of the same pixels."""
+    if decoder == "simplejpeg":
+        with open(path, "rb") as f:
+            data = f.read()
+        fast = jpeg.decode(data, view_of, "RGBX")
+        if fast is not None:
+            pixels, sx, sy, view = fast
+            return render_pixels(pixels, View(view.left * sx, view.top * sy, view.width * sx,
+                                              view.height * sy, view.size, view.flip))
+    with open_image(path) as image:
+        return render_file(image, view_of)
+
+
+def render_pixels(pixels: np.ndarray, view: View) -> torch.Tensor:
+    """A view of decoded pixels [H, W, 4] (RGBX: PIL's own layout of RGB, and the 4-byte
+    pixels torch's uint8 resampling kernels read fastest).
+
+    A box in whole pixels (every training view decoded at full scale) is cropped, then resized
+    by torch's antialiased bilinear kernel, as torchvision's tensor ops render
+    RandomResizedCrop: twice as fast as PIL's resize here; PIL also reads a few pixels past the
+    box, so edge pixels differ by a few grey levels. A box with fractions (a view decoded at a
+    reduced DCT scale) goes to PIL's resize, which samples fractional boxes exactly: rounding
+    it would move the crop by up to half a reduced pixel."""
+    box = (view.left, view.top, view.width, view.height)
+    if any(v != round(v) for v in box):
+        image = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw",
+                                 "RGBX", 0, 1)  # wraps the buffer: no conversion
+        return render_pil(image, view)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)  # channels-last strides, no copy
+    top, left = round(view.top), round(view.left)
+    height, width = max(1, round(view.height)), max(1, round(view.width))
+    image = image[:, top:top + height, left:left + width]
+    if (height, width) != (view.size, view.size):
+        image = F.interpolate(image[None], size=(view.size, view.size), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+    image = image[:3]
+    return image.flip(-1) if view.flip else image
 
 
 def render_file(image: Image.Image, view_of: Any) -> torch.Tensor:
@@ -47,7 +92,7 @@ def render_file(image: Image.Image, view_of: Any) -> torch.Tensor:
 
 def render_pil(image: Image.Image, view: View) -> torch.Tensor:
     """Crop and resize in one PIL call (bilinear, antialiased); uint8 [C, S, S]."""
-    if image.mode not in ("RGB", "L"):
+    if image.mode not in ("RGB", "L", "RGBX"):
         image = image.convert("RGB")
     if not view.is_identity(*image.size):
         box = (view.left, view.top, view.left + view.width, view.top + view.height)
@@ -61,6 +106,8 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """torchvision's `pil_to_tensor` for RGB and L images (uint8 [C, H, W], a view of a copy),
     without importing torchvision (seconds) into every worker and loader process."""
     pixels = torch.from_numpy(np.array(image, copy=True))
+    if image.mode == "RGBX":
+        pixels = pixels[..., :3]
     return (pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels).permute(2, 0, 1)
 
 

@@ -20,7 +20,8 @@ import torch
 
 from common.errors import UserError
 from common.schema import DataConfig
-from train.data.decode import DECODE_ERRORS, open_image, render_file
+from train.data import jpeg
+from train.data.decode import DECODE_ERRORS, render_path
 from train.run.data_identity import IMAGE_EXTENSIONS
 
 EXTENSIONS = IMAGE_EXTENSIONS  # the files read are the files a run's identity lists
@@ -61,6 +62,7 @@ class FileSet:
     classes: list[str]
     channels: int = 3  # every image is converted to RGB, as torchvision's loader does
     subset: str = ""  # a part of the folder (data.val_fraction): a digest of its files
+    decoder: str = "pil"  # data.decoder as run (auto resolved): simplejpeg or pil
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,8 +75,7 @@ class FileSet:
         file cannot be decoded."""
         path = self.paths[index]
         try:
-            with open_image(path) as image:
-                return render_file(image, view_of), int(self.labels[index])
+            return render_path(path, view_of, self.decoder), int(self.labels[index])
         except DECODE_ERRORS as exc:
             raise BadSample(path, _reason(exc)) from None
 
@@ -82,7 +83,8 @@ class FileSet:
         """What the decoded cache's name depends on: the files and their class folders' times
         (adding, removing or renaming a file changes its folder's modification time)."""
         times = [os.stat(self.folder / c).st_mtime_ns for c in self.classes]
-        return [str(self.folder), self.classes, times, len(self.paths)] + (
+        # The decoder as run: data.decoder=auto renders with PIL until simplejpeg is installed.
+        return [str(self.folder), self.classes, times, len(self.paths), self.decoder] + (
             [self.subset] if self.subset else [])
 
 
@@ -117,12 +119,17 @@ def scan_split(folder: Path, split_key: str) -> FileSet:
 def scan(cfg: DataConfig) -> tuple[FileSet, FileSet]:
     """(train, val) of `data.root`, checked to hold the same classes."""
     root = Path(cfg.root)
+    if cfg.decoder == "simplejpeg" and not jpeg.available():
+        raise UserError("data.decoder=simplejpeg, but simplejpeg is not installed (pip install "
+                        "simplejpeg, as requirements.txt pins it); data.decoder=auto uses PIL "
+                        "without it")
     if not root.is_dir():
         raise UserError(f"data.root {root} is not a folder; data.name=imagefolder reads "
                         f"{root}/{cfg.imagefolder.train}/<class>/*.jpg and "
                         f"{root}/{cfg.imagefolder.val}/<class>/*.jpg")
     train = scan_split(root / cfg.imagefolder.train, "data.imagefolder.train")
     val = scan_split(root / cfg.imagefolder.val, "data.imagefolder.val")
+    train.decoder = val.decoder = jpeg.resolve(cfg.decoder)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))

@@ -174,10 +174,6 @@ def test_sigterm_to_one_pod_checkpoints_and_the_restarted_pods_resume(tmp_path, 
     assert [pod.returncode for pod in again] == [0, 0], [err for _, err in outputs]
     assert f"resumed from {tmp_path / 'checkpoints'}" in outputs[0][0]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 24
-    # Not bit for bit: a run of 4 workers that stops and resumes differs from an uninterrupted
-    # one in the last bits, on one node too (tried here: 1 x 4 stopped at step 5 and resumed);
-    # the 2-worker resume tests are bitwise.
-    final, reference = model(tmp_path), model(one_node)
-    assert final.keys() == reference.keys()
-    for name in reference:
-        torch.testing.assert_close(final[name], reference[name], rtol=1e-5, atol=1e-6)
+    # Bit for bit, on 4 workers too: the resumed DDP rebuilds its buckets before its first step
+    # (train/strategies/ddp.py: settle_buckets), so the ring sums in the uninterrupted order.
+    assert equal(model(tmp_path), model(one_node))

@@ -68,9 +68,9 @@ def test_powersgd_state_survives_a_resume(tmp_path):
     """PowerSGD keeps a step count, error feedback and low-rank factors per rank: a run
     resumed mid-epoch (after the warm-up of plain allreduces) continues as if uninterrupted.
 
-    Not bitwise: the resumed DDP starts with buckets in parameter order and rebuilds them in
-    gradient order, so PowerSGD's matrix products see other memory alignments for a step
-    (differences ~3e-8 here); losing the state instead moves the weights by ~2e-2."""
+    Bitwise: the resumed DDP rebuilds its buckets in gradient order before its first step
+    (train/strategies/ddp.py: settle_buckets), so PowerSGD's matrix products see the layout of
+    the uninterrupted run (without that, ~3e-8 apart); losing the state moves weights ~2e-2."""
     knobs = ["ddp.comm_hook=powersgd", "ddp.powersgd_start_step=3", "train.max_steps=20",
              "train.epochs=2", "checkpoint.every_steps=5", "checkpoint.keep=3"]
     whole = trained(tmp_path / "whole", 2, *knobs)
@@ -85,7 +85,7 @@ def test_powersgd_state_survives_a_resume(tmp_path):
     saved = torch.load(store.candidates()[0], weights_only=True)
     assert saved["step"] == 15 and saved["ranks"][1]["sync"]["iter"] > 3
     resumed = trained(resumed_dir, 2, *knobs)
-    assert_close(resumed, whole, rtol=1e-5, atol=1e-6)
+    assert_close(resumed, whole, rtol=0, atol=0)
 
 
 def test_ddp_bucket_and_view_knobs_reach_ddp():

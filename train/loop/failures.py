@@ -15,6 +15,10 @@ def _unused_parameters(step: int) -> UserError:
         f"ddp.find_unused_parameters=true (slower), or remove them", agreed=True)
 
 
+PHASE_WHERE = {  # what a failure message says the loop was doing in each phase
+    "data": "loading a batch", "compute": "forward/backward (DDP's gradient allreduce runs in "
+    "backward)", "sync": "the gradient allreduce", "optim": "the optimizer step"}
+
 # (text torch's message contains, the line it means): DDP's reducer on unused parameters.
 KNOWN: list[tuple[str, Callable[[int], UserError]]] = [
     ("Expected to have finished reduction", _unused_parameters),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,6 +28,7 @@ class SyncProbe:
                  autocast: Callable[[], contextlib.AbstractContextManager]):
         self.strategy, self.plan, self.autocast = strategy, plan, autocast
         self.probed = False  # a probe ran in this process
+        self.settled = False  # the process's first step is behind it
 
     def at_epoch_end(self, model: nn.Module, batches: Batches,
                      whole: bool) -> tuple[float | None, str | None]:
@@ -40,13 +42,26 @@ class SyncProbe:
             return None, skipped
         self.probed = True
         images, labels = next(batches.iterate())
+        forward_backward = self._forward_backward(model, images, labels)
+        return self.strategy.probe_sync_ms(model, forward_backward), None
 
+    def settle(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               step: int) -> None:
+        """Called before every step; at the process's first, at optimizer step `step`, a
+        resumed run (step > 0) lets the strategy settle its sync layout on this batch
+        (train/strategies/ddp.py: settle_buckets)."""
+        if not self.settled and step > 0:
+            self.strategy.settle_buckets(model, self._forward_backward(model, images, labels))
+        self.settled = True
+
+    def _forward_backward(self, model: nn.Module, images: torch.Tensor,
+                          labels: torch.Tensor) -> Callable[[], None]:
         def forward_backward() -> None:
             with self.autocast():
                 loss = F.cross_entropy(model(images), labels)
             loss.backward()
 
-        return self.strategy.probe_sync_ms(model, forward_backward), None
+        return forward_backward
 
     def skipped(self, whole: bool) -> str | None:
         """Why the probe does not run at this epoch's end, or None when it does."""

@@ -20,7 +20,7 @@ from common.errors import CheckFailed, PeerFailed, UserError
 from train.data.batches import split_batch
 from train.dist import DistContext, agree, is_comm_failure, peer_failure, peer_went_away
 from train.loop.evaluation import evaluate
-from train.loop.failures import known_failure
+from train.loop.failures import PHASE_WHERE, known_failure
 from train.loop.metrics import EpochTrain, epoch_record, summarize
 from train.loop.parts import Guards, TrainerParts
 from train.loop.probe import SyncProbe
@@ -28,11 +28,6 @@ from train.observe.timing import CompileClock, StepTimer
 from train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
-
-
-PHASE_WHERE = {  # what a failure message says the loop was doing in each phase
-    "data": "loading a batch", "compute": "forward/backward (DDP's gradient allreduce runs in "
-    "backward)", "sync": "the gradient allreduce", "optim": "the optimizer step"}
 
 
 class Interrupted(Exception):
@@ -61,9 +56,8 @@ class Trainer:
         try:
             return self._fit()
         except RuntimeError as exc:
-            explained = explain_failure(exc, parts.strategy, parts.state.step + 1, self.where,
-                                        parts.guards, self.ctx)
-            if explained is None:
+            if (explained := explain_failure(exc, parts.strategy, parts.state.step + 1,
+                                             self.where, parts.guards, self.ctx)) is None:
                 raise
             raise explained from None
         finally:
@@ -161,6 +155,7 @@ class Trainer:
         """One optimizer step on this rank's share of the global batch, in
         `train.grad_accum_steps` micro-batches; only the last one synchronizes gradients."""
         parts = self.parts
+        self.probe.settle(parts.model, images, labels, parts.state.step)  # once, if resumed
         images, pairs, lam = parts.mixing(images, labels, parts.state.step)
         micro = split_batch(images, pairs, parts.schedule.grad_accum_steps)
         loss_sum = torch.zeros((), device=images.device)

@@ -93,6 +93,10 @@ class Strategy(PlainHooks):
         """Around backwards whose gradients are only accumulated (not the step's last)."""
         return contextlib.nullcontext()
 
+    def settle_buckets(self, model: nn.Module, forward_backward: Callable[[], None]) -> None:
+        """Before a resumed run's first step: make the gradient sync's layout the one the
+        uninterrupted run had at this step (DDP's rebuilt buckets)."""
+
     def sync_buffers(self, model: nn.Module) -> None:
         """Make every rank's buffers (BatchNorm statistics) rank 0's, before evaluating."""
 

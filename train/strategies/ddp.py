@@ -5,6 +5,7 @@ across the ranks (ZeRO stage 1, `ddp.zero`)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -94,6 +95,25 @@ class DDP(Strategy):
         # DDP broadcasts buffers at the start of each training forward, and the forward then
         # updates them with the local batch; after the last step ranks differ slightly.
         broadcast_together(list(self.unwrap(model).buffers()))
+
+    def settle_buckets(self, model: nn.Module, forward_backward: Callable[[], None]) -> None:
+        # DDP builds its buckets in parameter order and, after its first backward, rebuilds them
+        # in the order gradients arrived: the uninterrupted run did so after step 1. A resumed
+        # DDP would run its first step on the first layout, and the layout sets the order in
+        # which a ring of 3+ ranks sums each element (and PowerSGD's matrices): the step would
+        # differ in the last bits. One backward whose gradients are dropped lets DDP rebuild
+        # before the step; the RNG, the buffers and the comm hook's state are put back. It
+        # costs one forward and backward per resume.
+        plain = self.unwrap(model)
+        buffers = [b.detach().clone() for b in plain.buffers()]
+        hook_state = copy.deepcopy(self.state_dict())
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            forward_backward()
+        for buffer, value in zip(plain.buffers(), buffers, strict=True):
+            buffer.copy_(value)
+        self.load_state_dict(hook_state)
+        model.zero_grad(set_to_none=True)
 
     def probe_sync_ms(self, model: nn.Module, forward_backward: Callable[[], None]) -> float:
         # DDP's allreduce runs inside backward, overlapped with it: what shows is the part of

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -234,10 +233,13 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, case):
 
     run_dir, ending, prefix = _unwritable(tmp_path, case)
     base = ["wandb.mode=disabled", f"run.dir={run_dir}", "train.max_steps=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_API_KEY": ""}
+    # A temp folder of this test's own: other tests running beside it leave files in /tmp.
+    private = tmp_path / "tmp"
+    private.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_API_KEY": "", "TMPDIR": str(private)}
     # Workers without our launcher (pid 0 in the name) remove their stack-dump files even when
     # they leave at once with an error.
-    dumps = lambda: set(Path(tempfile.gettempdir()).glob("dptrain-fatal-0-*"))  # noqa: E731
+    dumps = lambda: set(private.glob("dptrain-fatal-0-*"))  # noqa: E731
     before = dumps()
     for command in (["-m", "launch", "--cpu", CONFIG, *base],
                     ["-m", "torch.distributed.run", "--nproc-per-node=2",

@@ -28,8 +28,6 @@ from tests.helpers import PYTHON, REPO, free_port, run_cli
 from tests.jobs import CONFIG, RUN
 from tests.k8s_schema import validate
 
-pytestmark = pytest.mark.serial  # run alone (tests/suite.py): signals, stalls and their timeouts
-
 K8S = REPO / "launch" / "k8s"
 SCHEMAS = REPO / "tests" / "k8s_schemas"
 MANIFESTS = {"trainjob": "trainjob", "runtime": "trainingruntime", "pytorchjob": "pytorchjob"}

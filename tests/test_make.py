@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import REPO
 from tests.jobs import RUN
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 
 def start_make_train(run_dir) -> tuple[subprocess.Popen, list[str]]:

@@ -17,7 +17,7 @@ from tests.jobs import CONFIG, RUN, running
 
 pytest.importorskip("ray.train.torch", reason="ray[train] is not installed: "
                     "pip install -r requirements-ray.txt")
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 # 2 epochs of 12 steps, one thread per worker, as the torchrun run does.
 SHORT = [*RUN, "train.epochs=2", "dist.cpu_threads=1"]
 

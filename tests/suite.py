@@ -2,7 +2,7 @@
 
 The first pass runs every test not marked `serial` in `--jobs` pytest-xdist processes, a test
 file per process at a time (`--dist loadfile`: a module's shared runs stay one); most tests
-wait on child processes for part of their time, so two files side by side fill two cores. The
+wait on child processes for part of their time, so three files side by side fill two cores. The
 second pass runs the `serial` tests one at a time: those that bound a time (a stall limit, a
 signal's grace period), or start a service of which one runs per machine (SLURM, Ray).
 
@@ -35,7 +35,7 @@ def passes(args: list[str], jobs: int) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="pytest processes in the first pass")
+    parser.add_argument("--jobs", type=int, default=3, help="pytest processes in the first pass")
     known, args = parser.parse_known_args(argv)
     codes = [subprocess.call([sys.executable, "-m", "pytest", *command])
              for command in passes(args, known.jobs)]  # both run: one run shows every failure

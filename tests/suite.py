@@ -2,9 +2,10 @@
 
 The first pass runs every test not marked `serial` in `--jobs` pytest-xdist processes, a test
 file per process at a time (`--dist loadfile`: a module's shared runs stay one); most tests
-wait on child processes for part of their time, so three files side by side fill two cores. The
-second pass runs the `serial` tests one at a time: those that bound a time (a stall limit, a
-signal's grace period), or start a service of which one runs per machine (SLURM, Ray).
+wait on child processes for part of their time, so two files side by side keep two cores
+busier than one. The second pass runs the `serial` tests one at a time: those that bound a
+time (a stall limit, a rendezvous timeout, a signal's grace period) and the real SLURM (one
+`slurmctld` per machine).
 
 `python -m tests.suite [--jobs N] [pytest arguments]`; a `-m EXPR` among the arguments narrows
 both passes. Both passes run; the exit code is the first failing pass's pytest code (a pass
@@ -35,7 +36,7 @@ def passes(args: list[str], jobs: int) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=3, help="pytest processes in the first pass")
+    parser.add_argument("--jobs", type=int, default=2, help="pytest processes in the first pass")
     known, args = parser.parse_known_args(argv)
     codes = [subprocess.call([sys.executable, "-m", "pytest", *command])
              for command in passes(args, known.jobs)]  # both run: one run shows every failure

@@ -60,7 +60,10 @@ def test_make_train_stopped_by_sigint(tmp_path, whom):
 
 def make_dry_run(*args: str) -> list[str]:
     """The commands `make -n` would run, in a venv folder that does not exist."""
-    result = subprocess.run(["make", "-n", *args, "VENV=/nonexistent/venv"], cwd=REPO,
+    # Under `make test` the outer make's MAKELEVEL/MAKEFLAGS reach this one, which would then
+    # print "Entering directory" lines: --no-print-directory keeps the output the commands.
+    result = subprocess.run(["make", "--no-print-directory", "-n", *args,
+                             "VENV=/nonexistent/venv"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()

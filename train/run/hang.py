@@ -42,7 +42,7 @@ from common.host import at_leave
 from common.records import HANG_DIR
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # train/run/hang.py -> the repository
 PY_SPY_TIMEOUT_S = 20.0  # a py-spy that does not answer by then: faulthandler's dump instead
 
 

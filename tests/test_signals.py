@@ -95,7 +95,7 @@ def test_sighup_mid_epoch_stops_at_a_step_boundary_and_the_launcher_names_the_st
     assert saved["step"] % 5 == 0 and saved["batch_in_epoch"] == saved["step"] % 12
     assert job.err() == [f"launch: interrupted by SIGHUP; the workers stopped at step "
                          f"{saved['step']} and wrote a checkpoint there: run the same command "
-                         f"to resume"]
+                         f"to resume"], "\n".join(job.err())  # whole, should a line be extra
     # The workers left with os._exit (no atexit): their empty stack-dump files went too.
     assert not list(Path(tempfile.gettempdir()).glob(f"dptrain-fatal-{job.proc.pid}-*"))
 

@@ -36,8 +36,12 @@ def read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def started_by_launcher() -> bool:
+    """Whether our launcher started this worker (not torchrun or python directly)."""
+    return bool(os.environ.get(STATUS_ENV)) and os.environ.get(PARENT_ENV, "").isdigit()
+
+
 def launcher_reports() -> bool:
     """Whether this worker's launcher is alive to tell the user why the job stopped (then the
     worker says nothing about it itself)."""
-    parent = os.environ.get(PARENT_ENV, "")
-    return bool(os.environ.get(STATUS_ENV)) and parent.isdigit() and os.getppid() == int(parent)
+    return started_by_launcher() and os.getppid() == int(os.environ[PARENT_ENV])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -115,6 +116,7 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
         report_hang(exc.failures, run_dir, backend, started)
         return code
     except SignalException as exc:
+        stop_keep_alive_threads()
         report_hang({}, run_dir, backend, started)
         # torchrun passed the signal on and waited for the workers to leave.
         first = received[0] if received else exc.sigval
@@ -130,6 +132,29 @@ def _run_agent(torchrun_args: list[str], verbose: bool, rendezvous_timeout_s: fl
               file=sys.stderr)
         return 1
     return 0
+
+
+def stop_keep_alive_threads() -> None:
+    """After a stop signal torchrun leaves the rendezvous open (so that other nodes may go on)
+    and never stops its keep-alive thread. That thread holds the rendezvous handler while it
+    beats; when the agent lets go of the handler in that moment, the handler is freed on the
+    thread itself, whose finalizer then joins the thread it runs on, and Python prints a
+    traceback ("Exception ignored in: <finalize object ...>", "cannot join current thread")
+    after our line. Here each timer is told to stop and its finalizer is taken away, without
+    waiting for the thread (a beat may be stuck on a store that went away); the rendezvous
+    stays open. The names are torch's private ones: in a torch without them, nothing happens."""
+    from torch.distributed.elastic.rendezvous import utils
+
+    timer = getattr(utils, "_PeriodicTimer", None)
+    if timer is None:
+        return
+    for thing in gc.get_objects():
+        if issubclass(type(thing), timer):  # not isinstance: no `__class__` of a stranger read
+            finalizer, context = getattr(thing, "_finalizer", None), getattr(thing, "_ctx", None)
+            if finalizer is not None:
+                finalizer.detach()
+            if context is not None:
+                context.stop_event.set()
 
 
 def interrupted(signum: int, reported: dict | None, run_dir: Path | None) -> str:

@@ -15,8 +15,11 @@ from common.torch_support import refuse_unsupported_torch
 
 
 def _say_startup(signum: int) -> None:
-    """A stop signal before training: the launcher, when there is one, says it; else rank 0."""
-    if not status.launcher_reports() and os.environ.get("RANK", "0") == "0":
+    """A stop signal before training: the launcher, when there is one, says it; else rank 0.
+    A worker whose launcher is already gone stays silent too: the launcher said the line and
+    left before this worker got its signal (it was still starting, so torchrun's agent did not
+    wait for it), or it was killed and the user knows why."""
+    if not status.started_by_launcher() and os.environ.get("RANK", "0") == "0":
         print(startup_line(signum), file=sys.stderr, flush=True)
 
 

@@ -1,18 +1,24 @@
 """The doctor fails wherever the launcher refuses: for each check the launcher makes before
 starting workers, a job it refuses (exit 2, one line) is a FAIL row of `make doctor` naming the
-same problem (exit 1), never "ready to launch"."""
+same problem (exit 1), never "ready to launch".
+
+Each case calls both commands' `main()` in this process (tests/inprocess.py), as the same
+arguments and environment would run them; one case runs both as real commands."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
 
 from common.config import to_yaml
-from launch.doctor import ROWS
+from launch import doctor
 from launch.plan import LAUNCH_ORDER
 from tests.helpers import REPO, run_cli
+from tests.inprocess import launcher_main, run_main
 from train.config import load_config
+from train.observe.wandb_sink import unreachable
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -50,32 +56,68 @@ NOT_MADE_HERE = {"backend", "disk"}
 
 
 def test_every_launcher_check_is_a_doctor_row_and_has_a_case():
-    rows = [name for name, _ in ROWS]
+    rows = [name for name, _ in doctor.ROWS]
     assert [name for name in LAUNCH_ORDER if name not in rows] == []
     assert {case[0] for case in CASES} | NOT_MADE_HERE == set(LAUNCH_ORDER)
 
 
 @pytest.mark.parametrize("check, flags, overrides, env, words", CASES,
                          ids=[f"{c[0]}:{(c[2] or c[1])[-1]}" for c in CASES])
-def test_the_doctor_fails_where_the_launcher_refuses(tmp_path, check, flags, overrides, env,
-                                                     words):
-    (tmp_path / "empty").mkdir()
-    other = tmp_path / "other"
-    other.mkdir()  # a folder holding another run
-    (other / "config.yaml").write_text(to_yaml(load_config(CONFIG, ["train.epochs=1"])))
+def test_the_doctor_fails_where_the_launcher_refuses(tmp_path, monkeypatch, check, flags,
+                                                     overrides, env, words):
+    # What run_cli hides from a command: wandb credentials (the "wandb" case needs none).
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/dev/null")
+    # Not the doctor's own allreduce row (two fresh processes per case, no launcher check;
+    # tests/test_doctor.py runs it, and so does the real-commands case below).
+    monkeypatch.setattr(doctor, "ROWS", [row for row in doctor.ROWS if row[0] != "allreduce"])
+    with ports() as fill:
+        args, env = arguments(tmp_path, fill, flags, overrides, env)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        unreachable.cache_clear()
+        launched = run_main(launcher_main(monkeypatch), *args)
+        unreachable.cache_clear()
+        examined = run_main(doctor.main, *args)
+    refused_alike(tmp_path, launched, examined, check, words)
+
+
+def test_the_doctor_fails_where_the_launcher_refuses_as_real_commands(tmp_path):
+    """The exit codes the shell sees, from fresh interpreters (the "batch" case)."""
+    check, flags, overrides, env, words = next(c for c in CASES if c[0] == "batch")
+    with ports() as fill:
+        args, env = arguments(tmp_path, fill, flags, overrides, env)
+        launched = run_cli("launch", *args, env=env, timeout=180)
+        examined = run_cli("launch.doctor", *args, env=env, timeout=180)
+    refused_alike(tmp_path, launched, examined, check, words)
+
+
+@contextlib.contextmanager
+def ports():
+    """{port}: a port in use; {closed}: a port bound but not listening (connections refused)."""
     with socket.socket() as held, socket.socket() as closed:
         held.bind(("127.0.0.1", 0))
-        held.listen()  # a port in use
-        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
-        fill = {"tmp": tmp_path, "port": held.getsockname()[1],
-                "closed": closed.getsockname()[1]}
-        overrides = [a.format(**fill) for a in overrides]
-        if not any(a.startswith("run.dir=") for a in overrides):
-            overrides.append(f"run.dir={tmp_path / 'run'}")
-        args = [*(a.format(**fill) for a in flags), CONFIG, *overrides]
-        env = {k: v.format(**fill) for k, v in env.items()}
-        launched = run_cli("launch", *args, env=env, timeout=180)
-        doctor = run_cli("launch.doctor", *args, env=env, timeout=180)
+        held.listen()
+        closed.bind(("127.0.0.1", 0))
+        yield {"port": held.getsockname()[1], "closed": closed.getsockname()[1]}
+
+
+def arguments(tmp_path, fill, flags, overrides, env) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a case, with `{tmp}` holding an empty folder and a
+    folder of another run."""
+    (tmp_path / "empty").mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text(to_yaml(load_config(CONFIG, ["train.epochs=1"])))
+    fill = {**fill, "tmp": tmp_path}
+    overrides = [a.format(**fill) for a in overrides]
+    if not any(a.startswith("run.dir=") for a in overrides):
+        overrides.append(f"run.dir={tmp_path / 'run'}")
+    return ([*(a.format(**fill) for a in flags), CONFIG, *overrides],
+            {k: v.format(**fill) for k, v in env.items()})
+
+
+def refused_alike(tmp_path, launched, doctor, check, words) -> None:
     assert launched.returncode == 2, launched.stdout + launched.stderr
     refusal = launched.stderr.strip().splitlines()
     assert len(refusal) == 1 and refusal[0].startswith("error: "), launched.stderr

@@ -112,10 +112,8 @@ def plan_job(args: argparse.Namespace, dry: bool = False) -> Job:
     if not 0 <= args.node_rank < nodes.max:
         raise UserError(f"--node-rank must be in 0..{nodes.max - 1}; got {args.node_rank}")
     job = _decide_workers(args, cfg, dry)
-    # The workers decide the same folder (run_path.py); an elastic job keeps one folder at
-    # every size of its range.
-    settle_run_dir(cfg, f"{job.nproc}x{nodes}" if nodes.elastic and not job.dp
-                   else job.world_size)
+    # The workers decide the same folder (train/run/location.py), on any number of them.
+    settle_run_dir(cfg)
     return job
 
 

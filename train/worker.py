@@ -113,10 +113,8 @@ def say_resumed(cfg: Config, ctx: DistContext, trainer: Trainer, resumed: Path |
 
 def settle_folder(cfg: Config, ctx: DistContext) -> None:
     """run.dir and run.name, decided as the launcher does (train/run/location.py)."""
-    nodes = elastic_nodes()  # an elastic job keeps one folder at every size of its range
-    workers = f"{ctx.local_world_size}x{nodes}" if nodes else ctx.world_size
     moving = not cfg.run.dir or Path(cfg.run.dir).name == LATEST  # runs/latest may be
-    agree(ctx, lambda: settle_run_dir(cfg, workers))
+    agree(ctx, lambda: settle_run_dir(cfg))
     if not ctx.distributed:
         return
     # runs/latest may change between two ranks' reads: rank 0's holds. A folder named

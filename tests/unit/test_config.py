@@ -65,11 +65,11 @@ def test_run_name_defaults_from_the_config_file_and_dir_waits_for_the_worker_cou
 
     cfg = load_config(write(tmp_path, "train:\n  epochs: 2\n"))
     assert (cfg.run.name, cfg.run.dir) == ("exp", "")
-    settle_run_dir(cfg, 2)
-    assert cfg.run.dir == str(Path("runs") / f"exp-{fingerprint(cfg, 2)}")
+    settle_run_dir(cfg)
+    assert cfg.run.dir == str(Path("runs") / f"exp-{fingerprint(cfg)}")
     explicit = load_config(DEFAULT, ["run.dir=/x/y"])
     assert explicit.run.dir == "/x/y"
-    settle_run_dir(explicit, 2)
+    settle_run_dir(explicit)
     assert (explicit.run.dir, explicit.run.name) == ("/x/y", "y")
 
 

@@ -49,7 +49,7 @@ def test_a_relative_or_absolute_path_or_a_copy_is_the_same_data(tmp_path, monkey
     assert "data.root" not in found[0]
     # 2 x (100 + 101) bytes in train, 2 x 100 in val
     assert found[0][CONTENT_KEY].startswith("train 4 / val 2 files in 2 classes, 602 bytes")
-    assert len({fingerprint(folder_config(root), 2) for root in spellings}) == 1
+    assert len({fingerprint(folder_config(root)) for root in spellings}) == 1
 
 
 def test_a_file_added_removed_or_renamed_is_other_data(tmp_path):
@@ -58,8 +58,8 @@ def test_a_file_added_removed_or_renamed_is_other_data(tmp_path):
     (root / "train" / "cat" / "2.jpg").write_bytes(b"y")
     added = identity(folder_config(root))
     assert differences(before, added) == [CONTENT_KEY]
-    assert fingerprint(folder_config(root), 2) != fingerprint(load_config(
-        CONFIG, [*FOLDER, f"data.root={tmp_path / 'other'}"]), 2)
+    assert fingerprint(folder_config(root)) != fingerprint(load_config(
+        CONFIG, [*FOLDER, f"data.root={tmp_path / 'other'}"]))
     (root / "train" / "cat" / "2.jpg").unlink()
     assert identity(folder_config(root)) == before
     (root / "train" / "cat" / "1.jpg").rename(root / "train" / "cat" / "9.jpg")
@@ -150,9 +150,9 @@ def beside(tmp_path: Path, name: str, saved: dict, world_size: int = 2, step: in
     return folder
 
 
-def settled(*overrides: str, workers: int = 1):
+def settled(*overrides: str):
     cfg = load_config(CONFIG, list(overrides))
-    settle_run_dir(cfg, workers)
+    settle_run_dir(cfg)
     return cfg
 
 

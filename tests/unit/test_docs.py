@@ -72,7 +72,7 @@ def test_the_default_run_folder_named_in_the_docs_is_the_one_make_train_uses():
     from common.config import load_config
     from train.run.location import default_run_dir
 
-    folder = default_run_dir(load_config(REPO / "configs" / "default.yaml"), 2).name
+    folder = default_run_dir(load_config(REPO / "configs" / "default.yaml")).name
     for page in PAGES:
         named = set(re.findall(r"runs/(default-[0-9a-f]+)", page.read_text()))
         assert named <= {folder}, (f"{_name(page)} names {sorted(named)}, but configs/"

@@ -33,10 +33,10 @@ LATEST = "latest"  # runs/latest: the newest run started in runs/
 FINGERPRINT_DIGITS = 8  # hex digits: 4 billion values, for the few runs of one config name
 
 
-def fingerprint(cfg: Config, world_size: int | str) -> str:
-    """8 hex digits of the SHA-256 of the run's identity, and of its number of workers where
-    that changes the run (an elastic job: "<workers per node>x<MIN>:<MAX>", the same at every
-    size of its range).
+def fingerprint(cfg: Config) -> str:
+    """8 hex digits of the SHA-256 of the run's identity. The number of workers is no part of
+    it: the global batch, and so the run, is the same on any number (a checkpoint continues
+    re-sharded), and an elastic job keeps one folder at every size of its range.
 
     The same on every process, Python version and key order (canonical JSON, sorted keys),
     unchanged by RUNTIME keys (they are not in the identity). Keys at their schema default are
@@ -50,12 +50,12 @@ def fingerprint(cfg: Config, world_size: int | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_DIGITS]
 
 
-def default_run_dir(cfg: Config, world_size: int | str) -> Path:
-    """`runs/<run.name>-<fingerprint>` for a job of `world_size` workers."""
-    return RUNS / f"{cfg.run.name}-{fingerprint(cfg, world_size)}"
+def default_run_dir(cfg: Config) -> Path:
+    """`runs/<run.name>-<fingerprint>`, on any number of workers."""
+    return RUNS / f"{cfg.run.name}-{fingerprint(cfg)}"
 
 
-def settle_run_dir(cfg: Config, world_size: int | str) -> None:
+def settle_run_dir(cfg: Config) -> None:
     """Fill in `run.dir` (the default folder when none is given; `runs/latest` becomes the run
     it names) and `run.name` (default: the folder's name). Idempotent."""
     if not cfg.run.dir:
@@ -64,7 +64,7 @@ def settle_run_dir(cfg: Config, world_size: int | str) -> None:
             raise UserError("checkpoint.allow_changes=true continues a run with another config "
                             "or worker count: name its folder with run.dir=... (run.dir="
                             f"{RUNS / LATEST} is the newest run)")
-        cfg.run.dir = str(default_run_dir(cfg, world_size))
+        cfg.run.dir = str(default_run_dir(cfg))
     else:
         cfg.run.dir = str(follow_latest(Path(cfg.run.dir)))
     if not cfg.run.name:

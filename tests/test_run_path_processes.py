@@ -16,9 +16,9 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 
 
 def test_the_fingerprint_is_fixed_across_processes_and_hash_seeds():
-    assert fingerprint(load_config(CONFIG), 2) == DEFAULT_FINGERPRINT
+    assert fingerprint(load_config(CONFIG)) == DEFAULT_FINGERPRINT
     code = ("from common.config import load_config; from train.run.location import fingerprint; "
-            f"print(fingerprint(load_config({CONFIG!r}), 2))")  # no torch: a quick start
+            f"print(fingerprint(load_config({CONFIG!r})))")  # no torch: a quick start
     for seed in ("0", "12345"):
         out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout

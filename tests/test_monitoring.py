@@ -141,7 +141,11 @@ def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
         assert r["time_compute_ms"] > r["time_data_ms"]  # in-memory data: waiting is negligible
         assert r["eval_time_s"] > 0
         assert r["peak_memory_mb"] > 10
-    assert probed["time_sync_ms"] > 0 and probed["probe_time_s"] > 0  # two workers do sync
+    # Two workers sync, and the probe ran: an estimate, not n/a. It may be 0.0: one synced pass
+    # minus one under no_sync(), clamped at 0, where a loaded machine's noise hides a small
+    # model's allreduce (seen in CI). Its size is no test's business; the scratch path's is.
+    assert probed["time_sync_ms"] is not None and probed["time_sync_ms"] >= 0
+    assert probed["probe_time_s"] > 0
     assert probed["sync_method"].startswith("estimated: ")
     assert skipped["time_sync_ms"] is None and skipped["probe_time_s"] is None  # n/a, not 0.0
     assert skipped["time_sync_ms_max"] is None

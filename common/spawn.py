@@ -95,12 +95,14 @@ def _collect(procs: list, results_queue: Any, timeout: float) -> dict[int, Any]:
 
 def _context(preloaded: bool) -> Any:
     """A fresh interpreter per process (what torchrun gives), or, for the test suite's many
-    short runs, a fork of a server that imported torch once: about 2 s of CPU less per process.
-    The project's own modules are still imported afresh in each process."""
+    short runs, a fork of a server that imported torch once: about 2 s of CPU less per process,
+    and 1.7 s more where the process builds a DistributedDataParallel or an optimizer (each
+    imports torch._dynamo, which the server imported too; it starts no thread). The project's
+    own modules are still imported afresh in each process."""
     if not preloaded:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch"])
+    ctx.set_forkserver_preload(["torch", "torch._dynamo"])
     return ctx
 
 

@@ -132,6 +132,16 @@ def at_leave(fn: Callable[[], None]) -> None:
     atexit.register(fn)
 
 
+def run_leave_functions() -> None:
+    """Run the `at_leave` cleanups now, newest first, each once (a process forked from a
+    server ends with `os._exit` after its function: common/spawn.py calls this first)."""
+    while _at_leave:
+        fn = _at_leave.pop()
+        atexit.unregister(fn)
+        with contextlib.suppress(Exception):
+            fn()
+
+
 def leave(code: int, exit_functions: bool = True) -> NoReturn:
     """End this process with `code`, without the interpreter's teardown of every module and
     object: with torch loaded that takes about a second per process, and nothing is left to
@@ -141,9 +151,7 @@ def leave(code: int, exit_functions: bool = True) -> NoReturn:
     if exit_functions:
         atexit._run_exitfuncs()  # the `at_leave` ones among them
     else:
-        for fn in reversed(_at_leave):
-            with contextlib.suppress(Exception):
-                fn()
+        run_leave_functions()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from common.host import run_leave_functions
+
 # Environment overrides; None removes a variable. The processes are not daemons: a worker may
 # start processes of its own (data-loader workers).
 Env = Mapping[str, str | None]
@@ -133,3 +135,9 @@ def _run(rank: int, world_size: int, port: int, fn: Callable, args: tuple, resul
         results_queue.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - everything goes to the parent, which reports it
         results_queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if preloaded:
+            # A forked process ends with os._exit, skipping the exit functions a fresh
+            # interpreter runs: the quick cleanups still run (the stack-dump file in /tmp, which
+            # a later process with the same pid would otherwise find).
+            run_leave_functions()

@@ -1,11 +1,18 @@
 """Distributed behaviour with real gloo processes on the CPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.helpers import PARITY_RUN as SMALL
 from tests.helpers import run_distributed, run_single
-from tests.workers import agree_on_failure, evaluate_fresh_model, train_and_return_params
+from tests.workers import (
+    agree_on_failure,
+    evaluate_fresh_model,
+    fatal_dump_file,
+    train_and_return_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +86,10 @@ def _initial_params():
 
     torch.manual_seed(0)
     return build_model("lenet", 1, 10, 28, init="torch").state_dict()
+
+
+def test_a_harness_process_leaves_no_stack_dump_file():
+    """Processes forked from the harness's server end with os._exit: the quick cleanups run
+    anyway, so no empty dump file stays in /tmp for a later process with the same pid."""
+    path, armed = run_single(fatal_dump_file)
+    assert armed and not Path(path).exists()

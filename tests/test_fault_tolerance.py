@@ -209,7 +209,9 @@ def test_a_worker_killed_by_a_fatal_signal_leaves_its_stacks(tmp_path):
     line = next(li for li in err.splitlines() if li.startswith("  rank 1"))
     assert "killed by a signal" in line and "fatal python error: aborted" in line
     assert line.count(" at train/") + line.count(" at models/") == 1, line
-    assert not list(Path(tempfile.gettempdir()).glob(f"dptrain-fatal-*-{victim.pid}.txt"))
+    # The launcher moved it: nothing is left under this launcher's name (a file of another
+    # process that had the same pid before may be, e.g. one killed by SIGKILL).
+    assert not (Path(tempfile.gettempdir()) / f"dptrain-fatal-{proc.pid}-{victim.pid}.txt").exists()
 
 
 def _environ(process: psutil.Process) -> dict[str, str]:

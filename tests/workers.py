@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -267,3 +268,12 @@ def train_and_return_state(overrides: list[str]) -> dict:
         return {}
     state = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.pt", weights_only=True)
     return {k: v for k, v in state.items() if k not in ("ranks", "config")}
+
+
+def fatal_dump_file() -> tuple[str, bool]:
+    """Arm the stack dump as every worker does; its file's path and whether it exists now."""
+    from train.run.hang import enable_fatal_dump, fatal_dump_path
+
+    enable_fatal_dump()
+    path = fatal_dump_path(os.getpid(), 0)
+    return str(path), path.is_file()

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import time
 
@@ -243,10 +244,16 @@ def test_launcher_exit_code_is_non_zero_when_a_worker_fails(monkeypatch):
     # run_torchrun names this process as the workers' parent in os.environ: undone afterwards,
     # else workers that later tests start through torchrun directly exit at once (143).
     monkeypatch.setenv("DPTRAIN_PARENT_PID", "0")
-
-    code = run_torchrun(["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                         "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",
-                         str(REPO / "tests" / "crash_worker.py"), "3"])
+    # torchrun's agent leaves its own handlers of the stop signals installed: put them back.
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    saved = {sig: signal.getsignal(sig) for sig in stops}
+    try:
+        code = run_torchrun(["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                             "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.2",
+                             str(REPO / "tests" / "crash_worker.py"), "3"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     assert code == 3
 
 

@@ -208,6 +208,11 @@ def good():
 def raises():
     raise RuntimeError("no data here")
 
+def unpicklable():
+    train = Pairs(30)
+    train.transform = lambda image: image  # fine in one process; no loader process gets it
+    return train, Pairs(7)
+
 def one():
     return Pairs(3)
 

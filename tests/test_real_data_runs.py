@@ -86,6 +86,27 @@ def test_a_python_dataset_trains_with_the_same_loop(tmp_path):
     assert json.loads((tmp_path / "run" / "classes.json").read_text()) == ["a", "b", "c"]
 
 
+def test_a_dataset_that_loader_processes_cannot_get_is_one_line(tmp_path):
+    """Loader processes start from a forkserver (train/data/loader_server.py), not as forks of
+    the threaded worker: the dataset travels pickled, and one that cannot is named once. The
+    same dataset trains without loader processes."""
+    (tmp_path / "my_factories.py").write_text(FACTORIES)
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    run = ["data.name=python", "data.factory=my_factories:unpicklable", "data.image_size=16",
+           "train.batch_size=10", "train.epochs=1", "wandb.mode=disabled",
+           "data.loader=stream", f"data.cache_dir={tmp_path / 'cache'}"]
+    refused = run_cli("launch", "--cpu", CONFIG, *run, "data.num_workers=1",
+                      f"run.dir={tmp_path / 'refused'}", env=env)
+    assert refused.returncode == 2
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith("error: the dataset cannot be sent to its loader processes (")
+    assert "lambda" in lines[0] and lines[0].endswith("or set data.num_workers=0")
+    alone = run_cli("launch", "--cpu", CONFIG, *run, "data.num_workers=0",
+                    f"run.dir={tmp_path / 'alone'}", env=env)
+    assert alone.returncode == 0, alone.stderr
+
+
 def test_a_corrupt_file_met_in_training_is_one_line_or_skipped_and_counted(folder, tmp_path):
     copy = tmp_path / "images"
     shutil.copytree(folder, copy)

@@ -20,6 +20,7 @@ from common.files import atomic_write
 from common.host import usable_cores
 from train.data.augment import Augment
 from train.data.cache import DecodedFile, cache_path
+from train.data.loader_server import loader_context, start_loader
 from train.data.stream import SampleReader
 from train.data.tensors import TensorData, channel_stats
 
@@ -31,8 +32,9 @@ def decode_all(reader: SampleReader, indices: list[int],
                workers: int) -> list[tuple[int, torch.Tensor | None, int, str, bool]]:
     """Render `indices` (before training) with loader processes; items in index order."""
     chunks = [[(-1, i) for i in indices[k:k + _CHUNK]] for k in range(0, len(indices), _CHUNK)]
-    loader = DataLoader(reader, batch_sampler=chunks, num_workers=workers, collate_fn=list)
-    return [item for chunk in loader for item in chunk]
+    loader = DataLoader(reader, batch_sampler=chunks, num_workers=workers, collate_fn=list,
+                        multiprocessing_context=loader_context() if workers else None)
+    return [item for chunk in start_loader(loader) for item in chunk]
 
 
 def split_file(samples: Any, augment: Augment, split: str, cache_dir: str,

@@ -32,6 +32,7 @@ from train.data.cache import DecodedFile
 from train.data.counters import DataClock, DataCounters, Problem
 from train.data.decode import render_tensor
 from train.data.imagefolder import BadSample
+from train.data.loader_server import loader_context, start_loader
 from train.data.tensors import TensorData
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class StreamBatches(ShardOrder):
             reader, batch_sampler=self._plan, num_workers=workers, collate_fn=collate_fn,
             pin_memory=options.pin_memory, worker_init_fn=_quiet_loader_process,
             persistent_workers=options.persistent_workers and workers > 0,
+            multiprocessing_context=loader_context() if workers else None,
             prefetch_factor=options.prefetch_factor if workers else None,
             generator=torch.Generator().manual_seed(options.seed))
         _open.add(self)
@@ -212,7 +214,7 @@ class StreamBatches(ShardOrder):
             raws: Iterator[Raw] = (self._gather(b, epoch) for b in batches)
         else:
             self._plan.epoch, self._plan.batches = epoch, batches
-            raws = iter(self.loader)
+            raws = start_loader(self.loader)
         for raw in ahead(raws, self.device):
             yield self.finish(raw, epoch)
 

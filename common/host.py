@@ -107,19 +107,22 @@ def backend_for(device_kind: str, requested: str = "auto") -> str:
     return "nccl" if device_kind == "cuda" else "gloo"
 
 
-def die_with_parent(parent: int | None = None) -> None:
-    """Linux: get SIGTERM when the parent (torchrun's agent, the launcher) dies, instead of
+def die_with_parent(parent: int | None = None,
+                    death: signal.Signals = signal.SIGTERM) -> None:
+    """Linux: get `death` when the parent (torchrun's agent, the launcher) dies, instead of
     living on as an orphan that holds a GPU. torchrun does not ask for this itself.
 
     The signal only covers a parent that dies after this call; `parent` (the pid the process
-    was started by) catches one that died before: then this process exits at once.
+    was started by) catches one that died before: then this process exits at once. (Linux
+    sends it when the parent's thread that started this process ends: start it from the
+    parent's main thread.)
     """
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, death)
     if parent is not None and os.getppid() != parent:
-        os._exit(128 + signal.SIGTERM)
+        os._exit(128 + death)
 
 
 _at_leave: list[Callable[[], None]] = []

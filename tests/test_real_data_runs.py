@@ -3,16 +3,21 @@ several workers, exact resume on the stream path, and bad input found before any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli
+from tests.helpers import PYTHON, REPO, environment, free_port, gpu_count, gpu_env, run_cli
 from tests.inprocess import launcher_main, run_main
 from tests.test_real_data import FACTORIES
 from tests.unit.test_torchvision_data import write_mnist
@@ -105,6 +110,55 @@ def test_a_dataset_that_loader_processes_cannot_get_is_one_line(tmp_path):
     alone = run_cli("launch", "--cpu", CONFIG, *run, "data.num_workers=0",
                     f"run.dir={tmp_path / 'alone'}", env=env)
     assert alone.returncode == 0, alone.stderr
+
+
+# A worker with two loader processes that reads a batch and then ends as a failure or a stop
+# ends it (no exit functions) or as SIGKILL (the kernel's OOM killer) does.
+LEAVING_WORKER = """
+import os, signal, torch
+from multiprocessing import forkserver
+from torch.utils.data import DataLoader, TensorDataset
+from common.host import leave
+from train.data.loader_server import loader_context, start_loader
+loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2,
+                    multiprocessing_context=loader_context())
+batches = start_loader(loader)
+next(batches)
+print(forkserver._forkserver._forkserver_pid, *(w.pid for w in batches._workers), flush=True)
+os.kill(os.getpid(), signal.SIGKILL) if {killed} else leave(2, exit_functions=False)
+"""
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["leaves at once", "SIGKILL"])
+def test_a_worker_that_ends_at_once_takes_its_loader_processes_along_in_silence(killed):
+    """The loader processes' server and the loader processes end with their worker, however
+    it ends (train/data/loader_server.py): both ignore SIGTERM, and before they had the
+    parent-death signal they lived on forever, holding the worker's output pipes, so that
+    this run never returned. Nor does multiprocessing's resource tracker, which unlinks the
+    queues' semaphores such a worker left, warn of them on the worker's stderr."""
+    worker = subprocess.Popen([PYTHON, "-c", LEAVING_WORKER.format(killed=killed)], cwd=REPO,
+                              env=environment({"PYTHONPATH": str(REPO)}), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        out, err = worker.communicate(timeout=120)  # until every holder of the pipes is gone
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)  # what a failure leaves, for the next tests
+    pids = [int(pid) for pid in out.split()]
+    assert len(pids) == 3 and worker.returncode == (-signal.SIGKILL if killed else 2), err
+    assert err == ""
+    deadline = time.monotonic() + 30
+    while not all(_ended(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_ended(pid) for pid in pids), pids
 
 
 def test_a_corrupt_file_met_in_training_is_one_line_or_skipped_and_counted(folder, tmp_path):

@@ -97,8 +97,10 @@ def test_plain_progress_lines_without_a_terminal_and_silent_other_ranks(wandb_ru
     assert "\r" not in result.stdout  # no progress bar redraws in a log file
 
 
-def test_a_progress_bar_on_a_terminal(tmp_path):
-    """Under a pseudo-terminal the main worker draws a tqdm bar instead of lines."""
+def test_a_progress_bar_on_a_terminal_and_a_fault_unnoticed_without_the_ledger(tmp_path):
+    """Under a pseudo-terminal the main worker draws a tqdm bar instead of lines. The same run
+    plants the fault the ledger catches below, without the ledger: it trains on quietly (so
+    the ledger's test can fail)."""
     out = bytearray()
 
     def read(fd: int) -> bytes:
@@ -107,7 +109,7 @@ def test_a_progress_bar_on_a_terminal(tmp_path):
         return data
 
     cmd = [PYTHON, "-m", "launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
-           "wandb.mode=disabled"]
+           "wandb.mode=disabled", "debug.skip_set_epoch=true"]
     told = {"PYTHONPATH": str(REPO), "COLUMNS": "140"}  # a fresh pty's size is 0x0
     old = {name: os.environ.get(name) for name in told}
     os.environ.update(told)
@@ -152,11 +154,19 @@ def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
     assert skipped["sync_method"].startswith("not estimated in this epoch (once per run: ")
 
 
-def test_the_sync_probe_can_be_turned_off(tmp_path):
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
-                     "wandb.mode=disabled", "log.sync_probe=false")
+@pytest.fixture(scope="module")
+def ledger_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One run for two independent settings: the ledger on, the sync probe off."""
+    run_dir = tmp_path_factory.mktemp("ledger_run")
+    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={run_dir}",
+                     "wandb.mode=disabled", "check.sample_ledger=true", "log.sync_probe=false")
     assert result.returncode == 0, result.stderr
-    for r in records(tmp_path):
+    return run_dir, result
+
+
+def test_the_sync_probe_can_be_turned_off(ledger_run):
+    run_dir, result = ledger_run
+    for r in records(run_dir):
         assert (r["time_sync_ms"], r["probe_time_s"]) == (None, None)
         assert r["sync_method"].startswith("not estimated in this epoch (log.sync_probe=false)")
     assert "probe" not in "".join(x for x in result.stdout.splitlines() if "mean loss" in x)
@@ -184,12 +194,10 @@ def test_one_worker_has_no_sync_time_and_no_probe(tmp_path, mode):
     assert "probe" not in "".join(x for x in result.stdout.splitlines() if "mean loss" in x)
 
 
-def test_sample_ledger_records_disjoint_covering_shards(tmp_path):
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
-                     "wandb.mode=disabled", "check.sample_ledger=true")
-    assert result.returncode == 0, result.stderr
+def test_sample_ledger_records_disjoint_covering_shards(ledger_run):
+    run_dir, _ = ledger_run
     entries = [json.loads(line) for line in
-               (tmp_path / "sample_ledger.jsonl").read_text().splitlines()]
+               (run_dir / "sample_ledger.jsonl").read_text().splitlines()]
     train = [e for e in entries if e["split"] == "train"]
     test = [e for e in entries if e["split"] == "test"]
     assert [e["epoch"] for e in train] == [1, 2] and len(test) == 2
@@ -211,13 +219,6 @@ def test_sample_ledger_catches_planted_faults(tmp_path, fault, message):
     assert result.returncode == 3
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sample ledger" in errors[0] and message in errors[0]
-
-
-def test_without_the_ledger_the_planted_fault_goes_unnoticed(tmp_path):
-    """The ledger test above can fail: the same fault without the ledger trains on quietly."""
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
-                     "wandb.mode=disabled", "debug.skip_set_epoch=true")
-    assert result.returncode == 0, result.stderr
 
 
 # (from test_console.py, now in tests/unit: this one starts the printed command.)

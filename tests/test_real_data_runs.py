@@ -136,6 +136,7 @@ def _ended(pid: int) -> bool:
         return True
 
 
+@pytest.mark.compat  # the GPU machine's Python 3.12 has its own multiprocessing
 @pytest.mark.parametrize("killed", [False, True], ids=["leaves at once", "SIGKILL"])
 def test_a_worker_that_ends_at_once_takes_its_loader_processes_along_in_silence(killed):
     """The loader processes' server and the loader processes end with their worker, however

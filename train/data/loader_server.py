@@ -35,6 +35,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -79,7 +80,6 @@ def _start_quiet_tracker() -> None:
     """Start the resource tracker, unless it runs, with its leak warnings ignored: it is
     started with this interpreter's -W options (multiprocessing.util's
     `_args_from_interpreter_flags`), and the server reuses it."""
-    from multiprocessing import resource_tracker
     sys.warnoptions.append(TRACKER_QUIET)
     try:
         resource_tracker.ensure_running()

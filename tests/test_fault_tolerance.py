@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,7 +209,9 @@ def test_a_worker_killed_by_a_fatal_signal_leaves_its_stacks(tmp_path):
     assert dump.read_text().startswith("Fatal Python error: Aborted")
     line = next(li for li in err.splitlines() if li.startswith("  rank 1"))
     assert "killed by a signal" in line and "fatal python error: aborted" in line
-    assert line.count(" at train/") + line.count(" at models/") == 1, line
+    # the innermost frame of our code: wherever rank 1 happened to be (a step, the bookkeeping
+    # between steps in common/), one location, never torch's
+    assert len(re.findall(r" at (?:train|models|common)/[\w/]+\.py:\d+ in \w+;", line)) == 1, line
     # The launcher moved it: nothing is left under this launcher's name (a file of another
     # process that had the same pid before may be, e.g. one killed by SIGKILL).
     assert not (Path(tempfile.gettempdir()) / f"dptrain-fatal-{proc.pid}-{victim.pid}.txt").exists()

@@ -3,9 +3,10 @@
 The first pass runs every test not marked `serial` in `--jobs` pytest-xdist processes, a test
 file per process at a time (`--dist loadfile`: a module's shared runs stay one); most tests
 wait on child processes for part of their time, so two files side by side keep two cores
-busier than one. The second pass runs the `serial` tests one at a time: those that bound a
-time (a stall limit, a rendezvous timeout, a signal's grace period) and the real SLURM (one
-`slurmctld` per machine).
+busier than one. The second pass runs the `serial` tests, never beside the first pass: those
+that bound a time (a stall limit, a rendezvous timeout, a signal's grace period) and the real
+SLURM (one `slurmctld` per machine, one file). They mostly wait, so two of them run side by
+side, a file per process (`SERIAL_JOBS`; one with `--jobs 1`).
 
 `python -m tests.suite [--jobs N] [pytest arguments]`; a `-m EXPR` among the arguments narrows
 both passes. Both passes run; the exit code is the first failing pass's pytest code (a pass
@@ -19,6 +20,7 @@ import subprocess
 import sys
 
 NOTHING_SELECTED = 5  # pytest's exit code when no test matched
+SERIAL_JOBS = 2  # pytest processes in the second pass (at most --jobs)
 
 
 def passes(args: list[str], jobs: int) -> list[list[str]]:
@@ -30,8 +32,12 @@ def passes(args: list[str], jobs: int) -> list[list[str]]:
         del rest[at:at + 2]
     def mark(expr: str) -> list[str]:
         return ["-m", f"({user_mark}) and {expr}" if user_mark else expr]
-    parallel = ["-n", str(jobs), "--dist", "loadfile"] if jobs > 1 else []
-    return [[*parallel, *mark("not serial"), *rest], [*mark("serial"), *rest]]
+    def spread(n: int) -> list[str]:
+        return ["-n", str(n), "--dist", "loadfile"] if n > 1 else []
+    # The serial tests mostly wait (a grace period, a rendezvous timeout, SLURM's time limit):
+    # two of them side by side, a file each, never beside the CPU-bound first pass.
+    return [[*spread(jobs), *mark("not serial"), *rest],
+            [*spread(min(jobs, SERIAL_JOBS)), *mark("serial"), *rest]]
 
 
 def main(argv: list[str] | None = None) -> int:

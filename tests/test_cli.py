@@ -217,7 +217,7 @@ def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides
     assert "exitcode  : 2" in result.stderr[report:]
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_an_online_wandb_run_whose_server_does_not_answer_ends_in_seconds(tmp_path):
     """wandb's own init would wait about 90 s; the launcher asks the server first."""
     with socket.socket() as s:  # bound and closed again: connections are refused

@@ -142,7 +142,7 @@ def test_doctors_of_two_nodes_compare_what_each_brings(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_a_node_whose_doctor_never_comes_is_named():
     started = time.monotonic()
     result = doctor("--cpu", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",

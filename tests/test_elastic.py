@@ -22,7 +22,8 @@ from tests.helpers import REPO, start_nodes
 from train.config import load_config
 from train.run.identity import check_resumable, identity
 
-pytestmark = pytest.mark.serial  # run alone (tests/suite.py): signals, stalls and their timeouts
+# Signals, stalls and their timeouts: away from the CPU-bound tests (tests/suite.py).
+pytestmark = pytest.mark.serial
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 # 1152 samples, global batch 96 (divisible by 3 and by 2 workers): 12 steps per epoch, 48 in

@@ -76,7 +76,7 @@ def assert_all_gone(processes: list[psutil.Process], within: float = 10) -> None
     assert not alive, f"left behind: {[p.pid for p in alive]}"
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 @pytest.mark.parametrize("how", [
     pytest.param("SIGTERM to the launcher", marks=pytest.mark.compat),  # torchrun's agent too
     "Ctrl-C to the process group"])
@@ -164,7 +164,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes(tmp_path, uninterrupte
     assert_bitwise_equal(params(tmp_path), params(uninterrupted))
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_a_stalled_worker_makes_everyone_exit_with_a_message(tmp_path):
     started = time.monotonic()
     proc = start(tmp_path, "dist.timeout_s=5", "debug.stall_rank=1", "debug.stall_step=3",
@@ -325,7 +325,7 @@ def test_two_launchers_act_as_two_nodes(tmp_path, uninterrupted):
     assert_bitwise_equal(params(tmp_path), params(uninterrupted))
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_a_node_that_never_arrives_fails_after_the_rendezvous_timeout(tmp_path):
     started = time.monotonic()
     result = run_cli("launch", "--cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "0",
@@ -350,7 +350,7 @@ def test_a_busy_explicit_port_is_a_clear_error_and_the_default_finds_a_free_one(
         assert fine.returncode == 0, fine.stderr
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_a_node_whose_node_0_never_comes_fails_after_the_rendezvous_timeout(tmp_path):
     port = free_port()  # nothing listens there: node 0 never started
     started = time.monotonic()
@@ -364,7 +364,7 @@ def test_a_node_whose_node_0_never_comes_fails_after_the_rendezvous_timeout(tmp_
     assert time.monotonic() - started < 40  # torch's c10d client alone waits 60 s by default
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_torchruns_own_wait_for_node_0_follows_the_rendezvous_timeout(tmp_path, capsys):
     """Past the launcher's own wait (node 0 went away just after answering), torch's c10d
     client gives up after read_timeout = dist.rendezvous_timeout_s, not its default 60 s."""

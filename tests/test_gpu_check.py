@@ -14,9 +14,9 @@ from tests.helpers import PYTHON, REPO
 from tools.gpu_check import FAIL, PASS, SKIP, Context, Part, run_parts, write_report
 from tools.gpu_check.group import run_group
 
-# The tests that time a kill at a deadline, and the environment part's 20 s budget, run alone
-# (`serial`). The dry run's budgets are three times a GPU's, several times what its parts take
-# here on busy cores: it runs in the first pass.
+# The tests that time a kill at a deadline, and the environment part's 20 s budget, run away
+# from the CPU-bound tests (`serial`). The dry run's budgets are three times a GPU's, several
+# times what its parts take here on busy cores: it runs in the first pass.
 
 HERE = "tests.gpu_check_parts"
 
@@ -44,7 +44,7 @@ def test_a_failing_part_is_reported_and_the_next_one_runs(tmp_path):
     assert [p["status"] for p in saved["parts"]] == [FAIL, FAIL, PASS, SKIP]
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_a_part_past_its_deadline_is_killed_with_what_it_started(tmp_path):
     """The part hangs and leaves a grandchild in a session of its own: at the part's
     deadline both are gone before the next part starts (a worker left over would hold the
@@ -67,7 +67,7 @@ def test_a_part_past_its_deadline_is_killed_with_what_it_started(tmp_path):
     assert time.monotonic() - started < 8 + 60  # killed at the deadline, not at the child's end
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_a_command_past_its_deadline_ends_with_its_whole_group():
     """A launch inside a part: its own process group and its tree (torchrun's workers have
     sessions of their own) ended whole: SIGTERM, then SIGKILL."""
@@ -90,7 +90,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.serial  # bounds its time: run alone (tests/suite.py)
+@pytest.mark.serial  # bounds its time: away from the CPU-bound tests (tests/suite.py)
 def test_make_gpu_check_without_a_gpu_skips_every_gpu_part(tmp_path):
     """What `make gpu-check PY=.venv/bin/python` does here: no crash, every GPU part a SKIP,
     versions named (the test process hides the GPUs, so this holds on GPU machines too)."""

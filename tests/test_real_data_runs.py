@@ -194,24 +194,43 @@ def _bad_folder(tmp_path: Path, folder: Path, case: str) -> list[str]:
     return [f"data.root={root}"]
 
 
-@pytest.mark.parametrize("case, message", [
+BAD_FOLDERS = [
     ("missing", "data.root {tmp}/data is not a folder"),
     ("empty class", "class folder {tmp}/data/train/class_03 holds no images"),
     ("different classes", "only in train: class_02; only in val: class_09"),
-])
-def test_a_bad_image_folder_is_one_line_before_any_worker(folder, tmp_path, case, message):
+]
+
+
+@pytest.mark.parametrize("case, message", BAD_FOLDERS)
+def test_a_bad_image_folder_is_one_line_before_any_worker(folder, tmp_path, monkeypatch, case,
+                                                          message):
+    """The launcher's main() in this process (tests/inprocess.py); the real commands follow."""
+    run = ["data.name=imagefolder", *_bad_folder(tmp_path, folder, case), "wandb.mode=disabled",
+           f"run.dir={tmp_path / 'run'}"]
+    result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, *run)
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.stderr
+    assert "worker" not in result.stdout and not (tmp_path / "run").exists()
+
+
+def test_a_bad_image_folder_is_one_line_from_the_launcher_and_from_workers_torchrun_starts(
+        folder, tmp_path):
+    """The real command line, and workers that torchrun starts directly (they check the folder
+    themselves): one line each, nothing written."""
+    case, message = BAD_FOLDERS[-1]
     run = ["data.name=imagefolder", *_bad_folder(tmp_path, folder, case), "wandb.mode=disabled",
            f"run.dir={tmp_path / 'run'}"]
     result = run_cli("launch", "--cpu", CONFIG, *run)
     assert result.returncode == 2
     lines = error_lines(result.stderr)
-    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.stderr
+    assert len(lines) == 1 and message in lines[0], result.stderr
     assert "worker" not in result.stdout and not (tmp_path / "run").exists()
     direct = run_cli("torch.distributed.run", "--nproc-per-node=2",
                      f"--master-port={free_port()}", "-m", "train", CONFIG, *run)
     assert direct.returncode != 0
     reported = [x for x in direct.stderr.splitlines() if x.startswith("error: ")]
-    assert len(reported) == 1 and message.format(tmp=tmp_path) in reported[0], direct.stderr
+    assert len(reported) == 1 and message in reported[0], direct.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -301,13 +320,26 @@ def _unwritable(tmp_path: Path, case: str) -> tuple[Path, str, list[str]]:
     return parent / "run", f"{parent} is not writable", prefix
 
 
-@pytest.mark.parametrize("case", ["a file in the way", "under /proc", "a read-only parent"])
-def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, case):
-    """From the launcher, and from workers that torchrun starts directly."""
+@pytest.mark.parametrize("case", ["a file in the way", "under /proc"])
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, case):
+    """The launcher's main() in this process (tests/inprocess.py); the launcher and the workers
+    ask the same function (`common/files.py: why_not_writable`), whose every answer the real
+    commands below show once."""
+    run_dir, ending, _ = _unwritable(tmp_path, case)
+    result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, "wandb.mode=disabled",
+                      f"run.dir={run_dir}", "train.max_steps=1")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert f"run.dir {run_dir} cannot be created or written: {ending}" in lines[0]
+
+
+def test_a_read_only_run_dir_is_one_line_from_the_launcher_and_from_workers(tmp_path):
+    """The real commands: the launcher, and workers that torchrun starts directly."""
     import subprocess
     import sys
 
-    run_dir, ending, prefix = _unwritable(tmp_path, case)
+    run_dir, ending, prefix = _unwritable(tmp_path, "a read-only parent")
     base = ["wandb.mode=disabled", f"run.dir={run_dir}", "train.max_steps=1"]
     # A temp folder of this test's own: other tests running beside it leave files in /tmp.
     private = tmp_path / "tmp"

@@ -85,6 +85,21 @@ def test_gloo_does_not_say_a_rank_killed_by_a_signal_did_not_reach_the_collectiv
                     "fatal python error: aborted [rank_1.fatal.txt]")
 
 
+def test_a_rank_killed_in_the_standard_library_is_placed_in_our_code_that_called_it(tmp_path):
+    """Between steps a rank is often in logging, threading or contextlib: the line names the
+    innermost frame of the checkout the rank ran, not the standard library (CI once aborted a
+    rank in common/signals.py; a rank in stdlib code would have been named by that file)."""
+    since = time.time()
+    write(tmp_path, [], {1: dump('File "/usr/lib/python3.12/logging/__init__.py", line 1 in emit',
+                                 f'File "{TORCH}/nn/modules/module.py", line 9 in _call_impl',
+                                 'File "/usr/lib/python3.12/contextlib.py", line 144 in __exit__',
+                                 f'File "{REPO}/common/signals.py", line 178 in alive')})
+    line = next(li for li in hang_block(tmp_path, since, "gloo").splitlines()
+                if li.startswith("  rank 1"))
+    assert line == ("  rank 1: killed by a signal: at common/signals.py:178 in alive; "
+                    "fatal python error: aborted [rank_1.fatal.txt]")
+
+
 def test_nccl_says_where_each_rank_blocked_and_points_at_the_flight_recorder(tmp_path):
     since = time.time()
     write(tmp_path, [

@@ -131,11 +131,11 @@ def fatal_record(rank: int, path: Path) -> dict[str, Any]:
     text = path.read_text(errors="replace")
     first = text.strip().splitlines()[0] if text.strip() else "a fatal signal"
     stacks = re.split(r"\n(?=Thread 0x|Current thread 0x)", text)
-    main = next((b for b in stacks if f"train{os.sep}__main__.py" in b), text)
+    entry = f"{os.sep}train{os.sep}__main__.py"
+    main = next((b for b in stacks if entry in b), text)
     frames = [m for m in map(FRAME.match, main.splitlines()) if m]  # most recent first
     # Our code: the checkout whose train/__main__.py the rank ran, not its venv; not the
     # standard library either (a rank between steps is often in logging, threading, json).
-    entry = f"{os.sep}train{os.sep}__main__.py"
     root = next((m["file"][:-len(entry) + 1] for m in frames if m["file"].endswith(entry)),
                 None)
     ours = next((m for m in frames if f"{os.sep}site-packages{os.sep}" not in m["file"]

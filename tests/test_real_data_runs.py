@@ -194,6 +194,11 @@ def _bad_folder(tmp_path: Path, folder: Path, case: str) -> list[str]:
     return [f"data.root={root}"]
 
 
+def _bad_folder_run(tmp_path: Path, folder: Path, case: str) -> list[str]:
+    return ["data.name=imagefolder", *_bad_folder(tmp_path, folder, case), "wandb.mode=disabled",
+            f"run.dir={tmp_path / 'run'}"]
+
+
 BAD_FOLDERS = [
     ("missing", "data.root {tmp}/data is not a folder"),
     ("empty class", "class folder {tmp}/data/train/class_03 holds no images"),
@@ -205,8 +210,7 @@ BAD_FOLDERS = [
 def test_a_bad_image_folder_is_one_line_before_any_worker(folder, tmp_path, monkeypatch, case,
                                                           message):
     """The launcher's main() in this process (tests/inprocess.py); the real commands follow."""
-    run = ["data.name=imagefolder", *_bad_folder(tmp_path, folder, case), "wandb.mode=disabled",
-           f"run.dir={tmp_path / 'run'}"]
+    run = _bad_folder_run(tmp_path, folder, case)
     result = run_main(launcher_main(monkeypatch), "--cpu", CONFIG, *run)
     assert result.returncode == 2
     lines = error_lines(result.stderr)
@@ -219,8 +223,7 @@ def test_a_bad_image_folder_is_one_line_from_the_launcher_and_from_workers_torch
     """The real command line, and workers that torchrun starts directly (they check the folder
     themselves): one line each, nothing written."""
     case, message = BAD_FOLDERS[-1]
-    run = ["data.name=imagefolder", *_bad_folder(tmp_path, folder, case), "wandb.mode=disabled",
-           f"run.dir={tmp_path / 'run'}"]
+    run = _bad_folder_run(tmp_path, folder, case)
     result = run_cli("launch", "--cpu", CONFIG, *run)
     assert result.returncode == 2
     lines = error_lines(result.stderr)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from common.collectives import time_collective
 from common.errors import EXIT_USER_ERROR, UserError
-from common.host import backend_for, visible_gpus
+from common.host import backend_for, leave, visible_gpus
 from common.spawn import SpawnError, spawn
 from common.validate import SECTIONS
 from launch.checks import CHECKS, FAIL, OK, SKIP, WARN, Verdict, run_check
@@ -166,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # without the interpreter's teardown (common/host.py)

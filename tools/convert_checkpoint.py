@@ -25,6 +25,7 @@ import torch
 
 from common.errors import UserError, outside
 from common.files import atomic_write
+from common.host import leave
 from train.run.checkpoint import Checkpoints, CorruptCheckpoint, load
 from train.run.sharded import SHARDED_KEY, VALUES_KEY, folder_damage, read_whole
 
@@ -90,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # without the interpreter's teardown (common/host.py)

@@ -18,6 +18,7 @@ from typing import Any
 
 from common.errors import UserError, outside
 from common.files import atomic_write
+from common.host import leave
 from common.spawn import SpawnError, spawn
 from train import dist
 from train.after.loaded import check_inputs, checkpoint_path, open_trained, run_config
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # without the interpreter's teardown (common/host.py)

@@ -19,6 +19,7 @@ import torch
 
 from common.errors import UserError, outside
 from common.files import atomic_write
+from common.host import leave
 from train import dist
 from train.after.loaded import (
     checkpoint_path,
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # without the interpreter's teardown (common/host.py)

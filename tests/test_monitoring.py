@@ -140,7 +140,10 @@ def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
         # The phases make up the step. Lower bound 0.5: on a loaded 2-core machine time spent
         # descheduled between two phases is nobody's (33.2 of 47.7 ms was seen in CI's suite).
         assert 0.5 * step_ms < sum(phases) <= 1.05 * step_ms
-        assert r["time_compute_ms"] > r["time_data_ms"]  # in-memory data: waiting is negligible
+        # In-memory data: waiting is negligible next to forward/backward. Where the probe ran,
+        # its sync estimate was taken out of that time, up to all of it (a loaded machine's
+        # noise can make the estimate the larger: compute 0.0 was seen in the suite).
+        assert r["time_compute_ms"] + (r["time_sync_ms"] or 0) > r["time_data_ms"]
         assert r["eval_time_s"] > 0
         assert r["peak_memory_mb"] > 10
     # Two workers sync, and the probe ran: an estimate, not n/a. It may be 0.0: one synced pass

@@ -55,6 +55,10 @@ def gpu_env(gpus: int | None = None) -> dict[str, str | None]:
     return {"CUDA_VISIBLE_DEVICES": visible}
 
 
+# What a machine whose CUDA can see a GPU has: the driver's control device (WSL2: its own).
+NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/dxg")
+
+
 @functools.cache
 def gpu_count() -> int:
     """GPUs a subprocess with `gpu_env()` sees; 0 without a CUDA build or driver.
@@ -62,6 +66,8 @@ def gpu_count() -> int:
     Counted in a subprocess: this process must never start CUDA (see `hide_gpus`)."""
     if torch.version.cuda is None and torch.version.hip is None:
         return 0
+    if torch.version.cuda is not None and not any(map(os.path.exists, NVIDIA_DEVICES)):
+        return 0  # no NVIDIA driver: the subprocess would say 0 after 1.5 s of CPU
     try:
         result = subprocess.run(
             [PYTHON, "-c", "import torch; print(torch.cuda.device_count())"],

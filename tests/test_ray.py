@@ -15,9 +15,15 @@ import torch
 from tests.helpers import run_cli
 from tests.jobs import CONFIG, RUN, running
 
-pytest.importorskip("ray.train.torch", reason="ray[train] is not installed: "
-                    "pip install -r requirements-ray.txt")
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_train():
+    """Skips here without ray[train]. A fixture, not at import: importing ray.train (pandas,
+    pyarrow) took 3 s of every pytest process's collection, test_ray.py run there or not."""
+    pytest.importorskip("ray.train.torch", reason="ray[train] is not installed: "
+                        "pip install -r requirements-ray.txt")
 # 2 epochs of 12 steps, one thread per worker, as the torchrun run does.
 SHORT = [*RUN, "train.epochs=2", "dist.cpu_threads=1"]
 

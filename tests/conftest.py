@@ -16,12 +16,51 @@ import pytest  # noqa: E402 - after hide_gpus, which must come first
 # tests added later included: gpu-check's own runner and its CPU self-test.
 COMPAT_FILES = {"test_gpu_check.py"}
 
+# The files that take longest in each pass of `make test`, longest first (seconds of their
+# tests in one run here, 2026-12-06; docs/testing.md). pytest-xdist hands out whole files in
+# collection order (tests/suite.py: `--dist loadfile --no-loadscope-reorder`): the long ones
+# first, the short ones fill in at the end, so that no core sits idle while one process
+# finishes a long file. The order only moves files; one missing here runs after them.
+LONGEST_FIRST = [  # the first pass (not `serial`)
+    "tests/test_fault_tolerance.py",  # 134 s
+    "tests/test_cli.py",  # 116
+    "tests/test_sharding.py",  # 115
+    "tests/test_real_data_runs.py",  # 108
+    "tests/test_matrix.py",  # 104: one pool of workers runs every combination
+    "tests/test_monitoring.py",  # 76
+    "tests/test_run_folder.py",  # 67
+    "tests/test_gpu_check.py",  # 67: the CPU dry run
+    "tests/test_knobs.py",  # 63
+    "tests/test_ray.py",  # 58
+    "tests/test_doctor.py",  # 51
+    "tests/test_folder_finetune.py",  # 51
+    "tests/test_k8s_contract.py",  # 43
+    "tests/test_compare.py",  # 41
+]
+LONGEST_FIRST_SERIAL = [  # the second pass (`serial`)
+    "tests/test_fault_tolerance.py",  # 66 s
+    "tests/test_preemption.py",  # 57
+    "tests/test_signals.py",  # 50
+    "tests/test_slurm_real.py",  # 46
+    "tests/test_elastic.py",  # 32
+    "tests/test_gpu_check.py",  # 15
+]
+
 
 @pytest.hookimpl(tryfirst=True)  # before `-m compat` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in COMPAT_FILES:
             item.add_marker(pytest.mark.compat)
+    # Stable: a file's own tests keep their order. Every xdist process sorts alike.
+    items.sort(key=_longest_first)
+
+
+def _longest_first(item: pytest.Item) -> tuple[bool, int]:
+    serial = item.get_closest_marker("serial") is not None
+    order = LONGEST_FIRST_SERIAL if serial else LONGEST_FIRST
+    path = item.nodeid.split("::")[0]  # tests/test_cli.py: tests/unit/ has files of the same names
+    return serial, order.index(path) if path in order else len(order)
 
 
 @pytest.fixture(scope="session")

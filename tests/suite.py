@@ -33,7 +33,9 @@ def passes(args: list[str], jobs: int) -> list[list[str]]:
     def mark(expr: str) -> list[str]:
         return ["-m", f"({user_mark}) and {expr}" if user_mark else expr]
     def spread(n: int) -> list[str]:
-        return ["-n", str(n), "--dist", "loadfile"] if n > 1 else []
+        # In collection order, which tests/conftest.py sorts longest file first (xdist would
+        # order them by their number of tests).
+        return ["-n", str(n), "--dist", "loadfile", "--no-loadscope-reorder"] if n > 1 else []
     # The serial tests mostly wait (a grace period, a rendezvous timeout, SLURM's time limit):
     # two of them side by side, a file each, never beside the CPU-bound first pass.
     return [[*spread(jobs), *mark("not serial"), *rest],

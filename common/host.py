@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -143,6 +144,22 @@ def run_leave_functions() -> None:
         atexit.unregister(fn)
         with contextlib.suppress(Exception):
             fn()
+
+
+def pause_collector() -> None:
+    """Before a command's heavy imports (torch, torch._dynamo): Python's cyclic garbage
+    collector would walk the objects they make (about 330,000) again and again while they
+    are made, 0.28 s of the 1.9 s of CPU that importing both takes here. Until
+    `resume_collector`; only where a command starts (`if __name__ == "__main__"`)."""
+    gc.disable()
+
+
+def resume_collector() -> None:
+    """After those imports: what they made lives until the process ends, so it leaves the
+    collector's view for good (`gc.freeze`; the import's own garbage, about 9,000 small
+    objects, stays with it), and collection goes on as usual for whatever comes next."""
+    gc.freeze()
+    gc.enable()
 
 
 def leave(code: int, exit_functions: bool = True) -> NoReturn:

@@ -7,6 +7,7 @@ on failure.
 
 from __future__ import annotations
 
+from common.host import pause_collector, resume_collector
 from common.signals import exit_during_startup
 from common.torch_support import refuse_unsupported_torch
 
@@ -14,6 +15,7 @@ if __name__ == "__main__":
     # First, before the slow imports and checks: a stop signal before any worker exists is one
     # line and exit 130 (torchrun's agent takes the signals over once it starts workers).
     exit_during_startup("launch: ")
+    pause_collector()  # until the imports below are done (common/host.py)
     # A torch older than the supported minimum is one line and exit 2, before any import
     # that may fail on it with a traceback.
     refuse_unsupported_torch()
@@ -59,4 +61,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    resume_collector()
     leave(main())

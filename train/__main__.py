@@ -9,7 +9,7 @@ import os
 import sys
 
 from common import status
-from common.host import die_with_parent, leave
+from common.host import die_with_parent, leave, pause_collector, resume_collector
 from common.signals import startup_line, stop_signals
 from common.torch_support import refuse_unsupported_torch
 
@@ -27,6 +27,7 @@ if __name__ == "__main__":
     # First, before anything slow: a stop signal during start-up exits at once (130, quietly),
     # and a worker whose launcher dies gets SIGTERM instead of living on as an orphan.
     stop_signals(_say_startup)
+    pause_collector()  # until the imports below are done (common/host.py)
     if "RANK" in os.environ:
         die_with_parent(int(os.environ.get(status.PARENT_ENV, "0")) or None)
     # Started by torchrun directly, not by the launcher: a torch older than the supported
@@ -47,6 +48,13 @@ from train.dist import DistContext  # noqa: E402
 from train.loop.trainer import Interrupted  # noqa: E402
 from train.observe.logs import setup_logging  # noqa: E402
 from train.worker import train  # noqa: E402
+
+if __name__ == "__main__":
+    # DDP's constructor and every optimizer import torch._dynamo (0.9 s of CPU here): here,
+    # with the imports, rather than halfway through building the model.
+    import torch._dynamo  # noqa: E402, F401
+
+    resume_collector()
 
 log = logging.getLogger("train")
 REPORT_GRACE_S = 3.0  # other local ranks wait this long for local rank 0 to report

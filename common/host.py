@@ -162,6 +162,12 @@ def resume_collector() -> None:
     gc.enable()
 
 
+def in_forkserver() -> bool:
+    """This interpreter is a multiprocessing forkserver (`python -c 'from
+    multiprocessing.forkserver import main; ...'`) importing its preload list."""
+    return sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules
+
+
 def leave(code: int, exit_functions: bool = True) -> NoReturn:
     """End this process with `code`, without the interpreter's teardown of every module and
     object: with torch loaded that takes about a second per process, and nothing is left to

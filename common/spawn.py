@@ -17,7 +17,10 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from common.host import run_leave_functions
+from common.host import in_forkserver, pause_collector, resume_collector, run_leave_functions
+
+if in_forkserver():  # the server of `_context`, importing its preload: the collector paused
+    pause_collector()
 
 # Environment overrides; None removes a variable. The processes are not daemons: a worker may
 # start processes of its own (data-loader workers).
@@ -104,7 +107,7 @@ def _context(preloaded: bool) -> Any:
     if not preloaded:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo"])
+    ctx.set_forkserver_preload(["common.spawn"])  # which imports torch and torch._dynamo (below)
     return ctx
 
 
@@ -141,3 +144,12 @@ def _run(rank: int, world_size: int, port: int, fn: Callable, args: tuple, resul
             # interpreter runs: the quick cleanups still run (the stack-dump file in /tmp, which
             # a later process with the same pid would otherwise find).
             run_leave_functions()
+
+
+if in_forkserver():
+    # What they make stays out of the collector's view, in the server and in every process it
+    # forks (common/host.py).
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+    resume_collector()

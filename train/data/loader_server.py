@@ -39,10 +39,14 @@ from multiprocessing import resource_tracker
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from torch.utils.data import DataLoader
+from common.host import die_with_parent, in_forkserver, pause_collector, resume_collector
 
-from common.errors import UserError
-from common.host import die_with_parent
+if in_forkserver():  # the server, importing PRELOAD: torch with the collector paused
+    pause_collector()
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from common.errors import UserError  # noqa: E402
 
 # The server imports these once; each loader process then unpickles its dataset without
 # importing torch or the data modules again.
@@ -87,13 +91,10 @@ def _start_quiet_tracker() -> None:
         sys.warnoptions.remove(TRACKER_QUIET)
 
 
-def _in_the_server() -> bool:
-    """This interpreter is a forkserver (`python -c 'from multiprocessing.forkserver import
-    main; ...'`) importing its preload list."""
-    return sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules
-
-
-if _in_the_server():
+if in_forkserver():
+    # What torch made stays out of the collector's view, in the server and in every loader
+    # process it forks (common/host.py).
+    resume_collector()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(death=signal.SIGKILL)  # the worker (before this, its pipe's end stops it)
     os.register_at_fork(after_in_child=functools.partial(die_with_parent, os.getpid(),

@@ -6,11 +6,24 @@ their subprocesses the GPUs back with `tests.helpers.gpu_env()`. pytest imports 
 before any test module, so before anything can start CUDA.
 """
 
+import getpass
+import os
+import tempfile
+
 from tests.helpers import hide_gpus
 
 hide_gpus()
 
 import pytest  # noqa: E402 - after hide_gpus, which must come first
+
+# Inductor's kernel cache (torch 2.14.1) does not tell kernels built under one
+# ATEN_CPU_CAPABILITY from another's: after a run under avx512, a compiled run under avx2
+# loaded them and trained to NaN, one under `default` failed to build (2026-12-06). One cache
+# per capability, for the parity checks docs/testing.md asks for; the processes tests start
+# inherit it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(),
+    f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 # Files whose every test is in the torch-2.11 tier (`make test-torch211`, marker `compat`),
 # tests added later included: gpu-check's own runner and its CPU self-test.

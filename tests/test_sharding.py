@@ -144,9 +144,12 @@ def test_fsdp_resumes_on_another_number_of_workers_resharded(fsdp_run, tmp_path,
     assert "resumed from" in result.stdout and "step 20" in result.stdout
     saved = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000032").iterdir())
     assert saved == [".metadata", *(f"__{r}_0.distcp" for r in range(workers))]
-    # The same global batches, re-sharded: equal up to summation order.
+    # The same global batches, re-sharded: equal up to summation order. Measured on an AMD
+    # EPYC (2026-12-06): at most 9e-8 apart under ATEN_CPU_CAPABILITY=avx2 and avx512, 2.2e-6
+    # under `default` (9 of features.3's 25,000 weights over 1e-6); the last two steps of
+    # training move each tensor's furthest element by 4e-5 to 9e-4.
     for name, value in last_model(fsdp_run).items():
-        torch.testing.assert_close(last_model(run_dir)[name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(last_model(run_dir)[name], value, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.timeout(600)  # two runs

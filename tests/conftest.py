@@ -44,11 +44,11 @@ LONGEST_FIRST = [  # the first pass (not `serial`)
     "tests/test_run_folder.py",  # 67
     "tests/test_gpu_check.py",  # 67: the CPU dry run
     "tests/test_knobs.py",  # 63
+    "tests/test_ray.py",  # 61 in run R: one Ray start (docs/performance.md)
     "tests/test_doctor.py",  # 51
     "tests/test_folder_finetune.py",  # 51
     "tests/test_k8s_contract.py",  # 43
     "tests/test_compare.py",  # 41
-    "tests/test_ray.py",  # 39: one Ray start (58 with two)
 ]
 LONGEST_FIRST_SERIAL = [  # the second pass (`serial`)
     "tests/test_fault_tolerance.py",  # 66 s

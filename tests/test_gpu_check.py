@@ -1,7 +1,8 @@
 """`make gpu-check`'s part runner and report: each part in a process (and session) of its own;
 a part that fails, crashes or overruns is reported and the next one runs, and one that overruns
 is killed with everything it started; parts that need a GPU are skipped on a machine without
-one; the CPU dry run runs every part's CPU form (CI runs it on torch 2.11 too)."""
+one; the CPU dry run runs every part's CPU form, on the GPU machine's torch (CI's torch-2.11
+tier)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from tests.helpers import PYTHON, REPO
 from tools.gpu_check import FAIL, PASS, SKIP, Context, Part, run_parts, write_report
@@ -19,6 +21,12 @@ from tools.gpu_check.group import run_group
 # times what its parts take here on busy cores: it runs in the first pass.
 
 HERE = "tests.gpu_check_parts"
+# The dry run proves gpu-check's parts run on the torch of the machine it is for, the tier that
+# pins that torch (requirements-torch211.txt, CI's second tier). On another torch it would prove
+# nothing about that machine and cost a minute of the suite's two cores (29 interpreters).
+GPU_MACHINE_TORCH = next(
+    line.split("==")[1].strip() for line in (REPO / "requirements-torch211.txt").read_text()
+    .splitlines() if line.startswith("torch=="))
 
 
 def test_a_failing_part_is_reported_and_the_next_one_runs(tmp_path):
@@ -106,6 +114,9 @@ def test_make_gpu_check_without_a_gpu_skips_every_gpu_part(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.__version__.split("+")[0] != GPU_MACHINE_TORCH,
+                    reason=f"the GPU machine's torch ({GPU_MACHINE_TORCH}) only: CI's torch-2.11 "
+                    "tier runs it (make test-torch211)")
 @pytest.mark.timeout(900)  # about 2 minutes on two idle cores; several times that on busy ones
 def test_the_cpu_dry_run_runs_every_part(tmp_path):
     """`python -m tools.gpu_check --cpu-dry-run`: each part's commands, checks and figures in

@@ -193,13 +193,13 @@ def test_an_overwrite_that_fails_on_bad_input_leaves_the_old_run(tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+# One case per phase a worker finds bad input in: the config's checks before the data
+# (common/validate.py: `validate`), and the data's (building it, `validate_with_data`). Each
+# message is checked in process (tests/unit/test_validate.py, tests/unit/test_bad_input.py).
 @pytest.mark.parametrize("workers, overrides, message", [
     (2, ["data.name=mnist", "data.root={tmp}/none", "data.download=false"],
      "dataset mnist cannot be read"),
     (3, [], "train.batch_size=256 (the global batch) is not divisible by 3 workers"),
-    (2, ["data.synthetic.train_samples=200"],
-     "the training set (200 samples) is smaller than one global batch (256)"),
-    (2, ["perf.precision=fp16"], "perf.precision=fp16 needs a GPU"),
 ])
 def test_workers_that_find_bad_input_report_it_once(tmp_path, workers, overrides, message):
     """Through torchrun directly (no launcher checks): one line, from one process."""

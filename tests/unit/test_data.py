@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from common.errors import UserError
 from common.schema import SyntheticConfig
 from tests.workers import DEFAULT_CONFIG
 from train.config import load_config
@@ -98,6 +99,17 @@ def test_global_batches_match_a_single_process():
 def test_eval_shards_count_every_sample_exactly_once(n, world):
     seen = [i for rank in range(world) for i in EvalSampler(n, rank, world)]
     assert sorted(seen) == list(range(n))
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused_on_every_rank():
+    data, _ = make_synthetic(SyntheticConfig(train_samples=200, test_samples=1), seed=0)
+    for rank in (0, 1):
+        with pytest.raises(UserError) as err:
+            train_batches(data, rank, 2, 256, seed=0, device=torch.device("cpu"))
+        assert str(err.value) == ("the training set (200 samples) is smaller than one global "
+                                  "batch (256); lower train.batch_size")
+        assert err.value.agreed  # every rank finds it: one of them says it
+    assert len(train_batches(data, 0, 2, 200, seed=0, device=torch.device("cpu"))) == 1
 
 
 def test_eval_batches_keep_the_last_partial_batch():

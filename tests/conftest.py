@@ -37,18 +37,16 @@ COMPAT_FILES = {"test_gpu_check.py"}
 LONGEST_FIRST = [  # the first pass (not `serial`)
     "tests/test_fault_tolerance.py",  # 134 s
     "tests/test_cli.py",  # 116
-    "tests/test_sharding.py",  # 115
     "tests/test_real_data_runs.py",  # 108
     "tests/test_matrix.py",  # 104: one pool of workers runs every combination
-    "tests/test_monitoring.py",  # 76
     "tests/test_run_folder.py",  # 67
-    "tests/test_gpu_check.py",  # 67: the CPU dry run
-    "tests/test_knobs.py",  # 63
     "tests/test_ray.py",  # 61 in run R: one Ray start (docs/performance.md)
     "tests/test_doctor.py",  # 51
     "tests/test_folder_finetune.py",  # 51
+    "tests/test_sharding.py",  # 44 alone (19:40 UTC), its runs on forked workers since run S
     "tests/test_k8s_contract.py",  # 43
     "tests/test_compare.py",  # 41
+    "tests/test_monitoring.py",  # 33 alone, as test_sharding
 ]
 LONGEST_FIRST_SERIAL = [  # the second pass (`serial`)
     "tests/test_fault_tolerance.py",  # 66 s
@@ -88,17 +86,19 @@ def one_process_reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def launched_runs(tmp_path_factory) -> list:
-    """Two real `python -m launch --cpu` runs of the default config on small data, 8 steps
-    (2 epochs, the second partial): 2 CPU workers, and 1 worker. For tests that only read
-    what a plain run leaves (test_plot.py, test_profile.py); one pair per session."""
-    from tests.helpers import REPO, run_cli, small_run
+def plain_runs(tmp_path_factory) -> list:
+    """Two runs of the default config on small data, 8 steps (2 epochs, the second partial):
+    2 gloo workers, and 1, through the workers' entry point (`train.worker.train`) in
+    processes forked from the harness's server (no launcher and no interpreter per run: the run
+    folder is the workers' work). For tests that only read what a plain run leaves
+    (test_plot.py, test_profile.py); one pair per session."""
+    from tests.helpers import run_distributed, small_run
+    from tests.workers import train_and_return_state
 
-    root = tmp_path_factory.mktemp("launched-runs")
+    root = tmp_path_factory.mktemp("plain-runs")
     made = []
-    for name, flags in (("two-workers", []), ("one-worker", ["--gpus", "1"])):
-        result = run_cli("launch", "--cpu", *flags, str(REPO / "configs" / "default.yaml"),
-                         *small_run(root / name, "train.max_steps=8"))
-        assert result.returncode == 0, result.stderr
+    for name, workers in (("two-workers", 2), ("one-worker", 1)):
+        run_distributed(train_and_return_state, workers,
+                        small_run(root / name, "train.max_steps=8"))
         made.append(root / name)
     return made

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from common.spawn import Env, SpawnError, free_port, spawn
 
 __all__ = ["REPO", "PYTHON", "PARITY_RUN", "free_port", "gpu_count", "gpu_env", "hide_gpus",
-           "run_cli", "run_distributed", "run_single", "small_run", "start_nodes"]
+           "run_cli", "run_distributed", "run_single", "run_workers", "small_run", "start_nodes"]
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -105,6 +106,30 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
                      preloaded=True)
     except SpawnError as exc:
         raise AssertionError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class WorkersRun:
+    returncode: int  # every rank's exit code (they agree)
+    stdout: str  # what each rank printed, rank 0's first
+    stderr: str
+
+
+def run_workers(workers: int, config: str | Path, *overrides: str, timeout: float = 300,
+                env: Env | None = None) -> WorkersRun:
+    """`torchrun --nproc-per-node=WORKERS -m train CONFIG OVERRIDES` without an interpreter per
+    worker: each rank runs the workers' own `main` (train/__main__.py) in a process forked by
+    the harness (`run_distributed`), with torchrun's variables. For tests of what the workers
+    do (train, checkpoint, resume, refuse what they find) rather than of the launcher, which
+    adds its checks, restarts and signal handling; those tests start the real CLI."""
+    from tests.workers import worker_main
+
+    ranks = run_distributed(worker_main, workers, [str(config), *overrides], timeout=timeout,
+                            env=env)
+    codes = {code for code, _, _ in ranks}
+    assert len(codes) == 1, f"the ranks' exit codes differ: {[code for code, _, _ in ranks]}"
+    return WorkersRun(codes.pop(), "".join(out for _, out, _ in ranks),
+                      "".join(err for _, _, err in ranks))
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: Env | None = None,

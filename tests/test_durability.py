@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common.files
-from tests.helpers import free_port, run_cli, run_single
+from tests.helpers import free_port, run_cli, run_single, run_workers
 from tests.jobs import CONFIG, RUN, gone_within, running
 from train.run.checkpoint import Checkpoints
 
@@ -87,8 +87,8 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_valid_checkpoint(tmp_path):
 def test_what_a_power_loss_leaves_is_skipped(tmp_path):
     """An empty newest step file without its .sha256 (last.pt, its hard link, empty too) and
     a temp file left behind: the run resumes from the checkpoint before, and cleans up."""
-    first = run_cli("launch", "--cpu", CONFIG, *SHORT, f"run.dir={tmp_path}",
-                    "checkpoint.every_steps=5", "checkpoint.keep=3")
+    first = run_workers(2, CONFIG, *SHORT, f"run.dir={tmp_path}", "checkpoint.every_steps=5",
+                        "checkpoint.keep=3")
     assert first.returncode == 0, first.stderr
     folder = tmp_path / "checkpoints"
     newest = folder / "step_00000024.pt"
@@ -97,8 +97,8 @@ def test_what_a_power_loss_leaves_is_skipped(tmp_path):
     leftover = folder / ".step_00000025.pt.tmp"
     leftover.write_bytes(b"half a checkpoint")
     assert (folder / "last.pt").stat().st_size == 0
-    again = run_cli("launch", "--cpu", CONFIG, *SHORT, f"run.dir={tmp_path}",
-                    "checkpoint.every_steps=5", "checkpoint.keep=3")
+    again = run_workers(2, CONFIG, *SHORT, f"run.dir={tmp_path}", "checkpoint.every_steps=5",
+                        "checkpoint.keep=3")
     assert again.returncode == 0, again.stderr
     assert f"skipping checkpoint {newest}: the file is empty" in again.stdout + again.stderr
     assert f"resumed from {folder / 'step_00000020.pt'}" in again.stdout

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, run_cli, run_workers
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -15,12 +15,14 @@ CONFIG = str(REPO / "configs" / "default.yaml")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """Two epochs of LeNet with an EMA, trained by two workers."""
+    """Two epochs of LeNet with an EMA, trained by two workers (their own `main` in gloo
+    processes forked by the harness: the run folder is theirs); `make eval` runs as users run
+    it."""
     folder = tmp_path_factory.mktemp("trained")
-    result = run_cli("launch", "--cpu", CONFIG, f"run.dir={folder}", "wandb.mode=disabled",
-                     "data.synthetic.train_samples=1024", "data.synthetic.test_samples=333",
-                     "train.epochs=2", "train.batch_size=128", "train.eval_batch_size=50",
-                     "train.ema_decay=0.9")
+    result = run_workers(2, CONFIG, f"run.dir={folder}", "wandb.mode=disabled",
+                         "data.synthetic.train_samples=1024", "data.synthetic.test_samples=333",
+                         "train.epochs=2", "train.batch_size=128", "train.eval_batch_size=50",
+                         "train.ema_decay=0.9")
     assert result.returncode == 0, result.stderr
     return folder
 

@@ -1,4 +1,9 @@
-"""Checkpoints, resume, restarts, signals, timeouts and rendezvous, with real processes."""
+"""Checkpoints, resume, restarts, signals, timeouts and rendezvous, with real processes.
+
+What the launcher and torchrun do (restarts, signals from outside, rendezvous, nodes) goes
+through the real CLI. What the workers decide alone (where a stop lands, which checkpoint is
+valid, how a longer run's schedule continues) runs the workers' own `main` in gloo processes
+forked by the harness (`tests.helpers.run_workers`), as does the uninterrupted reference."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from tests.helpers import (
     REPO,
     free_port,
     run_cli,
+    run_workers,
     start_nodes,
 )
 from train.run.checkpoint import Checkpoints
@@ -47,7 +53,7 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={run_dir}")
+    result = run_workers(2, CONFIG, *RUN, f"run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
 
@@ -112,17 +118,17 @@ def test_interrupt_checkpoints_at_a_step_boundary_and_resume_is_bitwise(tmp_path
 def test_a_stop_at_an_epochs_last_step_finishes_that_epoch_first(tmp_path):
     # 10 steps per epoch; a SIGTERM after step 8 is agreed on at step 10, the epoch's last.
     short = ["data.synthetic.train_samples=1280", "train.epochs=3"]
-    whole = run_cli("launch", "--cpu", CONFIG, *RUN, *short, f"run.dir={tmp_path / 'whole'}")
+    whole = run_workers(2, CONFIG, *RUN, *short, f"run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr
     run_dir = tmp_path / "stopped"
-    stopped = run_cli("launch", "--cpu", CONFIG, *RUN, *short, f"run.dir={run_dir}",
-                      "debug.sigterm_rank=1", "debug.sigterm_step=8")
+    stopped = run_workers(2, CONFIG, *RUN, *short, f"run.dir={run_dir}", "debug.sigterm_rank=1",
+                          "debug.sigterm_step=8")
     assert stopped.returncode == 130, stopped.stderr
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"], saved["batch_in_epoch"]) == (1, 10, 0)
     assert len(_metrics(run_dir)) == 1  # the epoch was evaluated and recorded before stopping
 
-    again = run_cli("launch", "--cpu", CONFIG, *RUN, *short, f"run.dir={run_dir}")
+    again = run_workers(2, CONFIG, *RUN, *short, f"run.dir={run_dir}")
     assert again.returncode == 0, again.stderr
     assert _metrics(run_dir) == _metrics(tmp_path / "whole")
     assert_bitwise_equal(params(run_dir), params(tmp_path / "whole"))
@@ -235,8 +241,8 @@ def _wait_for_steps_started(proc: subprocess.Popen, timeout: float = 120) -> Non
 
 
 def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterrupted):
-    first = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
-                    "checkpoint.every_steps=5", "checkpoint.keep=3")
+    first = run_workers(2, CONFIG, *RUN, f"run.dir={tmp_path}", "checkpoint.every_steps=5",
+                        "checkpoint.keep=3")
     assert first.returncode == 0, first.stderr
     store = Checkpoints(tmp_path / "checkpoints", keep=3)
     newest, older = store.candidates()[:2]
@@ -245,8 +251,8 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterr
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: torch.load alone would not notice
     newest.write_bytes(bytes(data))
-    second = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
-                     "checkpoint.every_steps=5", "checkpoint.keep=3")
+    second = run_workers(2, CONFIG, *RUN, f"run.dir={tmp_path}", "checkpoint.every_steps=5",
+                         "checkpoint.keep=3")
     assert second.returncode == 0, second.stderr
     assert f"skipping checkpoint {newest}" in second.stdout + second.stderr
     assert f"resumed from {older}" in second.stdout
@@ -254,8 +260,8 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, uninterr
 
     for path in store.candidates():
         path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write
-    third = run_cli("launch", "--cpu", CONFIG, *RUN, f"run.dir={tmp_path}",
-                    "checkpoint.every_steps=5", "checkpoint.keep=3")
+    third = run_workers(2, CONFIG, *RUN, f"run.dir={tmp_path}", "checkpoint.every_steps=5",
+                        "checkpoint.keep=3")
     assert third.returncode == 2
     assert "no valid checkpoint in" in third.stderr
 
@@ -437,11 +443,10 @@ def test_extending_a_finished_run_recomputes_the_schedule_over_the_new_length(tm
     from train.lr import LrPlan
 
     two = ["train.epochs=2", f"run.dir={tmp_path}"]
-    first = run_cli("launch", "--cpu", CONFIG, *RUN, *two)
+    first = run_workers(2, CONFIG, *RUN, *two)
     assert first.returncode == 0, first.stderr
-    longer = run_cli("launch", "--cpu", CONFIG, *RUN, *two, "train.epochs=3",
-                     "checkpoint.allow_changes=true", "checkpoint.every_steps=1",
-                     "checkpoint.keep=20")
+    longer = run_workers(2, CONFIG, *RUN, *two, "train.epochs=3", "checkpoint.allow_changes=true",
+                         "checkpoint.every_steps=1", "checkpoint.keep=20")
     assert longer.returncode == 0, longer.stderr
     cfg = load_config(CONFIG, [*RUN, "train.epochs=3"]).optim
     plan = LrPlan.of(cfg, cfg.lr, 36, 12)  # 12 steps per epoch

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from launch.cli import parse_args
-from tests.helpers import PYTHON, REPO, free_port, run_cli
+from tests.helpers import PYTHON, REPO, free_port, run_workers
 from tests.jobs import CONFIG, RUN
 from tests.k8s_schema import validate
 
@@ -132,9 +132,10 @@ def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory) -> Path:
-    """The same global batch on one node of 4 workers."""
+    """The same global batch on one node of 4 workers (their own `main` in gloo processes
+    forked by the harness: tests.helpers.run_workers)."""
     run_dir = tmp_path_factory.mktemp("one_node")
-    result = run_cli("launch", "--cpu", "--gpus", "4", CONFIG, *SHORT, f"run.dir={run_dir}")
+    result = run_workers(4, CONFIG, *SHORT, f"run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
 

@@ -1,4 +1,7 @@
-"""The speed knobs on the CPU: each runs, does what it says, and keeps results correct."""
+"""The speed knobs on the CPU: each runs, does what it says, and keeps results correct.
+
+Runs are the workers' own code in gloo processes forked by the harness (`run_distributed`,
+`run_workers`): the knobs are the workers'; the GPU tests start the real launcher."""
 
 import json
 import subprocess
@@ -15,6 +18,7 @@ from tests.helpers import (
     gpu_env,
     run_cli,
     run_distributed,
+    run_workers,
     small_run,
 )
 
@@ -122,14 +126,14 @@ def test_knobs_that_must_not_change_results(tmp_path, plain_ddp, extra):
 
 
 def test_unused_parameters_get_a_clear_message_and_the_knob_fixes_it(tmp_path):
-    result = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path / "a", "train.max_steps=3",
-                                                          "debug.unused_parameter=true"))
+    result = run_workers(2, CONFIG, *small_run(tmp_path / "a", "train.max_steps=3",
+                                               "debug.unused_parameter=true"))
     assert result.returncode == 3
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert "got no gradient in step 2" in errors[0]
     assert "ddp.find_unused_parameters=true" in errors[0]
-    fixed = run_cli("launch", "--cpu", CONFIG, *small_run(
+    fixed = run_workers(2, CONFIG, *small_run(
         tmp_path / "b", "train.max_steps=3", "debug.unused_parameter=true",
         "ddp.find_unused_parameters=true"))
     assert fixed.returncode == 0, fixed.stderr
@@ -151,7 +155,7 @@ def test_a_parameter_no_rank_uses_is_left_alone_by_ddp_and_scratch_alike(tmp_pat
 
 
 def test_torch_compile_trains_the_same_and_reports_compile_time(tmp_path, plain_ddp):
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}", "perf.compile=on")
+    result = run_workers(2, CONFIG, *SMALL, f"run.dir={tmp_path}", "perf.compile=on")
     assert result.returncode == 0, result.stderr
     assert "torch.compile" in result.stdout
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
@@ -174,8 +178,7 @@ def test_static_graph_with_accumulation_still_fails_upstream_and_is_refused(tmp_
 
 
 def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(tmp_path, plain_ddp):
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
-                     "perf.precision=bf16")
+    result = run_workers(2, CONFIG, *SMALL, f"run.dir={tmp_path}", "perf.precision=bf16")
     assert result.returncode == 0, result.stderr
     saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(v.dtype == torch.float32 for v in saved.values())  # weights stay fp32
@@ -183,7 +186,7 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(tmp_path, plain_ddp):
 
 
 def test_lr_scaling_applies_to_the_run(tmp_path):
-    result = run_cli("launch", "--cpu", CONFIG, *small_run(
+    result = run_workers(2, CONFIG, *small_run(
         tmp_path, "train.max_steps=3", "optim.schedule=constant", "optim.warmup_steps=0",
         "optim.warmup_epochs=0", "optim.scale_lr=linear", "train.batch_size=128"))
     assert result.returncode == 0, result.stderr

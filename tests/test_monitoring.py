@@ -1,4 +1,8 @@
-"""What a run shows and records: wandb, the console, the step-time breakdown, the ledger."""
+"""What a run shows and records: wandb, the console, the step-time breakdown, the ledger.
+
+The runs whose lines and records come from the workers alone are the workers' own `main` in
+gloo processes forked by the harness (`tests.helpers.run_workers`); wandb's runs and the
+progress bar on a terminal go through the real launcher."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, REPO, run_cli
+from tests.helpers import PYTHON, REPO, run_cli, run_workers
 from tests.wandb_files import offline_runs, read_offline_run
 from train.observe.wandb_sink import sync_commands
 
@@ -158,11 +162,11 @@ def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
 
 
 @pytest.fixture(scope="module")
-def ledger_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def ledger_run(tmp_path_factory) -> tuple[Path, object]:
     """One run for two independent settings: the ledger on, the sync probe off."""
     run_dir = tmp_path_factory.mktemp("ledger_run")
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={run_dir}",
-                     "wandb.mode=disabled", "check.sample_ledger=true", "log.sync_probe=false")
+    result = run_workers(2, CONFIG, *SMALL, f"run.dir={run_dir}", "wandb.mode=disabled",
+                         "check.sample_ledger=true", "log.sync_probe=false")
     assert result.returncode == 0, result.stderr
     return run_dir, result
 
@@ -176,8 +180,8 @@ def test_the_sync_probe_can_be_turned_off(ledger_run):
 
 
 def test_scratch_path_measures_its_sync_directly(tmp_path):
-    result = run_cli("launch", "--cpu", "--mode", "scratch", CONFIG, *SMALL,
-                     f"run.dir={tmp_path}", "wandb.mode=disabled")
+    result = run_workers(2, CONFIG, *SMALL, "mode=scratch", f"run.dir={tmp_path}",
+                         "wandb.mode=disabled")
     assert result.returncode == 0, result.stderr
     for r in records(tmp_path):
         assert r["mode"] == "scratch" and r["sync_method"].startswith("measured: ")
@@ -187,8 +191,8 @@ def test_scratch_path_measures_its_sync_directly(tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "scratch"])
 def test_one_worker_has_no_sync_time_and_no_probe(tmp_path, mode):
     """Nothing to synchronize with one worker: n/a, not a collective's cost with itself."""
-    result = run_cli("launch", "--cpu", "--gpus", "1", "--mode", mode, CONFIG, *SMALL,
-                     f"run.dir={tmp_path}", "wandb.mode=disabled")
+    result = run_workers(1, CONFIG, *SMALL, f"mode={mode}", f"run.dir={tmp_path}",
+                         "wandb.mode=disabled")
     assert result.returncode == 0, result.stderr
     for r in records(tmp_path):
         assert (r["world_size"], r["time_sync_ms"], r["probe_time_s"]) == (1, None, None)
@@ -217,8 +221,8 @@ def test_sample_ledger_records_disjoint_covering_shards(ledger_run):
     ("debug.pad_eval=true", "test samples counted twice: 1"),
 ])
 def test_sample_ledger_catches_planted_faults(tmp_path, fault, message):
-    result = run_cli("launch", "--cpu", CONFIG, *SMALL, f"run.dir={tmp_path}",
-                     "wandb.mode=disabled", "check.sample_ledger=true", fault)
+    result = run_workers(2, CONFIG, *SMALL, f"run.dir={tmp_path}", "wandb.mode=disabled",
+                         "check.sample_ledger=true", fault)
     assert result.returncode == 3
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sample ledger" in errors[0] and message in errors[0]

@@ -21,10 +21,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture
-def runs(launched_runs) -> list[Path]:
+def runs(plain_runs) -> list[Path]:
     """Two real runs of 2 epochs: 2 CPU workers, and 1 worker (tests/conftest.py: shared with
     the other tests that only read what a plain run leaves)."""
-    return launched_runs
+    return plain_runs
 
 
 @pytest.mark.slow

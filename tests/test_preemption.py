@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launch.plan import SHUTDOWN_TIMEOUT_S
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_workers
 from tests.jobs import CONFIG, RUN, gone_within, running
 from train.run.checkpoint import Checkpoints
 
@@ -27,7 +27,8 @@ def model(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_sigusr1_stops_at_a_step_boundary_like_sigterm_and_the_run_resumes_bitwise(tmp_path):
     whole = tmp_path / "whole"
-    assert run_cli("launch", "--cpu", CONFIG, *SHORT, f"run.dir={whole}").returncode == 0
+    # The reference: the workers' own run, uninterrupted (tests.helpers.run_workers).
+    assert run_workers(2, CONFIG, *SHORT, f"run.dir={whole}").returncode == 0
     stopped = tmp_path / "stopped"
     with running("--cpu", CONFIG, *SHORT, f"run.dir={stopped}",
                  "checkpoint.every_steps=100") as job:

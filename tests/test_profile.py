@@ -36,9 +36,9 @@ def test_the_steps_asked_for_are_traced_on_every_rank(tmp_path):
     assert "aten::" in (tmp_path / "profile" / "top_ops.txt").read_text()
 
 
-def test_no_profile_leaves_no_profile_folder(launched_runs):
+def test_no_profile_leaves_no_profile_folder(plain_runs):
     # tests/conftest.py: plain runs (no perf.profile_steps), 2 workers and 1.
-    for run in launched_runs:
+    for run in plain_runs:
         assert (run / "summary.json").is_file()  # the run finished
         assert not (run / "profile").exists() and not (run / "hang").exists()
 

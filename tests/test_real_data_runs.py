@@ -1,5 +1,8 @@
 """Real data through the real command line: image folders and Python datasets trained by
-several workers, exact resume on the stream path, and bad input found before any worker."""
+several workers, and bad input found before any worker. The exact resume on the stream path,
+its loader processes included, runs the workers' own `main` in gloo processes forked by the
+harness (`tests.helpers.run_workers`): where a stop lands and what a resume reads are the
+workers' alone."""
 
 from __future__ import annotations
 
@@ -17,7 +20,16 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import PYTHON, REPO, environment, free_port, gpu_count, gpu_env, run_cli
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    environment,
+    free_port,
+    gpu_count,
+    gpu_env,
+    run_cli,
+    run_workers,
+)
 from tests.inprocess import launcher_main, run_main
 from tests.test_real_data import FACTORIES
 from tests.unit.test_torchvision_data import write_mnist
@@ -56,19 +68,17 @@ def test_an_image_folder_run_stopped_inside_an_epoch_resumes_bitwise(folder, tmp
     neither the restart nor the number of loader processes changes a sample."""
     run = images(folder, tmp_path, "data.loader=stream", "data.augment=imagenet",
                  f"data.cache={cache}")
-    whole = run_cli("launch", "--cpu", CONFIG, *run, "data.num_workers=2",
-                    f"run.dir={tmp_path / 'whole'}")
+    whole = run_workers(2, CONFIG, *run, "data.num_workers=2", f"run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr
     assert "streamed (data.loader=stream): 2 loader process(es) per worker" in whole.stdout
     stopped_dir = tmp_path / "stopped"
-    stopped = run_cli("launch", "--cpu", CONFIG, *run, "data.num_workers=2",
-                      f"run.dir={stopped_dir}", "debug.sigterm_rank=1", "debug.sigterm_step=8")
+    stopped = run_workers(2, CONFIG, *run, "data.num_workers=2", f"run.dir={stopped_dir}",
+                          "debug.sigterm_rank=1", "debug.sigterm_step=8")
     assert stopped.returncode == 130, stopped.stderr
     saved = torch.load(stopped_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (saved["step"], saved["batch_in_epoch"]) == (10, 4)
     assert saved["classes"] == {"names": ["class_00", "class_01", "class_02"]}
-    again = run_cli("launch", "--cpu", CONFIG, *run, "data.num_workers=1",
-                    f"run.dir={stopped_dir}")
+    again = run_workers(2, CONFIG, *run, "data.num_workers=1", f"run.dir={stopped_dir}")
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
     ours, theirs = params(stopped_dir), params(tmp_path / "whole")

@@ -1,6 +1,8 @@
 """The recipe's features (AdamW, clipping, label smoothing, mixup/CutMix, EMA, warmup in epochs,
 the step schedule) on every path: the same parameters as one process with the same global
-batch, and a resume that is bitwise exact. One shared reference run keeps this short."""
+batch, and a resume that is bitwise exact. One shared reference run keeps this short. Every
+run is the workers' own code in gloo processes forked by the harness; the launcher's stop and
+resume are test_fault_tolerance.py's."""
 
 import json
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, run_cli, run_distributed, run_single
+from tests.helpers import REPO, run_distributed, run_single, run_workers
 from tests.workers import train_and_return_state
 
 pytestmark = pytest.mark.slow
@@ -112,14 +114,14 @@ def test_the_recipe_under_dataparallel_matches_one_process(tmp_path, reference):
 
 def test_the_recipe_resumes_bitwise(tmp_path):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    first = run_cli("launch", "--cpu", CONFIG, *RECIPE, f"run.dir={whole}")
+    first = run_workers(2, CONFIG, *RECIPE, f"run.dir={whole}")
     assert first.returncode == 0, first.stderr
     # stopped inside the first epoch (stops are agreed every 5 steps: at step 5)
-    cut = run_cli("launch", "--cpu", CONFIG, *RECIPE, f"run.dir={stopped}",
-                  "debug.sigterm_rank=1", "debug.sigterm_step=3")
+    cut = run_workers(2, CONFIG, *RECIPE, f"run.dir={stopped}", "debug.sigterm_rank=1",
+                      "debug.sigterm_step=3")
     assert cut.returncode == 130, cut.stderr
     assert torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
-    again = run_cli("launch", "--cpu", CONFIG, *RECIPE, f"run.dir={stopped}")
+    again = run_workers(2, CONFIG, *RECIPE, f"run.dir={stopped}")
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
     load = lambda d: torch.load(Path(d) / "checkpoints" / "last.pt", weights_only=True)  # noqa

@@ -1,6 +1,11 @@
 """Memory: ZeRO (`ddp.zero`) and FSDP2 (`mode: fsdp`) with sharded checkpoints, real processes.
 
-Parity of both with one process is in test_paths.py, fsdp's evaluation in test_distributed.py.
+The runs are the workers' own `main` in gloo processes forked by the harness
+(`tests.helpers.run_workers`): what is tested is what the workers write, read and refuse. The
+launcher's part (a mode's keys refused before any worker), `torchrun -m train`, `make eval`
+and the converter are tested through the real CLI below; `launch --mode fsdp` training,
+checkpointing and resuming end to end in test_fsdp_optim.py. Parity of both with one process
+is in test_paths.py, fsdp's evaluation in test_distributed.py.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli
+from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, run_workers
 from train.run.checkpoint import Checkpoints
 from train.run.sharded import folder_damage, load_model_state_dict
 
@@ -29,8 +34,9 @@ RUN = ["data.synthetic.train_samples=1536", "data.synthetic.test_samples=301",
 
 
 def launch(run_dir: Path, *extra: str, workers: int = 2, mode: str = "fsdp"):
-    return run_cli("launch", "--cpu", "--gpus", str(workers), "--mode", mode, CONFIG, *RUN,
-                   f"run.dir={run_dir}", *extra)
+    """`launch --cpu --gpus WORKERS --mode MODE` as far as the workers go: their code, output
+    and files (tests.helpers.run_workers)."""
+    return run_workers(workers, CONFIG, *RUN, f"run.dir={run_dir}", f"mode={mode}", *extra)
 
 
 def last_model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -51,6 +57,11 @@ def metrics(run_dir: Path) -> list[tuple]:
 
 def errors(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def said(result) -> list[str]:
+    """The error lines (the other ranks' warnings about the same files may come after)."""
+    return [line for line in errors(result) if line.startswith("error: ")]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +179,9 @@ def test_a_missing_rank_file_makes_its_step_damaged(fsdp_run, tmp_path):
         (folder / step / "__0_0.distcp").unlink()
     refused = launch(run_dir)
     assert refused.returncode == 2
-    assert errors(refused)[-1].startswith(f"error: no valid checkpoint in {folder} (3 damaged)")
+    reported = said(refused)  # one line, from one process
+    assert len(reported) == 1
+    assert reported[0].startswith(f"error: no valid checkpoint in {folder} (3 damaged)")
     converted = run_cli("tools.convert_checkpoint", str(folder / "step_00000032"))
     assert converted.returncode == 2
     assert errors(converted) == [f"error: {folder / 'step_00000032'} is not a complete sharded "
@@ -230,10 +243,10 @@ def test_single_files_are_not_converted_nor_resumed_in_pieces(ddp_run, tmp_path)
     run_dir = copy_run(ddp_run, tmp_path / "run", keep_steps=(32,))
     refused = launch(run_dir, "checkpoint.allow_changes=true")  # mode fsdp
     assert refused.returncode == 2
-    assert errors(refused)[-1] == (
+    assert said(refused) == [
         f"error: {run_dir / 'checkpoints' / 'step_00000032.pt'} holds the model and optimizer "
         f"whole (mode ddp) and this mode keeps them in pieces: it cannot resume it; set "
-        f"checkpoint.resume=false to start over, or keep the mode")
+        f"checkpoint.resume=false to start over, or keep the mode"]
 
 
 @pytest.mark.parametrize("overrides, message", [

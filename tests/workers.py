@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -277,3 +280,34 @@ def fatal_dump_file() -> tuple[str, bool]:
     enable_fatal_dump()
     path = fatal_dump_path(os.getpid(), 0)
     return str(path), path.is_file()
+
+
+def worker_main(argv: list[str]) -> tuple[int, str, str]:
+    """What `python -m train ARGV` does as one of torchrun's workers, in this process: the
+    stop-signal handlers it installs first, then its `main` (train/__main__.py); its exit code
+    and what it printed (stdout, stderr). The process leaves through the harness, not through
+    `leave`."""
+    import train.__main__ as entry
+    from common.signals import stop_signals
+
+    stop_signals(entry._say_startup)
+    with _printed() as (out, err):
+        code = entry.main(argv)
+    return code, out.read().decode(), err.read().decode()
+
+
+@contextlib.contextmanager
+def _printed() -> Iterator[tuple]:
+    """File descriptors 1 and 2 into two files, rewound for reading after the block: what
+    print, the logging handlers and torch's C++ side write."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+    try:
+        yield out, err
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        os.close(saved[0]), os.close(saved[1])
+        out.seek(0), err.seek(0)

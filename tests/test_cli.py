@@ -15,7 +15,7 @@ import yaml
 from launch.checks import check_run_folder
 from launch.cli import parse_args
 from launch.job import plan_job
-from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, small_run
+from tests.helpers import REPO, free_port, gpu_count, gpu_env, run_cli, run_workers, small_run
 from train.config import load_config
 from train.run.identity import identity
 
@@ -164,7 +164,9 @@ def test_more_gpus_than_visible_is_refused(tmp_path):
 
 
 def test_a_folder_holding_a_different_run_is_left_alone(tmp_path):
-    first = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
+    # The run already there: the workers' own (tests.helpers.run_workers); the launcher's
+    # refusal and overwrite are what this tests.
+    first = run_workers(2, CONFIG, *small_run(tmp_path, "train.max_steps=2"))
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     second = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=3"))
@@ -182,7 +184,7 @@ def test_a_folder_holding_a_different_run_is_left_alone(tmp_path):
 def test_an_overwrite_that_fails_on_bad_input_leaves_the_old_run(tmp_path):
     """The old run goes only once the new one has passed every check, also those that only the
     workers can make (here: through torchrun directly, a training set below one batch)."""
-    first = run_cli("launch", "--cpu", CONFIG, *small_run(tmp_path, "train.max_steps=2"))
+    first = run_workers(2, CONFIG, *small_run(tmp_path, "train.max_steps=2"))  # the old run
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     failed = run_cli("torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from common.lock import ABANDONED_S, RunLock, holder
-from tests.helpers import PYTHON, REPO, free_port, run_cli
+from tests.helpers import PYTHON, REPO, free_port, run_cli, run_workers
 from tests.jobs import CONFIG, RUN, gone_within, running
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,8 @@ def test_a_lock_from_another_host_holds_while_renewed(tmp_path):
 
 
 def test_a_failed_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path):
-    first = run_cli("launch", "--cpu", CONFIG, *SHORT, f"run.dir={tmp_path}", "train.max_steps=4")
+    # The old run: the workers' own (tests.helpers.run_workers); replacing it is what this tests.
+    first = run_workers(2, CONFIG, *SHORT, f"run.dir={tmp_path}", "train.max_steps=4")
     assert first.returncode == 0, first.stderr
     old = files(tmp_path)
     # Online wandb without credentials, torchrun directly (no launcher checks): refused
@@ -121,8 +122,10 @@ def test_a_failed_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint
 
 
 def test_a_replacement_killed_while_moving_the_old_run_aside_puts_it_back(tmp_path):
-    first = run_cli("launch", "--cpu", CONFIG, *SHORT, f"run.dir={tmp_path}",
-                    "train.max_steps=14")
+    # The old run: the workers' own (tests.helpers.run_workers), with the device `launch --cpu`
+    # gives them, as the launch below records it in config.yaml.
+    first = run_workers(2, CONFIG, *SHORT, f"run.dir={tmp_path}", "train.max_steps=14",
+                        "dist.device=cpu")
     assert first.returncode == 0, first.stderr
     old = files(tmp_path)
     # The main worker of a replacing run, killed (SIGKILL) right after its first move.

@@ -301,13 +301,18 @@ def _printed() -> Iterator[tuple]:
     """File descriptors 1 and 2 into two files, rewound for reading after the block: what
     print, the logging handlers and torch's C++ side write."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
     try:
         yield out, err
     finally:
-        sys.stdout.flush(), sys.stderr.flush()
-        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-        os.close(saved[0]), os.close(saved[1])
-        out.seek(0), err.seek(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, was in zip((1, 2), saved, strict=True):
+            os.dup2(was, fd)
+            os.close(was)
+        out.seek(0)
+        err.seek(0)

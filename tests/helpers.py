@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +23,8 @@ import torch
 from common.spawn import Env, SpawnError, free_port, spawn
 
 __all__ = ["REPO", "PYTHON", "PARITY_RUN", "free_port", "gpu_count", "gpu_env", "hide_gpus",
-           "run_cli", "run_distributed", "run_single", "run_workers", "small_run", "start_nodes"]
+           "pinned", "run_cli", "run_distributed", "run_single", "run_workers", "small_run",
+           "start_nodes"]
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -130,6 +132,13 @@ def run_workers(workers: int, config: str | Path, *overrides: str, timeout: floa
     assert len(codes) == 1, f"the ranks' exit codes differ: {[code for code, _, _ in ranks]}"
     return WorkersRun(codes.pop(), "".join(out for _, out, _ in ranks),
                       "".join(err for _, _, err in ranks))
+
+
+def pinned(package: str, requirements: str = "requirements.txt") -> str:
+    """The version a requirements file of the repository pins `package` to (`package==X`)."""
+    found = re.search(rf"^{re.escape(package)}==(\S+)$", (REPO / requirements).read_text(), re.M)
+    assert found, f"{requirements} pins no {package}"
+    return found.group(1)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: Env | None = None,

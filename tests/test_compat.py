@@ -23,7 +23,7 @@ from common.torch_support import (
 )
 from launch.cli import parse_args
 from launch.plan import SHUTDOWN_TIMEOUT_S, make_plan, torchrun_options
-from tests.helpers import PYTHON, REPO, environment
+from tests.helpers import PYTHON, REPO, environment, pinned
 
 pytestmark = pytest.mark.compat
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -97,9 +97,8 @@ def test_only_a_torch_older_than_the_minimum_is_a_problem(installed, refused):
 def test_the_minimum_is_pyprojects_and_the_tier_runs_exactly_it():
     declared = re.search(r'"torch>=([0-9.]+),<([0-9.]+)"', (REPO / "pyproject.toml").read_text())
     assert declared and minimum_torch() == declared.group(1)
-    pins = {}
-    for name in ("requirements.txt", "requirements-torch211.txt"):
-        pins[name] = re.search(r"^torch==(\S+)$", (REPO / name).read_text(), re.M).group(1)
+    pins = {name: pinned("torch", name)
+            for name in ("requirements.txt", "requirements-torch211.txt")}
     low, high = version_tuple(declared.group(1)), version_tuple(declared.group(2))
     assert version_tuple(pins["requirements-torch211.txt"])[:len(low)] == low  # the oldest
     assert low <= version_tuple(pins["requirements.txt"])[:len(high)] < high  # the lock is in

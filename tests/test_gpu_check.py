@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from tests.helpers import PYTHON, REPO
+from common.torch_support import version_tuple
+from tests.helpers import PYTHON, REPO, pinned
 from tools.gpu_check import FAIL, PASS, SKIP, Context, Part, run_parts, write_report
 from tools.gpu_check.group import run_group
 
@@ -24,9 +25,7 @@ HERE = "tests.gpu_check_parts"
 # The dry run proves gpu-check's parts run on the torch of the machine it is for, the tier that
 # pins that torch (requirements-torch211.txt, CI's second tier). On another torch it would prove
 # nothing about that machine and cost a minute of the suite's two cores (29 interpreters).
-GPU_MACHINE_TORCH = next(
-    line.split("==")[1].strip() for line in (REPO / "requirements-torch211.txt").read_text()
-    .splitlines() if line.startswith("torch=="))
+GPU_MACHINE_TORCH = pinned("torch", "requirements-torch211.txt")
 
 
 def test_a_failing_part_is_reported_and_the_next_one_runs(tmp_path):
@@ -114,7 +113,7 @@ def test_make_gpu_check_without_a_gpu_skips_every_gpu_part(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.__version__.split("+")[0] != GPU_MACHINE_TORCH,
+@pytest.mark.skipif(version_tuple(torch.__version__) != version_tuple(GPU_MACHINE_TORCH),
                     reason=f"the GPU machine's torch ({GPU_MACHINE_TORCH}) only: CI's torch-2.11 "
                     "tier runs it (make test-torch211)")
 @pytest.mark.timeout(900)  # about 2 minutes on two idle cores; several times that on busy ones

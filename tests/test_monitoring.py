@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, REPO, run_cli, run_workers
+from tests.helpers import PYTHON, REPO, WorkersRun, run_cli, run_workers
 from tests.wandb_files import offline_runs, read_offline_run
 from train.observe.wandb_sink import sync_commands
 
@@ -162,7 +162,7 @@ def test_step_time_breakdown_is_recorded_with_its_method(wandb_run):
 
 
 @pytest.fixture(scope="module")
-def ledger_run(tmp_path_factory) -> tuple[Path, object]:
+def ledger_run(tmp_path_factory) -> tuple[Path, WorkersRun]:
     """One run for two independent settings: the ledger on, the sync probe off."""
     run_dir = tmp_path_factory.mktemp("ledger_run")
     result = run_workers(2, CONFIG, *SMALL, f"run.dir={run_dir}", "wandb.mode=disabled",

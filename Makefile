@@ -33,16 +33,27 @@ WORKERS ?= 1
 LAUNCH_FLAGS = $(if $(MODE),--mode $(MODE)) --max-restarts $(RESTARTS) $(if $(GPUS),--gpus $(GPUS)) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	$(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
-.PHONY: venv train test test-fast test-torch211 docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
+.PHONY: venv lock train test test-fast test-torch211 docs compare bench peers ray plot doctor convert eval export bench-overhead bench-memory gpu-check lint clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# Without TORCH_INDEX, requirements.lock first (tools/locked_install.py: on the machine it was
+# written for, two pip processes side by side); then requirements.txt, which installs whatever
+# is still missing (everything, on another machine) and takes 2 s when nothing is.
+$(VENV)/.installed: requirements.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_INDEX),$(VENV)/bin/pip install --quiet --quiet --index-url $(TORCH_INDEX) \
-		$$(grep -E '^torch(vision)?==' requirements.txt))
+		$$(grep -E '^torch(vision)?==' requirements.txt),$(PYTHON) -m tools.locked_install $(VENV))
 	$(VENV)/bin/pip install --quiet --quiet -r requirements.txt
 	touch $@
+
+# make lock: requirements.lock from a fresh venv of requirements.txt (after changing a pin).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --quiet -r requirements.txt
+	$(PYTHON) -m tools.locked_install --write .venv-lock
+	rm -rf .venv-lock
 
 # Ctrl-C in a terminal reaches make too: it waits for the launcher's checkpoint, then ends by
 # the same signal (the shell's $? is 130). A signal to the launcher alone returns make's own 2
@@ -147,4 +158,4 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VENV211) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV211) .venv-lock .pytest_cache .ruff_cache

@@ -91,7 +91,8 @@ def make_dry_run(*args: str) -> list[str]:
 def test_your_own_python_runs_the_targets_without_a_venv():
     """`make train PY=python3`: an environment the user made (their torch) runs the target;
     no venv is built. Without PY the venv comes first; TORCH_INDEX takes torch and torchvision
-    from PyTorch's wheel index at requirements.txt's versions, before the rest."""
+    from PyTorch's wheel index at requirements.txt's versions, before the rest; without it,
+    requirements.lock comes before requirements.txt."""
     for target in ("train", "doctor", "eval", "test-fast"):
         commands = make_dry_run(target, "PY=python3", "RUN=runs/x")
         assert commands and all(c.startswith("python3 -m ") for c in commands), commands
@@ -103,6 +104,11 @@ def test_your_own_python_runs_the_targets_without_a_venv():
     [first] = [c for c in commands if "--index-url" in c]
     assert first.startswith(f"/nonexistent/venv/bin/pip install --quiet --quiet --index-url "
                             f"{index} $(grep -E '^torch(vision)?==' requirements.txt)")
-    assert commands.index(first) < commands.index(
-        "/nonexistent/venv/bin/pip install --quiet --quiet -r requirements.txt")
-    assert not any("--index-url" in c for c in make_dry_run("venv"))
+    resolve = "/nonexistent/venv/bin/pip install --quiet --quiet -r requirements.txt"
+    assert commands.index(first) < commands.index(resolve)
+    assert not any("locked_install" in c for c in commands)  # the lock is PyPI's torch
+    commands = make_dry_run("venv")  # requirements.lock first, then what it left out
+    assert not any("--index-url" in c for c in commands)
+    locked = next(i for i, c in enumerate(commands) if c.endswith(
+        "-m tools.locked_install /nonexistent/venv"))
+    assert locked < commands.index(resolve)

@@ -1,7 +1,8 @@
 """mode fsdp with each optimizer implementation: the one that `auto` picks on GPUs trains,
 checkpoints (DCP initializes the optimizer state by a step) and resumes bitwise with 2 gloo
 workers; the one that cannot work (fused SGD on DTensor shards) is refused in one line.
-The choice table itself is tested in test_optim.py."""
+The choice table itself is tested in test_optim.py. SGD's runs are `launch --mode fsdp` end to
+end; AdamW's are the same workers without the launcher (tests.helpers.run_workers)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from common.schema import OptimConfig
-from tests.helpers import REPO, gpu_count, gpu_env, run_cli
+from tests.helpers import REPO, gpu_count, gpu_env, run_cli, run_workers
 from train.optim import choose_implementation
 
 pytestmark = pytest.mark.slow
@@ -28,6 +29,13 @@ RUN = ["data.synthetic.train_samples=768", "data.synthetic.test_samples=101",
 def launch(run_dir: Path, *extra: str, device: tuple[str, ...] = ("--cpu",), env=None):
     return run_cli("launch", *device, "--mode", "fsdp", CONFIG, *RUN, f"run.dir={run_dir}",
                    *extra, env=env)
+
+
+def train(run_dir: Path, knobs: list[str], through: str):
+    if through == "launch":
+        return launch(run_dir, "--gpus", "2", *knobs)
+    return run_workers(2, CONFIG, "mode=fsdp", "dist.device=cpu", *RUN, f"run.dir={run_dir}",
+                       *knobs)
 
 
 def last_model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -47,20 +55,21 @@ def keep_only(run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_what_auto_picks_on_gpus_trains_checkpoints_and_resumes_under_fsdp(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, through", [("sgd", "launch"), ("adamw", "workers")])
+def test_what_auto_picks_on_gpus_trains_checkpoints_and_resumes_under_fsdp(tmp_path, optimizer,
+                                                                           through):
     # On the CPU `auto` is torch's default loop; the kernels it picks on GPUs also run on the
     # CPU, so the CPU run forces them: foreach for SGD, fused for AdamW.
     picked = choose_implementation(OptimConfig(name=optimizer), "fsdp", "cuda")
     knobs = [f"optim.name={optimizer}", f"optim.implementation={picked}",
              *(["optim.lr=0.001"] if optimizer == "adamw" else [])]
-    whole = launch(tmp_path / "whole", "--gpus", "2", *knobs)
+    whole = train(tmp_path / "whole", knobs, through)
     assert whole.returncode == 0, whole.stderr
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole", resumed)
     keep_only(resumed, 10)  # two steps into epoch 2: momenta / moments are in it
     (resumed / "checkpoints" / "last.pt").unlink()
-    again = launch(resumed, "--gpus", "2", *knobs)
+    again = train(resumed, knobs, through)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "step 10" in again.stdout
     expected, got = last_model(tmp_path / "whole"), last_model(resumed)

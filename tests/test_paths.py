@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.helpers import PARITY_RUN as SMALL
-from tests.helpers import REPO, free_port, run_cli, run_distributed, run_single, small_run
+from tests.helpers import REPO, run_cli, run_distributed, run_single, run_workers, small_run
 from tests.workers import train_and_return_params
 
 pytestmark = pytest.mark.slow
@@ -69,10 +69,9 @@ def test_dp_launches_one_process_and_says_cpu_has_nothing_to_split(tmp_path):
 # The paths' bad input, refused by the launcher: tests/unit/test_bad_input.py.
 
 
-def test_dp_under_torchrun_with_several_workers_is_refused_once(tmp_path):
-    result = run_cli("torch.distributed.run", "--nproc-per-node=2",
-                     f"--master-port={free_port()}", "-m", "train", CONFIG,
-                     *small_run(tmp_path), "mode=dp")
-    assert result.returncode != 0
-    reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(reported) == 1 and "mode dp runs ONE process" in reported[0]
+def test_dp_in_several_workers_is_refused_once(tmp_path):
+    """Two workers with torchrun's variables (run_workers) and mode dp: one line, exit 2."""
+    result = run_workers(2, CONFIG, *small_run(tmp_path), "mode=dp")
+    assert result.returncode == 2
+    reported = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(reported) == 1 and "mode dp runs ONE process" in reported[0], result.stderr

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import REPO, free_port, run_cli, small_run
+from tests.helpers import REPO, run_cli, run_workers, small_run
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -44,17 +44,16 @@ def test_no_profile_leaves_no_profile_folder(plain_runs):
 
 
 # The launcher's refusals (each message, exit 2) are checked in process in
-# tests/unit/test_bad_input.py. Here the workers check it themselves (torchrun started them
-# directly); 7-9 needs the run's step count, so the check behind every message ran.
-@pytest.mark.parametrize("how", ["torchrun"])
+# tests/unit/test_bad_input.py. Here the workers check it themselves, without the launcher
+# (run_workers, as torchrun starts them); 7-9 needs the run's step count, so the check behind
+# every message ran.
 @pytest.mark.parametrize("steps, message", [
     ("7-9", "perf.profile_steps=7-9 is outside the run: it has 6 optimizer steps (1-6)"),
 ])
-def test_bad_profile_steps_are_one_line_and_exit_2(tmp_path, how, steps, message):
+def test_bad_profile_steps_are_one_line_and_exit_2(tmp_path, steps, message):
     run = small_run(tmp_path / "run", "train.max_steps=6", f"perf.profile_steps={steps}")
-    result = run_cli("torch.distributed.run", "--nproc-per-node=2",
-                     f"--master-port={free_port()}", "-m", "train", CONFIG, *run)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    result = run_workers(2, CONFIG, *run)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert not (tmp_path / "run").exists()  # nothing written

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import run_workers
 from tests.jobs import CONFIG, RUN, running
 
 pytestmark = pytest.mark.slow
@@ -38,8 +38,9 @@ def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory) -> Path:
+    """The reference: 2 workers as torchrun starts them, uninterrupted (run_workers)."""
     run_dir = tmp_path_factory.mktemp("torchrun")
-    result = run_cli("launch", "--cpu", "--gpus", "2", CONFIG, *SHORT, f"run.dir={run_dir}")
+    result = run_workers(2, CONFIG, *SHORT, "dist.device=cpu", f"run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
 

@@ -173,6 +173,8 @@ def test_a_worker_that_ends_at_once_takes_its_loader_processes_along_in_silence(
 
 
 def test_a_corrupt_file_met_in_training_is_one_line_or_skipped_and_counted(folder, tmp_path):
+    """The launcher's one line, exit 2; then the same run continued by its workers alone
+    (run_workers, `dist.device=cpu` as `launch --cpu` gives them), which skip and count."""
     copy = tmp_path / "images"
     shutil.copytree(folder, copy)
     bad = sorted((copy / "train" / "class_02").iterdir())[0]
@@ -184,8 +186,8 @@ def test_a_corrupt_file_met_in_training_is_one_line_or_skipped_and_counted(folde
     lines = error_lines(stopped.stderr)
     assert len(lines) == 1 and f"cannot decode {bad} " in lines[0], stopped.stderr
     assert "data.skip_bad_files=true" in lines[0]
-    skipped = run_cli("launch", "--cpu", CONFIG, *run, f"run.dir={tmp_path / 'stopped'}",
-                      "data.skip_bad_files=true")  # a runtime key: the same run continues
+    skipped = run_workers(2, CONFIG, *run, "dist.device=cpu", f"run.dir={tmp_path / 'stopped'}",
+                          "data.skip_bad_files=true")  # a runtime key: the same run continues
     assert skipped.returncode == 0, skipped.stderr
     record = json.loads((tmp_path / "stopped" / "metrics.jsonl").read_text())
     assert record["skipped_files"] == 1  # 96 images, 6 full batches: every image is met
@@ -228,10 +230,9 @@ def test_a_bad_image_folder_is_one_line_before_any_worker(folder, tmp_path, monk
     assert "worker" not in result.stdout and not (tmp_path / "run").exists()
 
 
-def test_a_bad_image_folder_is_one_line_from_the_launcher_and_from_workers_torchrun_starts(
-        folder, tmp_path):
-    """The real command line, and workers that torchrun starts directly (they check the folder
-    themselves): one line each, nothing written."""
+def test_a_bad_image_folder_is_one_line_from_the_launcher_and_from_the_workers(folder, tmp_path):
+    """The real command line, and workers without the launcher (run_workers, as torchrun
+    starts them; they check the folder themselves): one line each, nothing written."""
     case, message = BAD_FOLDERS[-1]
     run = _bad_folder_run(tmp_path, folder, case)
     result = run_cli("launch", "--cpu", CONFIG, *run)
@@ -239,10 +240,9 @@ def test_a_bad_image_folder_is_one_line_from_the_launcher_and_from_workers_torch
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "worker" not in result.stdout and not (tmp_path / "run").exists()
-    direct = run_cli("torch.distributed.run", "--nproc-per-node=2",
-                     f"--master-port={free_port()}", "-m", "train", CONFIG, *run)
-    assert direct.returncode != 0
-    reported = [x for x in direct.stderr.splitlines() if x.startswith("error: ")]
+    direct = run_workers(2, CONFIG, *run)
+    assert direct.returncode == 2
+    reported = [x for x in direct.stderr.splitlines() if x.strip()]
     assert len(reported) == 1 and message in reported[0], direct.stderr
     assert not (tmp_path / "run").exists()
 

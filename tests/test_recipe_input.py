@@ -1,10 +1,10 @@
 """Bad recipe input: one line from one process, exit 2, nothing written (the launcher stops
-what it can tell; the workers agree on the rest, also when torchrun starts them)."""
+what it can tell; the workers agree on the rest, also without the launcher)."""
 
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port, run_cli, small_run
+from tests.helpers import REPO, run_cli, run_workers, small_run
 from tests.inprocess import launcher_main, run_main
 
 pytestmark = pytest.mark.slow
@@ -48,22 +48,24 @@ def test_bad_recipe_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, 
                                         "(it takes 3x224x224)"),
 ])
 def test_bad_recipe_input_the_workers_find_is_one_line(tmp_path, files, override, message):
-    """What only the workers can tell (they build the model): real runs."""
+    """What only the workers can tell (they build the model): two workers without the
+    launcher (run_workers, as torchrun starts them) agree, and the one line is all either
+    prints on stderr."""
     run_dir = tmp_path / "run"
     overrides = override.replace("FILES", str(files)).split()
-    result = run_cli("launch", "--cpu", CONFIG, *small_run(run_dir), *overrides)
+    result = run_workers(2, CONFIG, *small_run(run_dir), *overrides)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not run_dir.exists()
 
 
-def test_workers_started_by_torchrun_agree_on_a_mismatched_init_from(tmp_path, files):
+def test_the_launcher_passes_on_the_workers_one_line_on_a_mismatched_init_from(tmp_path, files):
+    """The real command line: the workers' line is the launcher's, exit 2."""
     run_dir = tmp_path / "run"
-    result = run_cli("torch.distributed.run", "--nproc-per-node=2",
-                     f"--master-port={free_port()}", "-m", "train", CONFIG,
-                     *small_run(run_dir), f"model.init_from={files / 'resnet.pt'}")
-    assert result.returncode != 0
-    reported = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(reported) == 1 and "does not fit the model" in reported[0], result.stderr
+    result = run_cli("launch", "--cpu", CONFIG, *small_run(run_dir),
+                     f"model.init_from={files / 'resnet.pt'}")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "does not fit the model: keys 8 missing" in lines[0], result.stderr
     assert not run_dir.exists()

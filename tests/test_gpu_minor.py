@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from common.schema import PerfConfig
-from tests.helpers import PYTHON, REPO, environment, gpu_count, gpu_env, run_cli
+from tests.helpers import PYTHON, REPO, environment, gpu_count, gpu_env, run_cli, run_workers
 from train.dist import DistContext
 from train.loop.evaluation import evaluate
 from train.model import set_kernel_choice
@@ -121,11 +121,15 @@ LOAD = ("import sys, torch; state = torch.load(sys.argv[1], weights_only=True); 
     "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         gpu_count() < 1, reason="needs a GPU (CPU twin: its [cpu] case)")])])
 def test_a_checkpoint_opens_with_a_bare_torch_load_where_no_gpu_is_visible(tmp_path, device):
-    flags = ["--cpu"] if device == "cpu" else []
-    result = run_cli("launch", *flags, "--gpus", "1", CONFIG, f"run.dir={tmp_path}",
-                     "data.synthetic.train_samples=512", "data.synthetic.test_samples=64",
-                     "train.epochs=1", "train.max_steps=3", "wandb.mode=disabled",
-                     "optim.name=adamw", env=gpu_env() if device == "cuda" else None)
+    """The run on a GPU through the launcher; its CPU twin's worker without it (run_workers):
+    where the checkpoint's tensors live is the worker's business."""
+    run = [f"run.dir={tmp_path}", "data.synthetic.train_samples=512",
+           "data.synthetic.test_samples=64", "train.epochs=1", "train.max_steps=3",
+           "wandb.mode=disabled", "optim.name=adamw"]
+    if device == "cpu":
+        result = run_workers(1, CONFIG, "dist.device=cpu", *run)
+    else:
+        result = run_cli("launch", "--gpus", "1", CONFIG, *run, env=gpu_env())
     assert result.returncode == 0, result.stderr
     for path in [*sorted((tmp_path / "checkpoints").glob("step_*.pt")),
                  tmp_path / "checkpoints" / "last.pt"]:

@@ -39,9 +39,11 @@ def signal_masks(pid: int) -> str:
 
 def start_make_train(run_dir) -> tuple[subprocess.Popen, list[str]]:
     """`make train` in a session of its own, as a terminal runs it; `-o` keeps make from
-    rebuilding the venv (here a link to a shared one); stdout lines collected as they come."""
+    rebuilding the venv (here a link to a shared one); stdout lines collected as they come.
+    One worker: what is checked is make's exit code (two workers stopping at one step boundary
+    on a Ctrl-C to the group: test_fault_tolerance.py)."""
     args = " ".join([*RUN, "train.epochs=50", f"run.dir={run_dir}"])
-    proc = subprocess.Popen(["make", "-s", "-o", ".venv/.installed", "train", "GPUS=2",
+    proc = subprocess.Popen(["make", "-s", "-o", ".venv/.installed", "train", "GPUS=1",
                              f"ARGS={args}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, preexec_fn=terminal_signals,

@@ -94,14 +94,13 @@ def test_a_failed_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint
     first = run_workers(2, CONFIG, *SHORT, f"run.dir={tmp_path}", "train.max_steps=4")
     assert first.returncode == 0, first.stderr
     old = files(tmp_path)
-    # Online wandb without credentials, torchrun directly (no launcher checks): refused
-    # before anything in the folder changes.
-    refused = run_cli("torch.distributed.run", "--nproc-per-node=2",
-                      f"--master-port={free_port()}", "-m", "train", CONFIG, *SHORT,
-                      f"run.dir={tmp_path}", "run.overwrite=true", "optim.lr=0.05",
-                      "wandb.mode=online")
-    assert refused.returncode != 0
-    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == [
+    # Online wandb without credentials, the workers without the launcher's checks (as
+    # torchrun starts them): refused before anything in the folder changes.
+    refused = run_workers(2, CONFIG, *SHORT, f"run.dir={tmp_path}", "run.overwrite=true",
+                          "optim.lr=0.05", "wandb.mode=online",
+                          env={"WANDB_API_KEY": None, "NETRC": os.devnull})
+    assert refused.returncode == 2
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [
         "error: wandb.mode=online but no credentials: set WANDB_API_KEY or run `wandb "
         "login`, or use wandb.mode=offline and `wandb sync` later"]
     assert files(tmp_path) == old
